@@ -1,0 +1,280 @@
+"""The `peftu` command: data, base, fit, eval, bench.
+
+Each subcommand is a thin layer over the library; errors meant for the user
+(`PeftuError`) are printed as one line, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+from .errors import PeftuError
+
+# --- shared options ------------------------------------------------------------
+
+
+def _add_hparams(parser: argparse.ArgumentParser) -> None:
+    """One option per LoRA / training hyper-parameter, from `LoraHParams` itself."""
+    from .fit import LoraHParams
+
+    group = parser.add_argument_group("LoRA and training hyper-parameters")
+    for name, info in LoraHParams.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        if name == "target_modules":
+            group.add_argument(flag, type=lambda s: [m for m in s.split(",") if m],
+                               help=f"comma-separated module names (default: {','.join(info.default)})")
+        else:
+            group.add_argument(flag, type=type(info.default), help=f"(default: {info.default})")
+
+
+def _hparams(args: argparse.Namespace):
+    from .fit import LoraHParams
+
+    given = {k: getattr(args, k) for k in LoraHParams.model_fields if getattr(args, k, None) is not None}
+    return LoraHParams(**given)
+
+
+def _add_base(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", help="base model: a local folder or a Hugging Face id "
+                        "(default: the tiny base, built first if missing)")
+
+
+def _base_path(args: argparse.Namespace) -> str:
+    from .base import ensure_base
+
+    return args.base or str(ensure_base())
+
+
+def _add_store(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", help="adapter store: a folder or s3://bucket/prefix "
+                        "(default: $PEFTU_HOME/store)")
+    parser.add_argument("--endpoint-url", help="S3-compatible endpoint (MinIO, moto); "
+                        "default: AWS_ENDPOINT_URL or AWS")
+
+
+def _store(args: argparse.Namespace):
+    from .paths import peftu_home
+    from .store import AdapterStore
+
+    return AdapterStore.open(args.store or str(peftu_home() / "store"), endpoint_url=args.endpoint_url)
+
+
+def _select_users(users, limit: int | None):
+    return users[:limit] if limit else users
+
+
+# --- data ------------------------------------------------------------------------
+
+
+def cmd_data_generate(args: argparse.Namespace) -> None:
+    from .data.io import save_task
+    from .data.synthetic import generate
+
+    spec, users, report = generate(args.task, args.users, seed=args.seed, min_samples=args.min_samples)
+    print(report)
+    save_task(args.out, spec, users)
+    print(f"saved {len(users)} users of {spec.name} to {args.out}")
+
+
+def cmd_data_import(args: argparse.Namespace) -> None:
+    from .data import loaders
+    from .data.io import save_task
+
+    if args.format == "peft-u-csv":
+        spec, users, report = loaders.load_peftu_annotations(
+            args.file, task_name=args.task, seed=args.seed, min_samples=args.min_samples)
+    elif args.format == "peft-u-json":
+        spec, users, report = loaders.load_peftu_user_data(
+            args.file, task_name=args.task, min_samples=args.min_samples)
+    else:
+        spec, users, report = loaders.load_lamp(args.file, args.outputs, task=args.task, split=args.split)
+    print(report)
+    save_task(args.out, spec, users)
+    print(f"saved {len(users)} users of {spec.name} to {args.out}")
+
+
+def cmd_data_stats(args: argparse.Namespace) -> None:
+    from .data.io import load_task
+
+    spec, users = load_task(args.path)
+    sizes = sorted(len(u.history) for u in users)
+    stats = {
+        "task": spec.name, "kind": spec.kind, "metric": spec.metric, "users": len(users),
+        "examples": {s: sum(len(getattr(u, s)) for u in users) for s in ("train", "val", "test")},
+        "history_items": {"min": sizes[0], "median": sizes[len(sizes) // 2], "max": sizes[-1]} if sizes else {},
+        "activity": dict(Counter(u.activity for u in users)),
+    }
+    if spec.kind != "generation":
+        stats["labels"] = dict(Counter(e.output for u in users for e in u.train).most_common())
+    print(json.dumps(stats, indent=2))
+
+
+# --- base ------------------------------------------------------------------------
+
+
+def cmd_base_build(args: argparse.Namespace) -> None:
+    from .base import BaseBuildConfig, build_base, default_base_dir
+    from .data.io import load_task
+
+    cfg = BaseBuildConfig()
+    if args.minutes is not None:
+        cfg.max_minutes = args.minutes
+    if args.steps is not None:
+        cfg.max_steps = args.steps
+    out = Path(args.out) if args.out else default_base_dir()
+    extra = [load_task(p) for p in args.extra_data]
+    info = build_base(out, cfg, extra=extra)
+    print(f"saved the base to {out} (perplexity {info['ppl_before']:.1f} -> {info['ppl_after']:.2f})")
+
+
+# --- fit / eval ------------------------------------------------------------------
+
+
+def cmd_fit(args: argparse.Namespace) -> None:
+    from .base import base_fingerprint, load_base
+    from .data.io import load_task
+    from .fit import fit_users
+
+    spec, users = load_task(args.data)
+    users = _select_users(users, args.users)
+    base_path = _base_path(args)
+    base, tokenizer = load_base(base_path)
+    summary = fit_users(base, tokenizer, spec, users, _hparams(args), _store(args),
+                        base_fp=base_fingerprint(base_path))
+    print(f"fitted {len(summary.fitted)}, skipped {len(summary.skipped)} (already current), "
+          f"failed {len(summary.failed)}")
+    for uid, reason in summary.failed.items():
+        print(f"  {uid}: {reason}")
+    if summary.failed:
+        sys.exit(1)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .base import base_fingerprint, load_base
+    from .data.io import load_task
+    from .eval import evaluate_adapters, evaluate_users, macro_average
+
+    spec, users = load_task(args.data)
+    users = _select_users(users, args.users)
+    base_path = _base_path(args)
+    base, tokenizer = load_base(base_path)
+    result = {"task": spec.name, "metric": spec.metric, "split": args.split,
+              "base": macro_average(evaluate_users(base, tokenizer, spec, users, args.split), users)}
+    per_user, without = evaluate_adapters(base, tokenizer, spec, users, _store(args),
+                                          base_fp=base_fingerprint(base_path), split=args.split)
+    result["per_user"] = macro_average(per_user, users)
+    result["users_without_adapter"] = len(without)
+    print(json.dumps(result, indent=2))
+
+
+# --- bench ---------------------------------------------------------------------------
+
+
+def cmd_bench_quality(args: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    from .compare import compare, render_table
+    from .data.io import load_task
+    from .data.synthetic import generate
+
+    if args.data:
+        spec, users = load_task(args.data)
+    else:
+        spec, users, report = generate(args.task, args.users, seed=args.seed)
+        print(report)
+    users = _select_users(users, args.users)
+    result = compare(spec, users, _base_path(args), _store(args), _hparams(args))
+    Console().print(render_table([result]))
+    if args.json:
+        print(json.dumps({"task": spec.name, "users": result.users, "metric": spec.metric,
+                          "methods": {m.name: m.scores["all"][spec.metric] for m in result.methods}}))
+
+
+# --- parser ----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .data.synthetic import TASKS
+
+    parser = argparse.ArgumentParser(prog="peftu", description="One personal adapter per user, "
+                                     "trained and served on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="generate, import and inspect user-task data sets")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    p = dsub.add_parser("generate", help="generate users of a synthetic task")
+    p.add_argument("--task", choices=sorted(TASKS), default="synth-cls")
+    p.add_argument("--users", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-samples", type=int, default=10)
+    p.add_argument("--out", required=True, help="folder or s3://bucket/prefix")
+    p.set_defaults(func=cmd_data_generate)
+    p = dsub.add_parser("import", help="import PEFT-U or LaMP files")
+    p.add_argument("format", choices=["peft-u-csv", "peft-u-json", "lamp"],
+                   help="peft-u-csv: raw annotator table; peft-u-json: user_data.json; "
+                   "lamp: questions JSON (+ --outputs)")
+    p.add_argument("file")
+    p.add_argument("--outputs", help="LaMP outputs JSON with the golds")
+    p.add_argument("--task", help="task name (LaMP: e.g. LaMP_3 when no outputs file names it)")
+    p.add_argument("--split", choices=["val", "test"], default="test",
+                   help="LaMP: which split the questions are")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-samples", type=int, default=10)
+    p.add_argument("--out", required=True, help="folder or s3://bucket/prefix")
+    p.set_defaults(func=cmd_data_import)
+    p = dsub.add_parser("stats", help="users, examples, activity and labels of a data set")
+    p.add_argument("path")
+    p.set_defaults(func=cmd_data_stats)
+
+    base = sub.add_parser("base", help="build the tiny default base model")
+    bsub = base.add_subparsers(dest="base_command", required=True)
+    p = bsub.add_parser("build", help="train a tokenizer and pre-train the tiny Llama on the CPU")
+    p.add_argument("--out", help="folder (default: $PEFTU_HOME/base/tiny-llama)")
+    p.add_argument("--minutes", type=float, help="pre-training time budget (default 3)")
+    p.add_argument("--steps", type=int, help="pre-training step budget (default 600)")
+    p.add_argument("--extra-data", nargs="*", default=[],
+                   help="saved data sets whose training text joins the corpus")
+    p.set_defaults(func=cmd_base_build)
+
+    p = sub.add_parser("fit", help="fit, evaluate and publish one adapter per user")
+    p.add_argument("--data", required=True, help="a data set saved by `peftu data`")
+    p.add_argument("--users", type=int, help="only the first N users")
+    _add_base(p)
+    _add_store(p)
+    _add_hparams(p)
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("eval", help="score users' adapters from the store against the base")
+    p.add_argument("--data", required=True)
+    p.add_argument("--users", type=int, help="only the first N users")
+    p.add_argument("--split", choices=["val", "test"], default="test")
+    _add_base(p)
+    _add_store(p)
+    p.set_defaults(func=cmd_eval)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bsub = bench.add_subparsers(dest="bench_command", required=True)
+    p = bsub.add_parser("quality", help="base vs global adapter vs per-user adapters on one task")
+    p.add_argument("--task", choices=sorted(TASKS), default="synth-cls")
+    p.add_argument("--data", help="a saved data set instead of generated users")
+    p.add_argument("--users", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="end with one JSON line of the results")
+    _add_base(p)
+    _add_store(p)
+    _add_hparams(p)
+    p.set_defaults(func=cmd_bench_quality)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except PeftuError as e:
+        print(f"peftu: error: {e}", file=sys.stderr)
+        sys.exit(2)

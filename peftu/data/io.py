@@ -1,0 +1,116 @@
+"""Saving and loading a task's users as a Hugging Face `datasets` Parquet file.
+
+A saved task is a folder (local or `s3://bucket/prefix`) holding
+`users.parquet` (one row per user: id, history, train, val, test) and
+`task.json` (the TaskSpec). `task.json` is written last and marks the data set
+as complete, so a reader never loads half a data set; locally the whole folder
+is built aside and renamed into place. Ray Data reads the same Parquet file.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import datasets
+from pydantic import ValidationError
+
+from ..errors import DataError
+from .schema import TaskSpec, UserRecord
+
+USERS_FILE = "users.parquet"
+TASK_FILE = "task.json"
+
+_ITEM = {"id": datasets.Value("string"), "text": datasets.Value("string"),
+         "output": datasets.Value("string")}
+_EXAMPLE = {"id": datasets.Value("string"), "input": datasets.Value("string"),
+            "output": datasets.Value("string")}
+FEATURES = datasets.Features({
+    "user_id": datasets.Value("string"),
+    "history": datasets.List(_ITEM),
+    "train": datasets.List(_EXAMPLE),
+    "val": datasets.List(_EXAMPLE),
+    "test": datasets.List(_EXAMPLE),
+})
+
+
+def _is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def _write_local(folder: Path, spec: TaskSpec, users: list[UserRecord]) -> None:
+    datasets.Dataset.from_list([u.to_row() for u in users], features=FEATURES).to_parquet(
+        str(folder / USERS_FILE))
+    (folder / TASK_FILE).write_text(spec.model_dump_json(indent=2))
+
+
+def save_task(uri: str | Path, spec: TaskSpec, users: list[UserRecord]) -> None:
+    """Save a task's users to a folder or an `s3://` prefix, all or nothing."""
+    ids = [u.user_id for u in users]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise DataError("duplicate user id", record=dup, field="user_id")
+    if _is_s3(str(uri)):
+        from ..store import open_backend
+        backend = open_backend(str(uri))
+        with tempfile.TemporaryDirectory() as tmp:
+            _write_local(Path(tmp), spec, users)
+            backend.delete(TASK_FILE)  # unmark while the data changes
+            backend.put_file(USERS_FILE, Path(tmp) / USERS_FILE)
+            backend.put_file(TASK_FILE, Path(tmp) / TASK_FILE)
+        return
+    target = Path(uri)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        _write_local(staging, spec, users)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            target.rename(old)
+            staging.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _parse_spec(text: str, source: str) -> TaskSpec:
+    try:
+        return TaskSpec.model_validate_json(text)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or None
+        raise DataError(err["msg"], source=source, field=field) from None
+
+
+def load_task(uri: str | Path) -> tuple[TaskSpec, list[UserRecord]]:
+    """Load a task saved by `save_task` (folder or `s3://` prefix)."""
+    if _is_s3(str(uri)):
+        from ..store import open_backend
+        backend = open_backend(str(uri))
+        with tempfile.TemporaryDirectory() as tmp:
+            backend.get_file(TASK_FILE, Path(tmp) / TASK_FILE)
+            backend.get_file(USERS_FILE, Path(tmp) / USERS_FILE)
+            return _load_local(Path(tmp), display=str(uri).rstrip("/"))
+    return _load_local(Path(uri), display=str(uri))
+
+
+def _load_local(folder: Path, display: str) -> tuple[TaskSpec, list[UserRecord]]:
+    task_file, users_file = folder / TASK_FILE, folder / USERS_FILE
+    for f in (task_file, users_file):
+        if not f.is_file():
+            raise DataError("missing; is this a data set saved by `peftu data`?",
+                            source=f"{display}/{f.name}")
+    spec = _parse_spec(task_file.read_text(), f"{display}/{TASK_FILE}")
+    try:
+        table = datasets.Dataset.from_parquet(str(users_file), keep_in_memory=True)
+    except Exception as e:  # pyarrow raises many types for a bad file
+        raise DataError(f"not a readable Parquet file ({e})", source=f"{display}/{USERS_FILE}") from None
+    missing = set(FEATURES) - set(table.column_names)
+    if missing:
+        raise DataError("column missing", source=f"{display}/{USERS_FILE}", field=sorted(missing)[0])
+    return spec, [UserRecord.from_row(row) for row in table]

@@ -1,0 +1,68 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+# ---------------------------------------------------------------- S3 store fixtures
+# A real S3 API over HTTP on loopback: moto's server in a thread, reached by
+# boto3 through endpoint_url. Nothing talks to AWS.
+
+
+def _free_tcp_port() -> int:
+    """A port nothing listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def free_tcp_port() -> int:
+    """A loopback TCP port with no listener, for servers a test starts (or for a dead endpoint)."""
+    return _free_tcp_port()
+
+
+@pytest.fixture
+def s3_fake_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path_factory) -> None:
+    """Fake AWS credentials in the environment, and nothing from the real ~/.aws."""
+    missing = tmp_path_factory.mktemp("aws") / "none"
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(missing))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(missing))
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """One moto S3 server for the session; yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_tcp_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+def _s3_create_bucket(endpoint_url: str) -> str:
+    """A new, empty bucket on the server; returns its name."""
+    import boto3
+
+    name = f"peftu-test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=endpoint_url, region_name="us-east-1").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def s3_store_uri(s3_server: str, s3_fake_credentials: None) -> str:
+    """"s3://<fresh bucket>/<prefix>" on `s3_server` (open it with endpoint_url=s3_server)."""
+    return f"s3://{_s3_create_bucket(s3_server)}/stores/test"
