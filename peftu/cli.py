@@ -184,7 +184,7 @@ def cmd_bench_quality(args: argparse.Namespace) -> None:
     if args.data:
         spec, users = load_task(args.data)
     else:
-        spec, users, report = generate(args.task, args.users, seed=args.seed)
+        spec, users, report = generate(args.task, args.users, seed=args.data_seed)
         print(report)
     users = _select_users(users, args.users)
     result = compare(spec, users, _base_path(args), _store(args), _hparams(args))
@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=sorted(TASKS), default="synth-cls")
     p.add_argument("--data", help="a saved data set instead of generated users")
     p.add_argument("--users", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the generated users")
     p.add_argument("--json", action="store_true", help="end with one JSON line of the results")
     _add_base(p)
     _add_store(p)

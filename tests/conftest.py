@@ -66,3 +66,32 @@ def _s3_create_bucket(endpoint_url: str) -> str:
 def s3_store_uri(s3_server: str, s3_fake_credentials: None) -> str:
     """"s3://<fresh bucket>/<prefix>" on `s3_server` (open it with endpoint_url=s3_server)."""
     return f"s3://{_s3_create_bucket(s3_server)}/stores/test"
+
+
+# ---------------------------------------------------------------- models and homes
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_peftu_home(tmp_path_factory) -> Iterator[None]:
+    """Tests never read or write the user's ~/.cache/peftu."""
+    import os
+
+    old = os.environ.get("PEFTU_HOME")
+    os.environ["PEFTU_HOME"] = str(tmp_path_factory.mktemp("peftu-home"))
+    yield
+    if old is None:
+        os.environ.pop("PEFTU_HOME", None)
+    else:
+        os.environ["PEFTU_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> str:
+    """A small tiny base, built the real way (tokenizer, Llama, pre-training) on a short budget."""
+    from peftu.base import BaseBuildConfig, build_base
+
+    path = tmp_path_factory.mktemp("base") / "tiny-test"
+    cfg = BaseBuildConfig(hidden_size=128, intermediate_size=344, num_layers=2, num_heads=4,
+                          num_kv_heads=2, users_per_task=200, max_steps=150, max_minutes=2.0)
+    build_base(path, cfg, log=lambda *_: None)
+    return str(path)

@@ -1,0 +1,83 @@
+"""The `peftu` command, run as a user runs it: a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+TWEETEVAL = SHARED / "data" / "peft-u" / "tweeteval" / "annotations_g3.csv"
+
+
+def peftu(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "peftu", *args], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("command", [
+    [], ["data"], ["data", "generate"], ["data", "import"], ["data", "stats"], ["base", "build"],
+    ["fit"], ["eval"], ["bench", "quality"]])
+def test_every_subcommand_has_help(command):
+    result = peftu(*command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "usage: peftu" in result.stdout
+
+
+def test_generate_then_stats(tmp_path):
+    out = tmp_path / "cls"
+    result = peftu("data", "generate", "--task", "synth-cls", "--users", "25", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "25 kept" in result.stdout
+    stats = json.loads(peftu("data", "stats", str(out)).stdout)
+    assert stats["users"] == 25 and stats["kind"] == "classification"
+    assert set(stats["labels"]) <= {"like", "dislike", "neutral"}
+    assert stats["history_items"]["min"] >= 8
+
+
+@pytest.mark.skipif(not TWEETEVAL.exists(), reason=f"{TWEETEVAL} is not there")
+def test_import_the_real_peft_u_annotations(tmp_path):
+    result = peftu("data", "import", "peft-u-csv", str(TWEETEVAL), "--out", str(tmp_path / "tw"))
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(peftu("data", "stats", str(tmp_path / "tw")).stdout)
+    assert stats["users"] == 20
+    assert stats["examples"] == {"train": 3200, "val": 400, "test": 400}
+    assert set(stats["labels"]) == {"Hateful", "Non-hateful"}
+
+
+def test_bad_input_is_one_clear_line_not_a_traceback(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,text,label_A\n1,hello,yes\n2,short\n")
+    result = peftu("data", "import", "peft-u-csv", str(bad), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "bad.csv" in result.stderr and "line 3" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_fit_then_eval_through_the_cli(tmp_path, tiny_base):
+    data, store = tmp_path / "rating", tmp_path / "store"
+    assert peftu("data", "generate", "--task", "synth-rating", "--users", "3",
+                 "--out", str(data)).returncode == 0
+    fit = peftu("fit", "--data", str(data), "--base", tiny_base, "--store", str(store),
+                "--epochs", "1", "--r", "4")
+    assert fit.returncode == 0, fit.stderr
+    assert "fitted 3, skipped 0" in fit.stdout
+    again = peftu("fit", "--data", str(data), "--base", tiny_base, "--store", str(store),
+                  "--epochs", "1", "--r", "4")
+    assert "fitted 0, skipped 3" in again.stdout
+    result = peftu("eval", "--data", str(data), "--base", tiny_base, "--store", str(store))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["users_without_adapter"] == 0
+    assert report["per_user"]["all"]["n"] == 3 and "mae" in report["base"]["all"]
+
+
+def test_missing_data_is_a_clear_error(tmp_path, tiny_base):
+    result = peftu("fit", "--data", str(tmp_path / "nothing"), "--base", tiny_base)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "nothing" in result.stderr
