@@ -141,3 +141,14 @@ def test_load_names_the_bad_file_and_field(tmp_path):
         load_task(tmp_path / "ds")
     with pytest.raises(DataError, match="missing"):
         load_task(tmp_path / "nowhere")
+
+
+def test_save_and_load_through_s3(s3_server, s3_store_uri, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    spec, users, _ = generate("synth-gen", 15, seed=4)
+    uri = s3_store_uri + "/data/gen"
+    save_task(uri, spec, users)
+    spec2, users2 = load_task(uri)
+    assert (spec2, users2) == (spec, users)
+    with pytest.raises(DataError, match="missing"):
+        load_task(s3_store_uri + "/data/none")

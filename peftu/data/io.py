@@ -17,7 +17,7 @@ from pathlib import Path
 import datasets
 from pydantic import ValidationError
 
-from ..errors import DataError
+from ..errors import DataError, NotFoundError
 from .schema import TaskSpec, UserRecord
 
 USERS_FILE = "users.parquet"
@@ -93,8 +93,11 @@ def load_task(uri: str | Path) -> tuple[TaskSpec, list[UserRecord]]:
         from ..store import open_backend
         backend = open_backend(str(uri))
         with tempfile.TemporaryDirectory() as tmp:
-            backend.get_file(TASK_FILE, Path(tmp) / TASK_FILE)
-            backend.get_file(USERS_FILE, Path(tmp) / USERS_FILE)
+            for name in (TASK_FILE, USERS_FILE):
+                try:
+                    backend.get_file(name, Path(tmp) / name)
+                except NotFoundError:
+                    pass  # reported below, as for a local folder
             return _load_local(Path(tmp), display=str(uri).rstrip("/"))
     return _load_local(Path(uri), display=str(uri))
 
