@@ -1,0 +1,14 @@
+"""The adapter bank: many users' LoRA adapters stacked beside one frozen base.
+
+`layer` holds the math (one banked linear layer), `model` the management
+(injecting layers, slots, PEFT import/export), `optim` the per-slot AdamW, and
+`train` the banked fit loop.
+"""
+
+from .layer import BankedLoraLinear, SlotContext
+from .model import AdapterBank, peft_initial_state
+from .optim import SlotAdamW
+from .train import PackFit, answer_token_loss, fit_pack, pack_users
+
+__all__ = ["AdapterBank", "BankedLoraLinear", "PackFit", "SlotAdamW", "SlotContext",
+           "answer_token_loss", "fit_pack", "pack_users", "peft_initial_state"]

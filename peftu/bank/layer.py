@@ -1,0 +1,65 @@
+"""A linear layer with the LoRA weights of many users stacked beside it.
+
+`base(x) + scale * B[slot] @ (A[slot] @ x)` for every row at once, each row
+with its own user's slot: the BGMV idea of Punica, S-LoRA and vLLM, written
+with a gather and two batched matmuls so that autograd trains every slot in
+one backward. The rows' slots come from a `SlotContext` shared by all banked
+layers of a model, set once per forward by the bank.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class SlotContext:
+    """Which adapter the forward about to run uses: one slot per batch row (a
+    tensor), one slot for the whole batch (an int), or None for the base alone."""
+
+    def __init__(self) -> None:
+        self.slots: torch.Tensor | int | None = None
+
+
+def linear_shape(base: nn.Module) -> tuple[int, int]:
+    """(in, out) features of an nn.Linear or a GPT-2 style Conv1D (weight stored transposed)."""
+    if isinstance(base, nn.Linear):
+        return base.in_features, base.out_features
+    if type(base).__name__ == "Conv1D":
+        d_in, d_out = base.weight.shape
+        return d_in, d_out
+    raise TypeError(f"cannot bank a {type(base).__name__}; only Linear and Conv1D layers")
+
+
+class BankedLoraLinear(nn.Module):
+    """A frozen linear layer plus `n_slots` LoRA adapters of rank `r`."""
+
+    def __init__(self, base: nn.Module, n_slots: int, r: int, scale: float, ctx: SlotContext):
+        super().__init__()
+        self.base = base
+        self.d_in, self.d_out = linear_shape(base)
+        self.scale = scale
+        self.ctx = ctx
+        weight = base.weight
+        # Like PEFT: adapters of a half-precision base train in fp32, otherwise in the base's dtype.
+        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        self.lora_A = nn.Parameter(torch.zeros(n_slots, r, self.d_in, dtype=dtype, device=weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(n_slots, self.d_out, r, dtype=dtype, device=weight.device))
+        for slot in range(n_slots):
+            nn.init.kaiming_uniform_(self.lora_A.data[slot], a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        slots = self.ctx.slots
+        if slots is None:
+            return out
+        if isinstance(slots, int):
+            delta = (x.to(self.lora_A.dtype) @ self.lora_A[slots].T) @ self.lora_B[slots].T
+            return out + (self.scale * delta).to(out.dtype)
+        a = self.lora_A[slots]  # [rows, r, d_in]
+        b = self.lora_B[slots]  # [rows, d_out, r]
+        h = x.to(a.dtype)
+        delta = torch.bmm(torch.bmm(h, a.transpose(1, 2)), b.transpose(1, 2))
+        return out + (self.scale * delta).to(out.dtype)
