@@ -135,6 +135,20 @@ def cmd_base_build(args: argparse.Namespace) -> None:
 
 
 def cmd_fit(args: argparse.Namespace) -> None:
+    if args.reference:
+        summary = _fit_reference(args)
+    else:
+        summary = _fit_on_ray(args)
+    print(f"fitted {len(summary.fitted)}, skipped {len(summary.skipped)} (already current), "
+          f"failed {len(summary.failed)}")
+    for uid, reason in summary.failed.items():
+        print(f"  {uid}: {reason}")
+    if summary.failed:
+        sys.exit(1)
+
+
+def _fit_reference(args: argparse.Namespace):
+    """The plain PEFT loop, one user after another in this process (the baseline)."""
     from .base import base_fingerprint, load_base
     from .data.io import load_task
     from .fit import fit_users
@@ -143,14 +157,26 @@ def cmd_fit(args: argparse.Namespace) -> None:
     users = _select_users(users, args.users)
     base_path = _base_path(args)
     base, tokenizer = load_base(base_path)
-    summary = fit_users(base, tokenizer, spec, users, _hparams(args), _store(args),
-                        base_fp=base_fingerprint(base_path))
-    print(f"fitted {len(summary.fitted)}, skipped {len(summary.skipped)} (already current), "
-          f"failed {len(summary.failed)}")
-    for uid, reason in summary.failed.items():
-        print(f"  {uid}: {reason}")
-    if summary.failed:
-        sys.exit(1)
+    return fit_users(base, tokenizer, spec, users, _hparams(args), _store(args),
+                     base_fp=base_fingerprint(base_path))
+
+
+def _fit_on_ray(args: argparse.Namespace):
+    """The banked fit on Ray Train workers (a local Ray unless RAY_ADDRESS names a cluster)."""
+    import logging
+
+    from .distributed import FitJobConfig, run_fit_job
+    from .paths import peftu_home
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    job = FitJobConfig(
+        data=args.data, store=args.store or str(peftu_home() / "store"), base=_base_path(args),
+        hparams=_hparams(args).model_dump(), workers=args.workers, use_gpu=args.gpu,
+        cpus_per_worker=args.cpus_per_worker, pack_size=args.pack_size, token_budget=args.token_budget,
+        endpoint_url=args.endpoint_url, max_failures=args.max_failures, users_limit=args.users)
+    result = run_fit_job(job)
+    print(f"run {result.run_id}: {result.users_per_hour:.0f} users/hour over {result.seconds:.0f} s")
+    return result.summary
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -240,9 +266,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="saved data sets whose training text joins the corpus")
     p.set_defaults(func=cmd_base_build)
 
-    p = sub.add_parser("fit", help="fit, evaluate and publish one adapter per user")
+    p = sub.add_parser("fit", help="fit, evaluate and publish one adapter per user (banked, on Ray)")
     p.add_argument("--data", required=True, help="a data set saved by `peftu data`")
     p.add_argument("--users", type=int, help="only the first N users")
+    p.add_argument("--workers", type=int, default=1, help="Ray Train workers (default 1)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    p.add_argument("--pack-size", type=int, default=16, help="users trained together in one bank")
+    p.add_argument("--token-budget", type=int, default=0,
+                   help="cap a pack's union batch at about this many tokens (0: no cap)")
+    p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts before giving up")
+    p.add_argument("--reference", action="store_true",
+                   help="the plain PEFT loop, one user after another, no Ray (the baseline)")
     _add_base(p)
     _add_store(p)
     _add_hparams(p)

@@ -113,7 +113,7 @@ def score_labels(model, tokenizer, spec: TaskSpec, inputs: list[str], *,
     pairs = [encode(tokenizer, spec, text, label, max_len) for text in inputs for label in spec.labels]
     scores: list[float] = []
     for i in range(0, len(pairs), batch_size):
-        batch = collate(pairs[i:i + batch_size], tokenizer.pad_token_id)
+        batch = {k: v.to(model.device) for k, v in collate(pairs[i:i + batch_size], tokenizer.pad_token_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
         labels = batch["labels"][:, 1:]
@@ -134,7 +134,7 @@ def generate_answers(model, tokenizer, spec: TaskSpec, inputs: list[str], *,
         for i in range(0, len(inputs), batch_size):
             prompts = [spec.render(t) for t in inputs[i:i + batch_size]]
             batch = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True,
-                              max_length=max_len - spec.max_new_tokens)
+                              max_length=max_len - spec.max_new_tokens).to(model.device)
             out = model.generate(**batch, max_new_tokens=spec.max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)
             texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -95,11 +95,16 @@ def fit_adapter(base: torch.nn.Module, tokenizer, spec: TaskSpec, examples: list
     return model, result
 
 
+def folder_files(folder: str | Path) -> dict[str, bytes]:
+    """The standard PEFT pair from a saved adapter folder, as bytes for the store."""
+    return {name: (Path(folder) / name).read_bytes() for name in REQUIRED_FILES}
+
+
 def adapter_files(model: PeftModel) -> dict[str, bytes]:
-    """The standard PEFT pair, as bytes ready for the store (PEFT's README.md stays behind)."""
+    """A fitted PEFT model's adapter (PEFT's README.md stays behind)."""
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
-        return {name: (Path(tmp) / name).read_bytes() for name in REQUIRED_FILES}
+        return folder_files(tmp)
 
 
 def data_fingerprint(spec: TaskSpec, examples: list[Example]) -> str:
@@ -123,7 +128,35 @@ class FitSummary:
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
-    """Test metrics of each fitted user."""
+    """Val and test metrics of each fitted user."""
+
+    def merge(self, other: "FitSummary") -> None:
+        self.fitted += other.fitted
+        self.skipped += other.skipped
+        self.failed |= other.failed
+        self.metrics |= other.metrics
+
+
+def split_current(store: AdapterStore, spec: TaskSpec, users: list[UserRecord], hp: LoraHParams,
+                  base_fp: str) -> tuple[list[UserRecord], list[str]]:
+    """Users that still need a fit, and the ids of those whose adapter is current."""
+    todo, current = [], []
+    for user in users:
+        fresh = is_current(store, spec.name, user.user_id, base_fp=base_fp,
+                           data_fp=data_fingerprint(spec, user.train), hp=hp)
+        (current.append(user.user_id) if fresh else todo.append(user))
+    return todo, current
+
+
+def evaluate_and_publish(model, tokenizer, spec: TaskSpec, user: UserRecord, files: dict[str, bytes],
+                         hp: LoraHParams, store: AdapterStore, base_fp: str) -> dict[str, float]:
+    """Score a fitted adapter on the user's val and test examples, then publish it with them."""
+    metrics = {f"val_{k}": v for k, v in evaluate_examples(model, tokenizer, spec, user.val).items()}
+    metrics |= {f"test_{k}": v for k, v in evaluate_examples(model, tokenizer, spec, user.test).items()}
+    store.publish(spec.name, user.user_id, files, base_fingerprint=base_fp,
+                  data_fingerprint=data_fingerprint(spec, user.train), hparams=hp.model_dump(),
+                  metrics=metrics)
+    return metrics
 
 
 def fit_users(base: torch.nn.Module, tokenizer, spec: TaskSpec, users: list[UserRecord],
@@ -136,28 +169,20 @@ def fit_users(base: torch.nn.Module, tokenizer, spec: TaskSpec, users: list[User
     """
     from tqdm import tqdm
 
-    summary = FitSummary()
-    for user in tqdm(users, desc=f"fitting {spec.name}", unit="user", disable=not progress):
-        data_fp = data_fingerprint(spec, user.train)
-        if is_current(store, spec.name, user.user_id, base_fp=base_fp, data_fp=data_fp, hp=hp):
-            summary.skipped.append(user.user_id)
-            continue
+    todo, current = split_current(store, spec, users, hp, base_fp)
+    summary = FitSummary(skipped=current)
+    for user in tqdm(todo, desc=f"fitting {spec.name}", unit="user", disable=not progress):
         try:
             model, _ = fit_adapter(base, tokenizer, spec, user.train, hp)
         except (ValueError, RuntimeError) as e:
             summary.failed[user.user_id] = str(e)
             continue
         try:
-            metrics = {f"val_{k}": v for k, v in
-                       evaluate_examples(model, tokenizer, spec, user.val).items()}
-            metrics |= {f"test_{k}": v for k, v in
-                        evaluate_examples(model, tokenizer, spec, user.test).items()}
-            store.publish(spec.name, user.user_id, adapter_files(model), base_fingerprint=base_fp,
-                          data_fingerprint=data_fp, hparams=hp.model_dump(), metrics=metrics)
+            summary.metrics[user.user_id] = evaluate_and_publish(
+                model, tokenizer, spec, user, adapter_files(model), hp, store, base_fp)
         finally:
             model.unload()
         summary.fitted.append(user.user_id)
-        summary.metrics[user.user_id] = metrics
     return summary
 
 

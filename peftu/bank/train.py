@@ -17,6 +17,7 @@ once:
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,9 @@ import torch.nn.functional as F
 
 from ..data.schema import TaskSpec, UserRecord
 from ..encode import IGNORE, collate, encode, minibatches
-from ..fit import FitResult, LoraHParams, lr_lambda
+from ..fit import (FitResult, FitSummary, LoraHParams, evaluate_and_publish, folder_files, lr_lambda,
+                   split_current)
+from ..store import AdapterStore
 from .model import AdapterBank, peft_initial_state
 from .optim import SlotAdamW
 
@@ -88,6 +91,7 @@ def fit_pack(model: torch.nn.Module, tokenizer, spec: TaskSpec, users: list[User
         plans.append(minibatches(len(user.train), hp.batch_size, hp.seed, hp.epochs))
         opt.reset_slot(slot, lr_lambda(hp.schedule, len(plans[-1])))
     results = {u.user_id: FitResult(steps=len(p)) for u, p in zip(users, plans)}
+    device = next(model.parameters()).device
 
     model.train()
     for i in range(max(len(p) for p in plans)):
@@ -96,8 +100,8 @@ def fit_pack(model: torch.nn.Module, tokenizer, spec: TaskSpec, users: list[User
         for k in active:
             rows += [encoded[k][j] for j in plans[k][i]]
             row_slot += [k] * len(plans[k][i])
-        batch = collate(rows, tokenizer.pad_token_id)
-        row_user = torch.tensor(row_slot)
+        batch = {k: v.to(device) for k, v in collate(rows, tokenizer.pad_token_id).items()}
+        row_user = torch.tensor(row_slot, device=device)
         with bank.rows(row_user):
             per_user = answer_token_loss(model, batch, row_user, len(users))
         per_user[active].sum().backward()
@@ -107,3 +111,36 @@ def fit_pack(model: torch.nn.Module, tokenizer, spec: TaskSpec, users: list[User
             results[users[k].user_id].losses.append(loss)
     model.eval()
     return PackFit(bank=bank, users=users, results=results)
+
+
+def fit_users_banked(model: torch.nn.Module, tokenizer, spec: TaskSpec, users: list[UserRecord],
+                     hp: LoraHParams, store: AdapterStore, *, base_fp: str, pack_size: int = 16,
+                     token_budget: int = 0, on_pack_done=None) -> FitSummary:
+    """The banked counterpart of `peftu.fit.fit_users`: same skips, metrics and store records.
+
+    Each pack is fitted together; when it ends, every slot is evaluated (the
+    bank answers with that slot) and published. `on_pack_done(summary)` is
+    called after each pack with that pack's summary, for progress reporting.
+    """
+    todo, current = split_current(store, spec, users, hp, base_fp)
+    summary = FitSummary(skipped=current)
+    empty = [u for u in todo if not u.train]
+    for u in empty:
+        summary.failed[u.user_id] = "cannot fit an adapter on zero examples"
+    init_state = peft_initial_state(model, hp.lora_config(), hp.seed)
+    for pack in pack_users([u for u in todo if u.train], pack_size, hp, token_budget):
+        done = FitSummary()
+        packed = fit_pack(model, tokenizer, spec, pack, hp, init_state)
+        try:
+            for slot, user in enumerate(pack):
+                with tempfile.TemporaryDirectory() as folder, packed.bank.rows(slot):
+                    packed.bank.export_slot(slot, folder)
+                    done.metrics[user.user_id] = evaluate_and_publish(
+                        model, tokenizer, spec, user, folder_files(folder), hp, store, base_fp)
+                done.fitted.append(user.user_id)
+        finally:
+            packed.bank.remove()
+        summary.merge(done)
+        if on_pack_done:
+            on_pack_done(done)
+    return summary

@@ -1,0 +1,212 @@
+"""Fitting every user's adapter across a Ray cluster with Ray Train.
+
+The driver reads the task, hands the users to a `TorchTrainer` as a Ray
+Dataset, and each worker takes its own disjoint shard (split with
+`equal=False`, so no user is ever dropped to even out the shards). A worker
+packs its users into banks, fits them (`peftu.bank.fit_users_banked`) and
+publishes each user's adapter when its pack ends. Workers exchange nothing
+but progress, which they send to a small actor that the driver reads for the
+log (users done / total, users per hour, ETA) and for the run summary it
+writes to the store.
+
+Resume is by fingerprint: a worker skips users whose adapter exists from the
+same base, data and hyper-parameters. When a worker dies, `FailureConfig`
+restarts the group; the restarted workers skip what was already published, so
+only the packs in flight are fitted again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+
+import ray
+from ray.train import DataConfig
+
+from .data.schema import TaskSpec, UserRecord
+from .errors import PeftuError
+from .fit import FitSummary, LoraHParams
+
+log = logging.getLogger("peftu.fit")
+
+STATUS_RANK = {"skipped": 0, "failed": 1, "fitted": 2}
+
+
+@dataclass
+class FitJobConfig:
+    """Everything a fit run needs; plain data so it travels to every worker."""
+
+    data: str
+    store: str
+    base: str
+    hparams: dict = field(default_factory=dict)
+    workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    pack_size: int = 16
+    token_budget: int = 0
+    endpoint_url: str | None = None
+    max_failures: int = 2
+    users_limit: int | None = None
+    progress_interval_s: float = 10.0
+
+
+@ray.remote(num_cpus=0)
+class FitProgress:
+    """Where workers report finished users; the driver reads it for the log and summary.
+
+    A user's status is the best it reached in this run: a user fitted before a
+    worker restart and skipped after it counts as fitted.
+    """
+
+    def __init__(self, total: int):
+        self.total = total
+        self.status: dict[str, str] = {}
+        self.reasons: dict[str, str] = {}
+
+    def record(self, statuses: dict[str, str], reasons: dict[str, str]) -> None:
+        for user, status in statuses.items():
+            if STATUS_RANK[status] >= STATUS_RANK[self.status.get(user, "skipped")]:
+                self.status[user] = status
+        self.reasons |= reasons
+
+    def snapshot(self) -> dict:
+        return {"total": self.total, "status": dict(self.status), "reasons": dict(self.reasons)}
+
+
+class UserShards(DataConfig):
+    """Split the users between workers without dropping any (Ray's default evens shards by dropping rows)."""
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        output = [{} for _ in range(world_size)]
+        for name, ds in datasets.items():
+            for i, split in enumerate(ds.streaming_split(world_size, equal=False)):
+                output[i][name] = split
+        return output
+
+
+def _summary_statuses(summary: FitSummary) -> dict[str, str]:
+    return ({u: "fitted" for u in summary.fitted} | {u: "skipped" for u in summary.skipped}
+            | {u: "failed" for u in summary.failed})
+
+
+def _worker_loop(config: dict) -> None:
+    """One Ray Train worker: fit and publish its shard of users, pack by pack."""
+    import ray.train.torch
+    import torch
+
+    from .bank.train import fit_users_banked
+    from .base import base_fingerprint, load_base
+    from .store import AdapterStore
+
+    job = FitJobConfig(**config["job"])
+    spec = TaskSpec(**config["spec"])
+    progress = ray.get_actor(config["progress_actor"])
+    users = [UserRecord.from_row(row) for row in ray.train.get_dataset_shard("users").iter_rows()]
+    device = ray.train.torch.get_device() if job.use_gpu else torch.device("cpu")
+    base, tokenizer = load_base(job.base)
+    base.to(device)
+    store = AdapterStore.open(job.store, endpoint_url=job.endpoint_url)
+
+    def report(done: FitSummary) -> None:
+        ray.get(progress.record.remote(_summary_statuses(done), done.failed))
+
+    summary = fit_users_banked(base, tokenizer, spec, users, LoraHParams(**job.hparams), store,
+                               base_fp=base_fingerprint(job.base), pack_size=job.pack_size,
+                               token_budget=job.token_budget, on_pack_done=report)
+    report(FitSummary(skipped=summary.skipped, failed=summary.failed))
+
+
+def _log_progress(progress, started: float, stop: threading.Event, interval: float) -> None:
+    """Every `interval` seconds: users done / total, users per hour, ETA."""
+    while not stop.wait(interval):
+        snap = ray.get(progress.snapshot.remote())
+        done = len(snap["status"])
+        fitted = sum(s == "fitted" for s in snap["status"].values())
+        hours = (time.monotonic() - started) / 3600
+        rate = fitted / hours if hours > 0 else 0.0
+        left = snap["total"] - done
+        eta = f"{left / rate * 60:.1f} min" if rate > 0 else "unknown"
+        log.info("users done %d / %d (fitted %d), %.0f users/hour, ETA %s",
+                 done, snap["total"], fitted, rate, eta)
+
+
+@dataclass
+class FitRunResult:
+    run_id: str
+    summary: FitSummary
+    seconds: float
+
+    @property
+    def users_per_hour(self) -> float:
+        return len(self.summary.fitted) / (self.seconds / 3600) if self.seconds else 0.0
+
+
+def run_fit_job(job: FitJobConfig) -> FitRunResult:
+    """Fit every user of `job.data` on the Ray cluster this process is connected to (or a local one)."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .data.io import load_task
+    from .paths import peftu_home
+    from .store import AdapterStore
+
+    spec, users = load_task(job.data)
+    users = users[: job.users_limit] if job.users_limit else users
+    LoraHParams(**job.hparams)  # fail here, not on every worker
+    store = AdapterStore.open(job.store, endpoint_url=job.endpoint_url)
+    if not ray.is_initialized():
+        ray.init(log_to_driver=False)
+    run_id = f"fit-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    progress_name = f"peftu-progress-{run_id}"
+    progress = FitProgress.options(name=progress_name).remote(len(users))
+
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={"job": asdict(job), "spec": spec.model_dump(), "progress_actor": progress_name},
+        scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=job.use_gpu,
+                                     resources_per_worker={"CPU": job.cpus_per_worker}),
+        run_config=RunConfig(name=run_id, storage_path=str(peftu_home() / "ray-runs"),
+                             failure_config=FailureConfig(max_failures=job.max_failures)),
+        datasets={"users": ray.data.from_items([u.to_row() for u in users])},
+        dataset_config=UserShards(),
+    )
+    log.info("fitting %d users of %s on %d worker(s), packs of %d", len(users), spec.name,
+             job.workers, job.pack_size)
+    started = time.monotonic()
+    stop = threading.Event()
+    ticker = threading.Thread(target=_log_progress, args=(progress, started, stop, job.progress_interval_s),
+                              daemon=True)
+    ticker.start()
+    error = None
+    try:
+        trainer.fit()
+    except Exception as e:  # the run failed past max_failures: still write what was done
+        error = e
+    finally:
+        stop.set()
+        ticker.join()
+    seconds = time.monotonic() - started
+    snap = ray.get(progress.snapshot.remote())
+    ray.kill(progress)
+    status, reasons = snap["status"], snap["reasons"]
+    for user in users:
+        if user.user_id not in status:
+            status[user.user_id] = "failed"
+            reasons[user.user_id] = f"not fitted: the run failed ({type(error).__name__})"
+    summary = FitSummary(
+        fitted=sorted(u for u, s in status.items() if s == "fitted"),
+        skipped=sorted(u for u, s in status.items() if s == "skipped"),
+        failed={u: reasons.get(u, "unknown") for u, s in status.items() if s == "failed"})
+    store.put_json(f"runs/{spec.name}/{run_id}", {
+        "run_id": run_id, "task": spec.name, "users": len(users), "seconds": seconds,
+        "fitted": summary.fitted, "skipped": summary.skipped, "failed": summary.failed,
+        "job": asdict(job), "error": repr(error) if error else None})
+    if error:
+        raise PeftuError(f"fit run {run_id} failed after {job.max_failures} restarts: {error}; "
+                         f"{len(summary.fitted)} users were fitted and published, the summary is in "
+                         f"the store under records/runs/{spec.name}/{run_id}") from error
+    return FitRunResult(run_id=run_id, summary=summary, seconds=seconds)
