@@ -1,0 +1,88 @@
+"""The fit job on a real local Ray: shards, publishing once, resume, a killed worker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import pytest
+import ray
+
+from peftu.data.io import save_task
+from peftu.data.synthetic import generate
+from peftu.distributed import FitJobConfig, run_fit_job
+from peftu.fit import LoraHParams
+from peftu.store import AdapterStore
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _job(tmp_path, tiny_base, n_users: int, **kw) -> FitJobConfig:
+    spec, users, _ = generate("synth-cls", n_users, seed=9)
+    save_task(tmp_path / "data", spec, users)
+    hp = LoraHParams(epochs=1, r=4).model_dump()
+    return FitJobConfig(data=str(tmp_path / "data"), store=str(tmp_path / "store"), base=tiny_base,
+                        hparams=hp, progress_interval_s=1.0, **kw)
+
+
+def test_every_user_is_published_once_and_a_rerun_skips_all(local_ray, tiny_base, tmp_path):
+    job = _job(tmp_path, tiny_base, 10, workers=2, pack_size=3)
+    first = run_fit_job(job)
+    store = AdapterStore.open(job.store)
+    users = store.list_users("synth-cls")
+    assert len(users) == 10 and sorted(first.summary.fitted) == users
+    assert all(len(store.list_versions("synth-cls", u)) == 1 for u in users)
+    assert "test_accuracy" in store.manifest("synth-cls", users[0]).metrics
+
+    again = run_fit_job(job)
+    assert again.summary.fitted == [] and sorted(again.summary.skipped) == users
+    assert all(len(store.list_versions("synth-cls", u)) == 1 for u in users)
+    record = store.get_json(f"runs/synth-cls/{again.run_id}")
+    assert record["skipped"] == users and record["error"] is None
+
+
+def _kill_a_worker_once_users_are_published(store: AdapterStore, killed: list[int], stop: threading.Event):
+    """Waits for the first published adapter, then SIGKILLs one Ray Train worker process.
+
+    The workers are descendants of this test process (it started the local Ray);
+    Ray titles their processes `ray::RayTrainWorker...`.
+    """
+    import psutil
+
+    while not stop.wait(0.2):
+        if not store.list_users("synth-cls"):
+            continue
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                if "RayTrainWorker" in " ".join(proc.cmdline()):
+                    os.kill(proc.pid, signal.SIGKILL)
+                    killed.append(proc.pid)
+                    return
+            except psutil.NoSuchProcess:
+                continue
+
+
+def test_a_killed_worker_costs_only_the_users_in_flight(local_ray, tiny_base, tmp_path):
+    job = _job(tmp_path, tiny_base, 16, workers=2, pack_size=2, max_failures=3)
+    store = AdapterStore.open(job.store)
+    killed: list[int] = []
+    stop = threading.Event()
+    killer = threading.Thread(target=_kill_a_worker_once_users_are_published, args=(store, killed, stop))
+    killer.start()
+    try:
+        result = run_fit_job(job)
+    finally:
+        stop.set()
+        killer.join()
+    assert killed, "no worker was killed: the test did not test anything"
+    users = store.list_users("synth-cls")
+    assert len(users) == 16 and result.summary.failed == {}
+    assert all(len(store.list_versions("synth-cls", u)) == 1 for u in users)
+    # One version each: users published before the kill were skipped after the restart, not refitted.
+    assert sorted(result.summary.fitted) == users
