@@ -162,7 +162,7 @@ def _fit_reference(args: argparse.Namespace):
 
 
 def _fit_on_ray(args: argparse.Namespace):
-    """The banked fit on Ray Train workers (a local Ray unless RAY_ADDRESS names a cluster)."""
+    """The banked fit on Ray Train workers: the cluster of RAY_ADDRESS or of `ray start`, else a local Ray."""
     import logging
 
     from .distributed import FitJobConfig, run_fit_job
@@ -203,6 +203,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_bench_quality(args: argparse.Namespace) -> None:
     from rich.console import Console
 
+    from .bank.train import fit_users_banked
+    from .base import base_fingerprint, load_base
     from .compare import compare, render_table
     from .data.io import load_task
     from .data.synthetic import generate
@@ -213,7 +215,10 @@ def cmd_bench_quality(args: argparse.Namespace) -> None:
         spec, users, report = generate(args.task, args.users, seed=args.data_seed)
         print(report)
     users = _select_users(users, args.users)
-    result = compare(spec, users, _base_path(args), _store(args), _hparams(args))
+    base_path, hp, store = _base_path(args), _hparams(args), _store(args)
+    base, tokenizer = load_base(base_path)
+    fit_users_banked(base, tokenizer, spec, users, hp, store, base_fp=base_fingerprint(base_path))
+    result = compare(spec, users, base_path, store, hp)
     Console().print(render_table([result]))
     if args.json:
         print(json.dumps({"task": spec.name, "users": result.users, "metric": spec.metric,

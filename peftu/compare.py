@@ -1,8 +1,8 @@
 """Ways of personalizing one task, side by side, on the same users and split.
 
 For now: the base model alone, one global adapter fitted on every user's
-training data pooled, and one adapter per user (fitted, published to the
-store, then loaded back from it for evaluation, as serving would).
+training data pooled, and one adapter per user, loaded from the store as
+serving would (the caller fits them first: the demo through the Ray job).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from .base import base_fingerprint, load_base
 from .data.schema import TaskSpec, UserRecord
 from .eval import evaluate_adapters, evaluate_users, macro_average
-from .fit import FitSummary, LoraHParams, fit_global, fit_users
+from .fit import LoraHParams, fit_global
 from .store import AdapterStore
 
 
@@ -28,7 +28,6 @@ class Comparison:
     spec: TaskSpec
     users: int
     methods: list[MethodScores]
-    fit: FitSummary
 
     def value(self, method: str, bucket: str = "all") -> float:
         return next(m for m in self.methods if m.name == method).scores[bucket][self.spec.metric]
@@ -41,7 +40,7 @@ def global_hparams(hp: LoraHParams) -> LoraHParams:
 
 def compare(spec: TaskSpec, users: list[UserRecord], base_path: str, store: AdapterStore,
             hp: LoraHParams, split: str = "test", log=print) -> Comparison:
-    """Fit what each method needs and score all of them on `split`."""
+    """Score every method on `split`; per-user adapters must already be in `store`."""
     base, tokenizer = load_base(base_path)
     base_fp = base_fingerprint(base_path)
 
@@ -54,13 +53,11 @@ def compare(spec: TaskSpec, users: list[UserRecord], base_path: str, store: Adap
         evaluate_users(global_model, tokenizer, spec, users, split), users)))
     base = global_model.unload()
 
-    log(f"[{spec.name}] fitting one adapter per user")
-    summary = fit_users(base, tokenizer, spec, users, hp, store, base_fp=base_fp)
-    for uid, reason in summary.failed.items():
-        log(f"  fit failed for user {uid}: {reason}")
-    per_user, _ = evaluate_adapters(base, tokenizer, spec, users, store, base_fp=base_fp, split=split)
+    per_user, without = evaluate_adapters(base, tokenizer, spec, users, store, base_fp=base_fp, split=split)
+    if without:
+        log(f"[{spec.name}] {len(without)} users have no adapter and are answered by the base")
     methods.append(MethodScores("per-user adapters", macro_average(per_user, users)))
-    return Comparison(spec=spec, users=len(users), methods=methods, fit=summary)
+    return Comparison(spec=spec, users=len(users), methods=methods)
 
 
 def render_table(results: list[Comparison]) -> "rich.table.Table":  # noqa: F821

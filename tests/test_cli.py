@@ -15,8 +15,9 @@ TWEETEVAL = SHARED / "data" / "peft-u" / "tweeteval" / "annotations_g3.csv"
 
 
 def peftu(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the command; `peftu fit` starts its own local Ray, never joining another test's cluster."""
     return subprocess.run([sys.executable, "-m", "peftu", *args], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, **(env or {})})
+                          timeout=600, env={**os.environ, "RAY_ADDRESS": "local", **(env or {})})
 
 
 @pytest.mark.parametrize("command", [

@@ -20,6 +20,8 @@ from pydantic import ValidationError
 from ..errors import DataError, NotFoundError
 from .schema import TaskSpec, UserRecord
 
+datasets.disable_progress_bars()  # one Parquet file per task: its bars are noise
+
 USERS_FILE = "users.parquet"
 TASK_FILE = "task.json"
 
