@@ -87,11 +87,44 @@ def _isolated_peftu_home(tmp_path_factory) -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> str:
-    """A small tiny base, built the real way (tokenizer, Llama, pre-training) on a short budget."""
+    """A small tiny base, built the real way (tokenizer, Llama, pre-training).
+
+    Bound by steps, not time, so it is the same model however busy the machine is.
+    """
     from peftu.base import BaseBuildConfig, build_base
 
     path = tmp_path_factory.mktemp("base") / "tiny-test"
     cfg = BaseBuildConfig(hidden_size=128, intermediate_size=344, num_layers=2, num_heads=4,
-                          num_kv_heads=2, users_per_task=200, max_steps=150, max_minutes=2.0)
+                          num_kv_heads=2, users_per_task=200, max_steps=150, max_minutes=60.0)
     build_base(path, cfg, log=lambda *_: None)
     return str(path)
+
+
+# ---------------------------------------------------------------- local Ray cluster (cluster/local.py)
+# A real multi-node Ray cluster on this machine: a head and two worker nodes, each its own
+# `ray start`, with token auth on. Submit jobs to it with
+#   cluster.submit.submit(ray_cluster.dashboard_url, entrypoint, token=ray_cluster.auth_token)
+# or run a driver with env={**os.environ, **ray_cluster.env}. Worker i carries the resource
+# `node:worker-i`; the head has 0 CPUs, so jobs' tasks run on the two 1-CPU workers.
+
+from typing import TYPE_CHECKING  # noqa: E402 (this section's own imports)
+
+if TYPE_CHECKING:
+    from cluster.local import ClusterInfo
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[ClusterInfo]:
+    """Head (0 CPUs) + 2 worker nodes (1 CPU each), token auth on, a free dashboard port; stopped at the end."""
+    import secrets
+
+    from cluster.local import start_cluster, stop_cluster
+
+    port = _free_tcp_port()
+    # Its own token, not ~/.ray/auth_token, which other local Ray sessions on this machine use.
+    info = start_cluster(workers=2, cpus_per_node=1, head_cpus=0, dashboard_port=port, auth=True,
+                         token=secrets.token_hex(32))
+    try:
+        yield info
+    finally:
+        stop_cluster(port)
