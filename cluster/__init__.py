@@ -1,0 +1,1 @@
+"""A local multi-node Ray cluster on one machine, and a job launcher for it (or any Ray head)."""
