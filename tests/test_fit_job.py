@@ -86,3 +86,40 @@ def test_a_killed_worker_costs_only_the_users_in_flight(local_ray, tiny_base, tm
     assert all(len(store.list_versions("synth-cls", u)) == 1 for u in users)
     # One version each: users published before the kill were skipped after the restart, not refitted.
     assert sorted(result.summary.fitted) == users
+
+
+def _submit_fit(cluster, data: str, store: str, base: str, *extra: str):
+    """`python -m jobs.fit` as a Ray job on the multi-node cluster, with the repo as working_dir."""
+    from cluster.submit import submit
+
+    entrypoint = " ".join(["python -m jobs.fit", "--data", data, "--store", store, "--base", base,
+                           "--workers", "2", *extra])
+    return submit(cluster.dashboard_url, entrypoint, token=cluster.auth_token, out=None, timeout_s=1800,
+                  env_vars={"PEFTU_HOME": os.environ["PEFTU_HOME"]})
+
+
+def test_fit_job_through_ray_job_submit_on_a_multi_node_cluster(ray_cluster, tiny_base, tmp_path):
+    job = _job(tmp_path, tiny_base, 6)
+    result = _submit_fit(ray_cluster, job.data, job.store, tiny_base, "--pack-size", "2", "--epochs", "1")
+    assert result.succeeded, result.logs[-3000:]
+    assert "fitted 6, skipped 0" in result.logs
+    assert "users done" in result.logs  # the driver's progress log
+    assert len(AdapterStore.open(job.store).list_users("synth-cls")) == 6
+
+
+@pytest.mark.slow
+def test_a_thousand_users_on_the_cluster_then_a_rerun_skips_all(ray_cluster, tiny_base, tmp_path):
+    """`make test-slow`: 1,000 generated users through the job on a head + 2 worker nodes."""
+    spec, users, _ = generate("synth-cls", 1000, seed=1000)
+    save_task(tmp_path / "data", spec, users)
+    data, store_uri = str(tmp_path / "data"), str(tmp_path / "store")
+    first = _submit_fit(ray_cluster, data, store_uri, tiny_base, "--pack-size", "32", "--epochs", "1")
+    assert first.succeeded, first.logs[-3000:]
+    store = AdapterStore.open(store_uri)
+    published = store.list_users("synth-cls")
+    assert len(published) == 1000
+    assert all(len(store.list_versions("synth-cls", u)) == 1 for u in published)
+    again = _submit_fit(ray_cluster, data, store_uri, tiny_base, "--pack-size", "32", "--epochs", "1")
+    assert again.succeeded and "fitted 0, skipped 1000" in again.logs
+    assert all(len(store.list_versions("synth-cls", u)) == 1 for u in published)
+    print([line for line in first.logs.splitlines() if "users/hour over" in line][-1])  # for the docs
