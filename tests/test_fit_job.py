@@ -84,8 +84,10 @@ def test_a_killed_worker_costs_only_the_users_in_flight(local_ray, tiny_base, tm
     users = store.list_users("synth-cls")
     assert len(users) == 16 and result.summary.failed == {}
     assert all(len(store.list_versions("synth-cls", u)) == 1 for u in users)
-    # One version each: users published before the kill were skipped after the restart, not refitted.
-    assert sorted(result.summary.fitted) == users
+    # One version each: users published before the kill were skipped after the restart, not refitted
+    # (a user published just before the kill, but not yet reported, is counted as skipped).
+    assert sorted(result.summary.fitted + result.summary.skipped) == users
+    assert result.summary.fitted
 
 
 def _submit_fit(cluster, data: str, store: str, base: str, *extra: str):
