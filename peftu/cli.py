@@ -225,6 +225,20 @@ def cmd_bench_quality(args: argparse.Namespace) -> None:
                           "methods": {m.name: m.scores["all"][spec.metric] for m in result.methods}}))
 
 
+def cmd_bench_fit(args: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    from .benchmarks import bench_fit, plot_fit, render_fit_table
+
+    result = bench_fit(_base_path(args), args.task, args.users, args.epochs, args.pack_size, args.seed,
+                       args.sweep, args.threads, args.repeat)
+    Console().print(render_fit_table(result))
+    if args.plot:
+        plot_fit(result, args.plot)
+    if args.json:
+        print(json.dumps(result.summary()))
+
+
 # --- parser ----------------------------------------------------------------------------
 
 
@@ -308,6 +322,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_store(p)
     _add_hparams(p)
     p.set_defaults(func=cmd_bench_quality)
+    p = bsub.add_parser("fit", help="users per hour: per-user PEFT loop vs banked fit vs one pooled adapter")
+    p.add_argument("--task", choices=sorted(TASKS), default="synth-cls")
+    p.add_argument("--users", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--pack-size", type=int, default=16, help="users per bank in the banked fit")
+    p.add_argument("--sweep", type=lambda s: [int(k) for k in s.split(",") if k], default=[],
+                   help="more pack sizes to time the banked fit with, e.g. 1,4,32 (for the plot)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated users and of the fits")
+    p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    p.add_argument("--repeat", type=int, default=1, help="run every fit this many times, keep the fastest")
+    p.add_argument("--plot", help="write the chart here (PNG)")
+    p.add_argument("--json", action="store_true", help="end with one JSON line of the results")
+    _add_base(p)
+    p.set_defaults(func=cmd_bench_fit)
     return parser
 
 

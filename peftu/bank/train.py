@@ -10,7 +10,10 @@ once:
 3. Banked step i is the union of each user's own i-th mini-batch. The loss is
    the sum over users of each user's mean answer-token loss, so slot k's
    gradient is exactly user k's own. Logits are computed only where there are
-   answer tokens, which is most of the saving on a CPU.
+   answer tokens, which is most of the saving on a CPU. The union runs as
+   micro-batches of rows of about one length (little padding) whose gradients
+   add up; each user's loss is still divided by their answer-token count over
+   the whole step.
 4. `SlotAdamW` steps only the users present in the step, with per-user
    clipping and learning-rate schedules.
 """
@@ -45,23 +48,59 @@ def pack_users(users: list[UserRecord], pack_size: int, hp: LoraHParams,
     return [ordered[i:i + size] for i in range(0, len(ordered), size)]
 
 
-def answer_token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor],
-                      row_user: torch.Tensor, n_users: int) -> torch.Tensor:
-    """Each user's mean cross-entropy over their answer tokens, `[n_users]`.
+MICRO_BATCH_MIN_TOKENS = 512
+"""A micro-batch smaller than this takes in longer rows: a tiny forward costs more
+in per-op overhead than the padding it saves."""
 
-    Runs the backbone over every position but the LM head only where a label
-    follows: the prompt's logits are never made.
+
+def length_groups(lengths: list[int], min_tokens: int = MICRO_BATCH_MIN_TOKENS) -> list[list[int]]:
+    """Row indices grouped shortest first, one length per group unless a group is too small."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        last = groups[-1] if groups else None
+        if last and (lengths[i] == lengths[last[-1]] or len(last) * lengths[last[-1]] < min_tokens):
+            last.append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _token_user(row_user: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The user of every answer token that `keep` selects."""
+    return row_user.to(keep.device).unsqueeze(1).expand_as(keep)[keep]
+
+
+def answer_token_counts(batch: dict[str, torch.Tensor], row_user: torch.Tensor,
+                        n_users: int) -> torch.Tensor:
+    """How many answer tokens each user has in the batch, `[n_users]`."""
+    keep = batch["labels"][:, 1:] != IGNORE
+    return torch.bincount(_token_user(row_user, keep), minlength=n_users)
+
+
+def answer_token_sums(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                      row_user: torch.Tensor, n_users: int) -> torch.Tensor:
+    """Each user's summed cross-entropy over their answer tokens, `[n_users]`.
+
+    The LM head runs only where a label follows (the prompt's logits are never
+    made), and the backbone skips the last position, which is only a target. An
+    all-ones mask is dropped: it means the same as none, and none lets
+    attention take its plain causal kernel.
     """
-    hidden = model.base_model(input_ids=batch["input_ids"],
-                              attention_mask=batch["attention_mask"]).last_hidden_state
+    input_ids, mask = batch["input_ids"][:, :-1], batch["attention_mask"][:, :-1]
+    hidden = model.base_model(input_ids=input_ids,
+                              attention_mask=None if bool(mask.all()) else mask).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
-    logits = model.get_output_embeddings()(hidden[:, :-1][keep])
+    logits = model.get_output_embeddings()(hidden[keep])
     ce = F.cross_entropy(logits.float(), targets[keep], reduction="none")
-    token_user = row_user.to(ce.device).unsqueeze(1).expand_as(targets)[keep]
-    sums = torch.zeros(n_users, dtype=ce.dtype, device=ce.device).index_add(0, token_user, ce)
-    counts = torch.bincount(token_user, minlength=n_users).clamp(min=1)
-    return sums / counts
+    return torch.zeros(n_users, dtype=ce.dtype, device=ce.device).index_add(0, _token_user(row_user, keep), ce)
+
+
+def answer_token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                      row_user: torch.Tensor, n_users: int) -> torch.Tensor:
+    """Each user's mean cross-entropy over their answer tokens, `[n_users]`."""
+    sums = answer_token_sums(model, batch, row_user, n_users)
+    return sums / answer_token_counts(batch, row_user, n_users).to(sums.device).clamp(min=1)
 
 
 @dataclass
@@ -100,11 +139,18 @@ def fit_pack(model: torch.nn.Module, tokenizer, spec: TaskSpec, users: list[User
         for k in active:
             rows += [encoded[k][j] for j in plans[k][i]]
             row_slot += [k] * len(plans[k][i])
-        batch = {k: v.to(device) for k, v in collate(rows, tokenizer.pad_token_id).items()}
-        row_user = torch.tensor(row_slot, device=device)
-        with bank.rows(row_user):
-            per_user = answer_token_loss(model, batch, row_user, len(users))
-        per_user[active].sum().backward()
+        micro = []
+        for group in length_groups([len(ids) for ids, _ in rows]):
+            batch = collate([rows[j] for j in group], tokenizer.pad_token_id)
+            micro.append(({k: v.to(device) for k, v in batch.items()},
+                          torch.tensor([row_slot[j] for j in group], device=device)))
+        counts = sum(answer_token_counts(batch, row_user, len(users)) for batch, row_user in micro)
+        per_user = torch.zeros(len(users), device=device)
+        for batch, row_user in micro:
+            with bank.rows(row_user):
+                part = answer_token_sums(model, batch, row_user, len(users)) / counts.clamp(min=1)
+            part[active].sum().backward()
+            per_user += part.detach()
         opt.step(torch.tensor(active))
         opt.zero_grad()
         for k, loss in zip(active, per_user[active].tolist()):

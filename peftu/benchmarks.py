@@ -1,0 +1,252 @@
+"""Fitting speed: users per hour of the published per-user loop, the banked fit, and the floor.
+
+All three fit the same generated users with the same hyper-parameters, one
+after another in one process, so their ratio is measured on one machine in one run:
+
+- reference: what OPPU's and PEFT-U's code does for each user in turn: load the
+  base from disk, `get_peft_model`, a fresh AdamW over padded batches with the
+  model's own loss (logits at every position), `save_pretrained`. That loop is
+  `peftu.fit.fit_adapter`.
+- banked: users packed K at a time into one bank (`fit_pack`), every slot then
+  exported as a PEFT adapter.
+- floor: ONE PEFT adapter trained on all those users' examples pooled, in
+  batches as large as the banked run's average union batch and with the same
+  answer-token loss: the banked run's work without any per-user cost.
+
+The bank visits each user's examples in the reference's seeded order, so each
+user's last loss should be the reference's; `max_loss_diff` is the worst gap.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from peft import get_peft_model
+from tqdm import tqdm
+
+from .bank import answer_token_loss, fit_pack, pack_users, peft_initial_state
+from .base import load_base
+from .data.schema import TaskSpec, UserRecord
+from .data.synthetic import generate
+from .encode import collate, encode, minibatches
+from .fit import LoraHParams, fit_adapter, lr_lambda
+
+
+@dataclass
+class FitBench:
+    """Seconds of each fit over the same users, and how close the banked losses came."""
+
+    task: str
+    users: int
+    examples: int
+    """Training examples over all users (each is visited once per epoch)."""
+    hp: LoraHParams
+    pack_size: int
+    threads: int
+    repeat: int
+    """Each fit ran this many times; the seconds are the fastest run's."""
+    reference_seconds: float
+    banked_seconds: float
+    floor_seconds: float
+    floor_batch_size: int
+    loss_diffs: list[float]
+    """|reference - banked| of each user's last loss."""
+    sweep_seconds: dict[int, float] = field(default_factory=dict)
+    """Banked seconds per pack size, the headline `pack_size` included."""
+
+    def users_per_hour(self, seconds: float) -> float:
+        return 3600 * self.users / seconds
+
+    def summary(self) -> dict[str, float | int]:
+        """The result line: exactly these keys, in this order."""
+        reference, banked, floor = (self.users_per_hour(s) for s in
+                                    (self.reference_seconds, self.banked_seconds, self.floor_seconds))
+        return {"users": self.users,
+                "reference_users_per_hour": round(reference, 1),
+                "banked_users_per_hour": round(banked, 1),
+                "floor_users_per_hour": round(floor, 1),
+                "speedup_vs_reference": round(banked / reference, 3),
+                "ratio_to_floor": round(banked / floor, 3),
+                "max_loss_diff": max(self.loss_diffs)}
+
+
+def time_reference(base_path: str, spec: TaskSpec, users: list[UserRecord], hp: LoraHParams,
+                   progress: bool = True) -> tuple[float, dict[str, float]]:
+    """(a) Seconds of the published loop, per-user reload and save included; each user's last loss."""
+    last_loss = {}
+    start = time.perf_counter()
+    for user in tqdm(users, desc="reference: per-user PEFT", unit="user", disable=not progress):
+        base, tokenizer = load_base(base_path)
+        model, result = fit_adapter(base, tokenizer, spec, user.train, hp)
+        with tempfile.TemporaryDirectory() as folder:
+            model.save_pretrained(folder)
+        last_loss[user.user_id] = result.losses[-1]
+    return time.perf_counter() - start, last_loss
+
+
+def time_banked(base_path: str, spec: TaskSpec, users: list[UserRecord], hp: LoraHParams,
+                pack_size: int, progress: bool = True) -> tuple[float, dict[str, float], float]:
+    """(b) Seconds of the banked fit, every slot's export included; each user's last
+    loss; and the average union batch (rows per banked step), which sizes the floor's batches."""
+    last_loss, steps = {}, 0
+    start = time.perf_counter()
+    base, tokenizer = load_base(base_path)
+    init_state = peft_initial_state(base, hp.lora_config(), hp.seed)
+    bar = tqdm(total=len(users), desc=f"banked: packs of {pack_size}", unit="user", disable=not progress)
+    for pack in pack_users(users, pack_size, hp):
+        packed = fit_pack(base, tokenizer, spec, pack, hp, init_state)
+        for slot in range(len(pack)):
+            with tempfile.TemporaryDirectory() as folder:
+                packed.bank.export_slot(slot, folder)
+        packed.bank.remove()
+        for user in pack:
+            last_loss[user.user_id] = packed.results[user.user_id].losses[-1]
+        steps += max(packed.results[user.user_id].steps for user in pack)
+        bar.update(len(pack))
+    bar.close()
+    seconds = time.perf_counter() - start
+    rows = hp.epochs * sum(len(user.train) for user in users)
+    return seconds, last_loss, rows / steps
+
+
+def time_floor(base_path: str, spec: TaskSpec, users: list[UserRecord], hp: LoraHParams,
+               batch_size: int, progress: bool = True) -> float:
+    """(c) Seconds to train one PEFT adapter on every user's examples pooled.
+
+    A standard loop (PEFT, AdamW, shuffled batches padded to their longest
+    row), but with the bank's loss: logits only on answer tokens, because
+    logits on the prompt are work the bank never does.
+    """
+    start = time.perf_counter()
+    base, tokenizer = load_base(base_path)
+    torch.manual_seed(hp.seed)
+    model = get_peft_model(base, hp.lora_config())
+    encoded = [encode(tokenizer, spec, e.input, e.output, hp.max_len) for user in users for e in user.train]
+    batches = minibatches(len(encoded), batch_size, hp.seed, hp.epochs)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(hp.schedule, len(batches)))
+    model.train()
+    for rows in tqdm(batches, desc=f"floor: one adapter, batch {batch_size}", unit="step",
+                     disable=not progress):
+        batch = collate([encoded[i] for i in rows], tokenizer.pad_token_id)
+        one_user = torch.zeros(len(rows), dtype=torch.long)
+        loss = answer_token_loss(model.get_base_model(), batch, one_user, 1)[0]
+        loss.backward()
+        if hp.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+    return time.perf_counter() - start
+
+
+def bench_fit(base_path: str, task: str = "synth-cls", n_users: int = 64, epochs: int = 2,
+              pack_size: int = 16, seed: int = 0, sweep: Sequence[int] = (), threads: int | None = None,
+              repeat: int = 1, progress: bool = True) -> FitBench:
+    """Time (a) the reference, (b) the banked fit and (c) the floor on the same generated users.
+
+    `sweep` adds banked runs at other pack sizes (for the plot); the headline
+    numbers are those of `pack_size`. With `repeat` > 1 every fit runs that many
+    times, in rounds, and keeps its fastest time: on a shared machine the other
+    processes only ever add time. `threads` (default: all cores) and the
+    silenced loading bars of transformers (the reference reloads the base per
+    user) are process-wide: the benchmark expects its own process.
+    """
+    from transformers.utils import logging as hf_logging
+
+    torch.set_num_threads(threads or os.cpu_count())
+    hf_logging.disable_progress_bar()
+    spec, users, _ = generate(task, n_users, seed=seed)
+    hp = LoraHParams(epochs=epochs, seed=seed)
+    sizes = [pack_size, *sorted(set(sweep) - {pack_size})]
+    reference_runs, floor_runs, banked_runs = [], [], {size: [] for size in sizes}
+    for _ in range(repeat):
+        seconds, reference_loss = time_reference(base_path, spec, users, hp, progress)
+        reference_runs.append(seconds)
+        for size in sizes:
+            seconds, last_loss, union_batch = time_banked(base_path, spec, users, hp, size, progress)
+            banked_runs[size].append(seconds)
+            if size == pack_size:
+                banked_loss, floor_batch_size = last_loss, max(1, round(union_batch))
+        floor_runs.append(time_floor(base_path, spec, users, hp, floor_batch_size, progress))
+    return FitBench(task=task, users=len(users), examples=sum(len(u.train) for u in users), hp=hp,
+                    pack_size=pack_size, threads=torch.get_num_threads(), repeat=repeat,
+                    reference_seconds=min(reference_runs), banked_seconds=min(banked_runs[pack_size]),
+                    floor_seconds=min(floor_runs), floor_batch_size=floor_batch_size,
+                    loss_diffs=[abs(reference_loss[u] - banked_loss[u]) for u in reference_loss],
+                    sweep_seconds={size: min(runs) for size, runs in sorted(banked_runs.items())})
+
+
+def render_fit_table(result: FitBench) -> "rich.table.Table":  # noqa: F821
+    """Seconds and users per hour of each fit, and the ratios the targets are about."""
+    from rich.table import Table
+
+    hp = result.hp
+    table = Table(title=f"fitting {result.users} users of {result.task} ({result.examples} training "
+                  f"examples), {hp.epochs} epochs, r={hp.r}, batch {hp.batch_size}, "
+                  f"{result.threads} threads, best of {result.repeat}")
+    for col in ["fit", "seconds", "users/hour", "speed vs (a)"]:
+        table.add_column(col, justify="left" if col == "fit" else "right")
+    rows = [("(a) reference: per-user PEFT", result.reference_seconds),
+            (f"(b) banked: packs of {result.pack_size}", result.banked_seconds),
+            (f"(c) floor: one adapter, batch {result.floor_batch_size}", result.floor_seconds)]
+    rows += [(f"    banked: packs of {size}", seconds)
+             for size, seconds in result.sweep_seconds.items() if size != result.pack_size]
+    for name, seconds in rows:
+        table.add_row(name, f"{seconds:.1f}", f"{result.users_per_hour(seconds):.0f}",
+                      f"{result.reference_seconds / seconds:.2f}")
+    summary = result.summary()
+    table.caption = (f"speedup_vs_reference {summary['speedup_vs_reference']:.2f}, "
+                     f"ratio_to_floor {summary['ratio_to_floor']:.2f}, "
+                     f"max_loss_diff {summary['max_loss_diff']:.2e} "
+                     f"(median {statistics.median(result.loss_diffs):.1e})")
+    return table
+
+
+def plot_fit(result: FitBench, path: str) -> None:
+    """Users per hour of the three fits; with a sweep, the speedup per pack size beside it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = len(result.sweep_seconds) > 1
+    fig, axes = plt.subplots(1, 2 if sweep else 1, figsize=(11 if sweep else 6, 4), squeeze=False)
+    bars = axes[0][0]
+    names = ["(a) reference", f"(b) banked K={result.pack_size}", "(c) floor"]
+    rates = [result.users_per_hour(s) for s in
+             (result.reference_seconds, result.banked_seconds, result.floor_seconds)]
+    bars.bar(names, rates, color=["tab:gray", "tab:blue", "tab:green"])
+    for i, rate in enumerate(rates):
+        bars.annotate(f"{rate:.0f}", (i, rate), ha="center", va="bottom")
+    bars.set_ylim(0, 1.12 * max(rates))
+    bars.set_ylabel("users / hour")
+    bars.set_title(f"{result.users} users of {result.task}, {result.hp.epochs} epochs, "
+                   f"threads={result.threads}")
+    if sweep:
+        line = axes[0][1]
+        sizes = list(result.sweep_seconds)
+        line.plot(sizes, [result.reference_seconds / s for s in result.sweep_seconds.values()], "o-",
+                  label="banked / reference")
+        line.plot(sizes, [result.floor_seconds / s for s in result.sweep_seconds.values()], "s-",
+                  label="banked / floor")
+        line.axhline(1.5, color="tab:blue", linestyle="--", linewidth=0.8, label="target vs reference")
+        line.axhline(1.0, color="tab:orange", linestyle="--", linewidth=0.8, label="target vs floor")
+        line.set_xscale("log", base=2)
+        line.set_xticks(sizes, [str(s) for s in sizes])
+        line.set_xlabel("pack size K (users per bank)")
+        line.set_ylabel("speed ratio")
+        line.set_title("banked speed vs pack size")
+        line.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
