@@ -27,15 +27,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from peft import get_peft_model
 from tqdm import tqdm
 
 from .bank import answer_token_loss, fit_pack, pack_users, peft_initial_state
 from .base import load_base
 from .data.schema import TaskSpec, UserRecord
 from .data.synthetic import generate
-from .encode import collate, encode, minibatches
-from .fit import LoraHParams, fit_adapter, lr_lambda
+from .fit import LoraHParams, fit_adapter
 
 
 @dataclass
@@ -115,8 +113,14 @@ def time_banked(base_path: str, spec: TaskSpec, users: list[UserRecord], hp: Lor
     return seconds, last_loss, rows / steps
 
 
+def _answer_token_mean(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's own loss value, with logits made only on answer tokens."""
+    one_user = torch.zeros(len(batch["input_ids"]), dtype=torch.long)
+    return answer_token_loss(model.get_base_model(), batch, one_user, 1)[0]
+
+
 def time_floor(base_path: str, spec: TaskSpec, users: list[UserRecord], hp: LoraHParams,
-               batch_size: int, progress: bool = True) -> float:
+               batch_size: int) -> float:
     """(c) Seconds to train one PEFT adapter on every user's examples pooled.
 
     A standard loop (PEFT, AdamW, shuffled batches padded to their longest
@@ -125,25 +129,9 @@ def time_floor(base_path: str, spec: TaskSpec, users: list[UserRecord], hp: Lora
     """
     start = time.perf_counter()
     base, tokenizer = load_base(base_path)
-    torch.manual_seed(hp.seed)
-    model = get_peft_model(base, hp.lora_config())
-    encoded = [encode(tokenizer, spec, e.input, e.output, hp.max_len) for user in users for e in user.train]
-    batches = minibatches(len(encoded), batch_size, hp.seed, hp.epochs)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(hp.schedule, len(batches)))
-    model.train()
-    for rows in tqdm(batches, desc=f"floor: one adapter, batch {batch_size}", unit="step",
-                     disable=not progress):
-        batch = collate([encoded[i] for i in rows], tokenizer.pad_token_id)
-        one_user = torch.zeros(len(rows), dtype=torch.long)
-        loss = answer_token_loss(model.get_base_model(), batch, one_user, 1)[0]
-        loss.backward()
-        if hp.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+    pooled = [e for user in users for e in user.train]
+    model, _ = fit_adapter(base, tokenizer, spec, pooled, hp.model_copy(update={"batch_size": batch_size}),
+                           loss_fn=_answer_token_mean, progress=f"floor: one adapter, batch {batch_size}")
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)
     return time.perf_counter() - start
@@ -177,7 +165,7 @@ def bench_fit(base_path: str, task: str = "synth-cls", n_users: int = 64, epochs
             banked_runs[size].append(seconds)
             if size == pack_size:
                 banked_loss, floor_batch_size = last_loss, max(1, round(union_batch))
-        floor_runs.append(time_floor(base_path, spec, users, hp, floor_batch_size, progress))
+        floor_runs.append(time_floor(base_path, spec, users, hp, floor_batch_size))
     return FitBench(task=task, users=len(users), examples=sum(len(u.train) for u in users), hp=hp,
                     pack_size=pack_size, threads=torch.get_num_threads(), repeat=repeat,
                     reference_seconds=min(reference_runs), banked_seconds=min(banked_runs[pack_size]),

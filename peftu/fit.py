@@ -63,12 +63,16 @@ def lr_lambda(schedule: str, total_steps: int):
 
 
 def fit_adapter(base: torch.nn.Module, tokenizer, spec: TaskSpec, examples: list[Example],
-                hp: LoraHParams) -> tuple[PeftModel, FitResult]:
+                hp: LoraHParams, loss_fn=None, progress: str | None = None) -> tuple[PeftModel, FitResult]:
     """Fit one LoRA on `examples`; returns the wrapped model and its losses.
 
     `base` is modified in place by PEFT; call `.unload()` on the result to get
-    the untouched base back for the next user.
+    the untouched base back for the next user. `loss_fn(model, batch)` replaces
+    the model's own loss (the fit benchmark's floor uses the bank's
+    answer-token-only loss). `progress` names a progress bar over the steps.
     """
+    from tqdm import tqdm
+
     if not examples:
         raise ValueError("cannot fit an adapter on zero examples")
     torch.manual_seed(hp.seed)
@@ -80,9 +84,9 @@ def fit_adapter(base: torch.nn.Module, tokenizer, spec: TaskSpec, examples: list
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(hp.schedule, len(batches)))
     result = FitResult()
     model.train()
-    for rows in batches:
+    for rows in tqdm(batches, desc=progress, unit="step", disable=progress is None):
         batch = collate([encoded[i] for i in rows], tokenizer.pad_token_id)
-        loss = model(**batch).loss
+        loss = loss_fn(model, batch) if loss_fn else model(**batch).loss
         loss.backward()
         if hp.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm)
@@ -190,5 +194,5 @@ def fit_global(base: torch.nn.Module, tokenizer, spec: TaskSpec, users: list[Use
                hp: LoraHParams) -> PeftModel:
     """One adapter on every user's training examples pooled: the non-personal baseline."""
     pooled = [e for u in users for e in u.train]
-    model, _ = fit_adapter(base, tokenizer, spec, pooled, hp)
+    model, _ = fit_adapter(base, tokenizer, spec, pooled, hp, progress=f"global adapter ({len(pooled)} examples)")
     return model

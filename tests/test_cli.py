@@ -22,7 +22,7 @@ def peftu(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("command", [
     [], ["data"], ["data", "generate"], ["data", "import"], ["data", "stats"], ["base", "build"],
-    ["fit"], ["eval"], ["bench", "quality"]])
+    ["fit"], ["eval"], ["bench", "quality"], ["bench", "fit"]])
 def test_every_subcommand_has_help(command):
     result = peftu(*command, "--help")
     assert result.returncode == 0, result.stderr
