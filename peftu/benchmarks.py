@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+from rich.table import Table
 from tqdm import tqdm
 
 from .bank import answer_token_loss, fit_pack, pack_users, peft_initial_state
@@ -174,10 +175,8 @@ def bench_fit(base_path: str, task: str = "synth-cls", n_users: int = 64, epochs
                     sweep_seconds={size: min(runs) for size, runs in sorted(banked_runs.items())})
 
 
-def render_fit_table(result: FitBench) -> "rich.table.Table":  # noqa: F821
+def render_fit_table(result: FitBench) -> Table:
     """Seconds and users per hour of each fit, and the ratios the targets are about."""
-    from rich.table import Table
-
     hp = result.hp
     table = Table(title=f"fitting {result.users} users of {result.task} ({result.examples} training "
                   f"examples), {hp.epochs} epochs, r={hp.r}, batch {hp.batch_size}, "

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rich.table import Table
+
 from .base import base_fingerprint, load_base
 from .data.schema import TaskSpec, UserRecord
 from .eval import evaluate_adapters, evaluate_users, macro_average
@@ -60,10 +62,8 @@ def compare(spec: TaskSpec, users: list[UserRecord], base_path: str, store: Adap
     return Comparison(spec=spec, users=len(users), methods=methods)
 
 
-def render_table(results: list[Comparison]) -> "rich.table.Table":  # noqa: F821
+def render_table(results: list[Comparison]) -> Table:
     """One row per task and activity bucket, one column per method."""
-    from rich.table import Table
-
     names = [m.name for m in results[0].methods]
     table = Table(title="per-user macro average on the test split")
     for col in ["task", "metric", "users", *names]:

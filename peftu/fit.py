@@ -8,7 +8,6 @@ tokens only. It stays simple on purpose: the banked fit is checked against it
 
 from __future__ import annotations
 
-import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -9,7 +9,6 @@ is built aside and renamed into place. Ray Data reads the same Parquet file.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
