@@ -56,11 +56,16 @@ def _add_store(parser: argparse.ArgumentParser) -> None:
                         "default: AWS_ENDPOINT_URL or AWS")
 
 
-def _store(args: argparse.Namespace):
+def _store_uri(args: argparse.Namespace) -> str:
     from .paths import peftu_home
+
+    return args.store or str(peftu_home() / "store")
+
+
+def _store(args: argparse.Namespace):
     from .store import AdapterStore
 
-    return AdapterStore.open(args.store or str(peftu_home() / "store"), endpoint_url=args.endpoint_url)
+    return AdapterStore.open(_store_uri(args), endpoint_url=args.endpoint_url)
 
 
 def _select_users(users, limit: int | None):
@@ -166,11 +171,10 @@ def _fit_on_ray(args: argparse.Namespace):
     import logging
 
     from .distributed import FitJobConfig, run_fit_job
-    from .paths import peftu_home
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     job = FitJobConfig(
-        data=args.data, store=args.store or str(peftu_home() / "store"), base=_base_path(args),
+        data=args.data, store=_store_uri(args), base=_base_path(args),
         hparams=_hparams(args).model_dump(), workers=args.workers, use_gpu=args.gpu,
         cpus_per_worker=args.cpus_per_worker, pack_size=args.pack_size, token_budget=args.token_budget,
         endpoint_url=args.endpoint_url, max_failures=args.max_failures, users_limit=args.users)
