@@ -8,7 +8,7 @@
 from .layer import BankedLoraLinear, SlotContext
 from .model import AdapterBank, peft_initial_state
 from .optim import SlotAdamW
-from .train import PackFit, answer_token_loss, fit_pack, pack_users
+from .train import PackFit, PackTrainer, answer_token_loss, fit_pack, pack_users
 
-__all__ = ["AdapterBank", "BankedLoraLinear", "PackFit", "SlotAdamW", "SlotContext",
+__all__ = ["AdapterBank", "BankedLoraLinear", "PackFit", "PackTrainer", "SlotAdamW", "SlotContext",
            "answer_token_loss", "fit_pack", "pack_users", "peft_initial_state"]

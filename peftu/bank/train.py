@@ -112,23 +112,70 @@ class PackFit:
     results: dict[str, FitResult]
 
 
+class PackTrainer:
+    """A bank of `n_slots` adapters and its optimizer, used pack after pack.
+
+    This one trains in this process alone. `peftu.bank.zero.ZeroPackTrainer`
+    is the same with the rows of each step split over a DeepSpeed group
+    (`rank` of `world`), which is why the loop talks to the trainer only
+    through `reset_slot`, `backward` and `step`.
+    """
+
+    rank, world = 0, 1
+
+    def __init__(self, model: torch.nn.Module, n_slots: int, hp: LoraHParams):
+        self.bank = AdapterBank(model, n_slots, hp.lora_config())
+        self.opt = SlotAdamW(self.bank.parameters(), n_slots, lr=hp.lr, weight_decay=hp.weight_decay,
+                             max_grad_norm=hp.max_grad_norm)
+
+    def reset_slot(self, slot: int, state: dict[str, torch.Tensor], lr_factor) -> None:
+        """A new user in `slot`: initial weights, a fresh optimizer state and schedule."""
+        self.bank.load_slot(slot, state)
+        self.opt.reset_slot(slot, lr_factor)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Gradients of one micro-batch's loss (they add up until `step`)."""
+        loss.backward()
+
+    def step(self, active: torch.Tensor, per_user: torch.Tensor) -> torch.Tensor:
+        """Step the active slots; returns each user's loss over the whole step."""
+        self.opt.step(active)
+        self.opt.zero_grad()
+        return per_user
+
+
+def row_answer_tokens(row: tuple[list[int], int]) -> int:
+    """How many loss terms an encoded row has (every target after the first position that is an answer)."""
+    ids, n_prompt = row
+    return len(ids) - max(n_prompt, 1)
+
+
+def my_rows(lengths: list[int], rank: int, world: int) -> list[int]:
+    """This rank's share of a step's rows: dealt round-robin by length, so shares cost about the same."""
+    ordered = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return ordered[rank::world]
+
+
 def fit_pack(model: torch.nn.Module, tokenizer, spec: TaskSpec, users: list[UserRecord],
-             hp: LoraHParams, init_state: dict[str, torch.Tensor] | None = None) -> PackFit:
-    """Fit one adapter per user of the pack; call `.bank.remove()` when done with it."""
+             hp: LoraHParams, init_state: dict[str, torch.Tensor] | None = None,
+             trainer: PackTrainer | None = None) -> PackFit:
+    """Fit one adapter per user of the pack, user k in slot k of the trainer's bank.
+
+    Without a `trainer`, a bank of exactly this pack is made; call
+    `.bank.remove()` on the result when done with it.
+    """
     if any(not u.train for u in users):
         empty = next(u.user_id for u in users if not u.train)
         raise ValueError(f"user {empty!r} has no training examples")
     if init_state is None:
         init_state = peft_initial_state(model, hp.lora_config(), hp.seed)
-    bank = AdapterBank(model, len(users), hp.lora_config())
-    opt = SlotAdamW(bank.parameters(), len(users), lr=hp.lr, weight_decay=hp.weight_decay,
-                    max_grad_norm=hp.max_grad_norm)
+    trainer = trainer or PackTrainer(model, len(users), hp)
+    n_slots = trainer.bank.n_slots
     encoded, plans = [], []
     for slot, user in enumerate(users):
-        bank.load_slot(slot, init_state)
         encoded.append([encode(tokenizer, spec, e.input, e.output, hp.max_len) for e in user.train])
         plans.append(minibatches(len(user.train), hp.batch_size, hp.seed, hp.epochs))
-        opt.reset_slot(slot, lr_lambda(hp.schedule, len(plans[-1])))
+        trainer.reset_slot(slot, init_state, lr_lambda(hp.schedule, len(plans[-1])))
     results = {u.user_id: FitResult(steps=len(p)) for u, p in zip(users, plans)}
     device = next(model.parameters()).device
 
@@ -139,24 +186,36 @@ def fit_pack(model: torch.nn.Module, tokenizer, spec: TaskSpec, users: list[User
         for k in active:
             rows += [encoded[k][j] for j in plans[k][i]]
             row_slot += [k] * len(plans[k][i])
-        micro = []
-        for group in length_groups([len(ids) for ids, _ in rows]):
-            batch = collate([rows[j] for j in group], tokenizer.pad_token_id)
-            micro.append(({k: v.to(device) for k, v in batch.items()},
-                          torch.tensor([row_slot[j] for j in group], device=device)))
-        counts = sum(answer_token_counts(batch, row_user, len(users)) for batch, row_user in micro)
-        per_user = torch.zeros(len(users), device=device)
-        for batch, row_user in micro:
-            with bank.rows(row_user):
-                part = answer_token_sums(model, batch, row_user, len(users)) / counts.clamp(min=1)
-            part[active].sum().backward()
+        counts = torch.zeros(n_slots, dtype=torch.long).index_add_(
+            0, torch.tensor(row_slot), torch.tensor([row_answer_tokens(r) for r in rows])).to(device)
+        mine = my_rows([len(ids) for ids, _ in rows], trainer.rank, trainer.world)
+        per_user = torch.zeros(n_slots, device=device)
+        for group in length_groups([len(rows[j][0]) for j in mine]):
+            group = [mine[g] for g in group]
+            batch = {k: v.to(device) for k, v in collate([rows[j] for j in group], tokenizer.pad_token_id).items()}
+            row_user = torch.tensor([row_slot[j] for j in group], device=device)
+            with trainer.bank.rows(row_user):
+                part = answer_token_sums(model, batch, row_user, n_slots) / counts.clamp(min=1)
+            trainer.backward(part[active].sum())
             per_user += part.detach()
-        opt.step(torch.tensor(active))
-        opt.zero_grad()
+        per_user = trainer.step(torch.tensor(active), per_user)
         for k, loss in zip(active, per_user[active].tolist()):
             results[users[k].user_id].losses.append(loss)
     model.eval()
-    return PackFit(bank=bank, users=users, results=results)
+    return PackFit(bank=trainer.bank, users=users, results=results)
+
+
+def publish_pack(model: torch.nn.Module, tokenizer, spec: TaskSpec, packed: PackFit, hp: LoraHParams,
+                 store: AdapterStore, base_fp: str) -> FitSummary:
+    """Evaluate every slot of a fitted pack (the bank answers with that slot) and publish it."""
+    done = FitSummary()
+    for slot, user in enumerate(packed.users):
+        with tempfile.TemporaryDirectory() as folder, packed.bank.rows(slot):
+            packed.bank.export_slot(slot, folder)
+            done.metrics[user.user_id] = evaluate_and_publish(
+                model, tokenizer, spec, user, folder_files(folder), hp, store, base_fp)
+        done.fitted.append(user.user_id)
+    return done
 
 
 def fit_users_banked(model: torch.nn.Module, tokenizer, spec: TaskSpec, users: list[UserRecord],
@@ -164,29 +223,27 @@ def fit_users_banked(model: torch.nn.Module, tokenizer, spec: TaskSpec, users: l
                      token_budget: int = 0, on_pack_done=None) -> FitSummary:
     """The banked counterpart of `peftu.fit.fit_users`: same skips, metrics and store records.
 
-    Each pack is fitted together; when it ends, every slot is evaluated (the
-    bank answers with that slot) and published. `on_pack_done(summary)` is
-    called after each pack with that pack's summary, for progress reporting.
+    Each pack is fitted together in one bank (made once, re-used pack after
+    pack) and published when it ends. `on_pack_done(summary)` is called after
+    each pack with that pack's summary, for progress reporting.
     """
     todo, current = split_current(store, spec, users, hp, base_fp)
     summary = FitSummary(skipped=current)
-    empty = [u for u in todo if not u.train]
-    for u in empty:
-        summary.failed[u.user_id] = "cannot fit an adapter on zero examples"
+    for u in todo:
+        if not u.train:
+            summary.failed[u.user_id] = "cannot fit an adapter on zero examples"
+    packs = pack_users([u for u in todo if u.train], pack_size, hp, token_budget)
+    if not packs:
+        return summary
     init_state = peft_initial_state(model, hp.lora_config(), hp.seed)
-    for pack in pack_users([u for u in todo if u.train], pack_size, hp, token_budget):
-        done = FitSummary()
-        packed = fit_pack(model, tokenizer, spec, pack, hp, init_state)
-        try:
-            for slot, user in enumerate(pack):
-                with tempfile.TemporaryDirectory() as folder, packed.bank.rows(slot):
-                    packed.bank.export_slot(slot, folder)
-                    done.metrics[user.user_id] = evaluate_and_publish(
-                        model, tokenizer, spec, user, folder_files(folder), hp, store, base_fp)
-                done.fitted.append(user.user_id)
-        finally:
-            packed.bank.remove()
-        summary.merge(done)
-        if on_pack_done:
-            on_pack_done(done)
+    trainer = PackTrainer(model, max(len(p) for p in packs), hp)
+    try:
+        for pack in packs:
+            done = publish_pack(model, tokenizer, spec, fit_pack(model, tokenizer, spec, pack, hp, init_state,
+                                                                 trainer), hp, store, base_fp)
+            summary.merge(done)
+            if on_pack_done:
+                on_pack_done(done)
+    finally:
+        trainer.bank.remove()
     return summary
