@@ -177,7 +177,8 @@ def _fit_on_ray(args: argparse.Namespace):
         data=args.data, store=_store_uri(args), base=_base_path(args),
         hparams=_hparams(args).model_dump(), workers=args.workers, use_gpu=args.gpu,
         cpus_per_worker=args.cpus_per_worker, pack_size=args.pack_size, token_budget=args.token_budget,
-        endpoint_url=args.endpoint_url, max_failures=args.max_failures, users_limit=args.users)
+        endpoint_url=args.endpoint_url, max_failures=args.max_failures, users_limit=args.users,
+        deepspeed=args.deepspeed, group_size=args.group_size, offload=args.offload)
     result = run_fit_job(job)
     print(f"run {result.run_id}: {result.users_per_hour:.0f} users/hour over {result.seconds:.0f} s")
     return result.summary
@@ -299,6 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-budget", type=int, default=0,
                    help="cap a pack's union batch at about this many tokens (0: no cap)")
     p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts before giving up")
+    p.add_argument("--deepspeed", metavar="zero2",
+                   help="pack-parallel: groups of workers train each pack together, DeepSpeed ZeRO sharding "
+                        "the bank's gradients and optimizer state (default: user-parallel)")
+    p.add_argument("--group-size", type=int, default=0,
+                   help="pack-parallel: workers per group, groups take different packs (default: all workers)")
+    p.add_argument("--offload", action="store_true", help="pack-parallel: optimizer state in CPU memory")
     p.add_argument("--reference", action="store_true",
                    help="the plain PEFT loop, one user after another, no Ray (the baseline)")
     _add_base(p)

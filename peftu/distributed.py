@@ -52,6 +52,12 @@ class FitJobConfig:
     max_failures: int = 2
     users_limit: int | None = None
     progress_interval_s: float = 10.0
+    deepspeed: str | None = None
+    """None: user-parallel. "zero2"/"zero3": pack-parallel, groups of workers train a pack together."""
+    group_size: int = 0
+    """Workers per pack-parallel group (0: all workers form one group)."""
+    offload: bool = False
+    """Pack-parallel: keep the optimizer state in CPU memory (DeepSpeed offload)."""
 
 
 @ray.remote(num_cpus=0)
@@ -78,12 +84,21 @@ class FitProgress:
 
 
 class UserShards(DataConfig):
-    """Split the users between workers without dropping any (Ray's default evens shards by dropping rows)."""
+    """Split the users between workers without dropping any (Ray's default evens shards by dropping rows).
+
+    Pack-parallel runs (`split=False`) give every worker all users instead:
+    the workers of a group must see the same packs.
+    """
+
+    def __init__(self, split: bool = True):
+        super().__init__()
+        self.split = split
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         output = [{} for _ in range(world_size)]
         for name, ds in datasets.items():
-            for i, split in enumerate(ds.streaming_split(world_size, equal=False)):
+            splits = ds.streaming_split(world_size, equal=False) if self.split else [ds] * world_size
+            for i, split in enumerate(splits):
                 output[i][name] = split
         return output
 
@@ -95,6 +110,10 @@ def _summary_statuses(summary: FitSummary) -> dict[str, str]:
 
 def _worker_loop(config: dict) -> None:
     """One Ray Train worker: fit and publish its shard of users, pack by pack."""
+    job = FitJobConfig(**config["job"])
+    if job.deepspeed and not job.use_gpu:
+        from .bank.zero import use_cpu_accelerator
+        use_cpu_accelerator()  # before anything imports deepspeed
     import ray.train.torch
     import torch
 
@@ -102,7 +121,6 @@ def _worker_loop(config: dict) -> None:
     from .base import base_fingerprint, load_base
     from .store import AdapterStore
 
-    job = FitJobConfig(**config["job"])
     spec = TaskSpec(**config["spec"])
     progress = ray.get_actor(config["progress_actor"])
     users = [UserRecord.from_row(row) for row in ray.train.get_dataset_shard("users").iter_rows()]
@@ -114,9 +132,14 @@ def _worker_loop(config: dict) -> None:
     def report(done: FitSummary) -> None:
         ray.get(progress.record.remote(_summary_statuses(done), done.failed))
 
-    summary = fit_users_banked(base, tokenizer, spec, users, LoraHParams(**job.hparams), store,
-                               base_fp=base_fingerprint(job.base), pack_size=job.pack_size,
-                               token_budget=job.token_budget, on_pack_done=report)
+    common = dict(base_fp=base_fingerprint(job.base), pack_size=job.pack_size, token_budget=job.token_budget,
+                  on_pack_done=report)
+    if job.deepspeed:
+        from .bank.zero import fit_users_zero
+        summary = fit_users_zero(base, tokenizer, spec, users, LoraHParams(**job.hparams), store,
+                                 config=config["deepspeed"], group_size=job.group_size, **common)
+    else:
+        summary = fit_users_banked(base, tokenizer, spec, users, LoraHParams(**job.hparams), store, **common)
     report(FitSummary(skipped=summary.skipped, failed=summary.failed))
 
 
@@ -132,6 +155,24 @@ def _log_progress(progress, started: float, stop: threading.Event, interval: flo
         eta = f"{left / rate * 60:.1f} min" if rate > 0 else "unknown"
         log.info("users done %d / %d (fitted %d), %.0f users/hour, ETA %s",
                  done, snap["total"], fitted, rate, eta)
+
+
+def _write_ds_config(job: FitJobConfig, run_dir) -> dict:
+    """The run's DeepSpeed config, also written out as JSON beside the run (checked before any worker starts)."""
+    import json
+
+    from .bank.zero import ds_config
+
+    if job.group_size and job.workers % job.group_size:
+        raise PeftuError(f"--group-size {job.group_size} does not divide --workers {job.workers}")
+    try:
+        config = ds_config(job.deepspeed, job.offload)
+    except ValueError as e:
+        raise PeftuError(str(e)) from None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "deepspeed.json").write_text(json.dumps(config, indent=2))
+    log.info("pack-parallel with DeepSpeed %s, config in %s", job.deepspeed, run_dir / "deepspeed.json")
+    return config
 
 
 @dataclass
@@ -163,16 +204,19 @@ def run_fit_job(job: FitJobConfig) -> FitRunResult:
     run_id = f"fit-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     progress_name = f"peftu-progress-{run_id}"
     progress = FitProgress.options(name=progress_name).remote(len(users))
+    loop_config = {"job": asdict(job), "spec": spec.model_dump(), "progress_actor": progress_name}
+    if job.deepspeed:
+        loop_config["deepspeed"] = _write_ds_config(job, peftu_home() / "ray-runs" / run_id)
 
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"job": asdict(job), "spec": spec.model_dump(), "progress_actor": progress_name},
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=job.use_gpu,
                                      resources_per_worker={"CPU": job.cpus_per_worker}),
         run_config=RunConfig(name=run_id, storage_path=str(peftu_home() / "ray-runs"),
                              failure_config=FailureConfig(max_failures=job.max_failures)),
         datasets={"users": ray.data.from_items([u.to_row() for u in users])},
-        dataset_config=UserShards(),
+        dataset_config=UserShards(split=not job.deepspeed),
     )
     log.info("fitting %d users of %s on %d worker(s), packs of %d", len(users), spec.name,
              job.workers, job.pack_size)

@@ -47,6 +47,32 @@ def test_every_user_is_published_once_and_a_rerun_skips_all(local_ray, tiny_base
     assert record["skipped"] == users and record["error"] is None
 
 
+def _adapter(store: AdapterStore, user: str, dest) -> dict:
+    from safetensors.torch import load_file
+
+    folder, _ = store.fetch("synth-cls", user, dest=dest)
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def test_zero2_pack_parallel_gives_the_user_parallel_adapters(local_ray, tiny_base, tmp_path):
+    """2 CPU workers train one pack together under DeepSpeed ZeRO-2 (gloo); the adapters match."""
+    from peftu.paths import peftu_home
+
+    parallel = _job(tmp_path / "zero", tiny_base, 4, workers=2, pack_size=4, deepspeed="zero2")
+    zero_run = run_fit_job(parallel)
+    alone = _job(tmp_path / "alone", tiny_base, 4, workers=1, pack_size=4)
+    run_fit_job(alone)
+    assert len(zero_run.summary.fitted) == 4
+    assert (peftu_home() / "ray-runs" / zero_run.run_id / "deepspeed.json").exists()
+    zero_store, alone_store = AdapterStore.open(parallel.store), AdapterStore.open(alone.store)
+    assert zero_store.list_users("synth-cls") == alone_store.list_users("synth-cls")
+    for user in zero_run.summary.fitted:
+        got, want = _adapter(zero_store, user, tmp_path / "a" / user), _adapter(alone_store, user, tmp_path / "b" / user)
+        for key in want:
+            # fp32: only the order of float sums differs (see tests/test_zero.py for the float64 check)
+            assert ((got[key] - want[key]).norm() / want[key].norm()) < 2e-2, (user, key)
+
+
 def _kill_a_worker_once_users_are_published(store: AdapterStore, killed: list[int], stop: threading.Event):
     """Waits for the first published adapter, then SIGKILLs one Ray Train worker process.
 

@@ -218,6 +218,17 @@ def publish_pack(model: torch.nn.Module, tokenizer, spec: TaskSpec, packed: Pack
     return done
 
 
+def plan_packs(store: AdapterStore, spec: TaskSpec, users: list[UserRecord], hp: LoraHParams, base_fp: str,
+               pack_size: int, token_budget: int) -> tuple[FitSummary, list[list[UserRecord]]]:
+    """What a run has to do: the users to skip or fail at once, and packs of the rest."""
+    todo, current = split_current(store, spec, users, hp, base_fp)
+    summary = FitSummary(skipped=current)
+    for u in todo:
+        if not u.train:
+            summary.failed[u.user_id] = "cannot fit an adapter on zero examples"
+    return summary, pack_users([u for u in todo if u.train], pack_size, hp, token_budget)
+
+
 def fit_users_banked(model: torch.nn.Module, tokenizer, spec: TaskSpec, users: list[UserRecord],
                      hp: LoraHParams, store: AdapterStore, *, base_fp: str, pack_size: int = 16,
                      token_budget: int = 0, on_pack_done=None) -> FitSummary:
@@ -227,12 +238,7 @@ def fit_users_banked(model: torch.nn.Module, tokenizer, spec: TaskSpec, users: l
     pack) and published when it ends. `on_pack_done(summary)` is called after
     each pack with that pack's summary, for progress reporting.
     """
-    todo, current = split_current(store, spec, users, hp, base_fp)
-    summary = FitSummary(skipped=current)
-    for u in todo:
-        if not u.train:
-            summary.failed[u.user_id] = "cannot fit an adapter on zero examples"
-    packs = pack_users([u for u in todo if u.train], pack_size, hp, token_budget)
+    summary, packs = plan_packs(store, spec, users, hp, base_fp, pack_size, token_budget)
     if not packs:
         return summary
     init_state = peft_initial_state(model, hp.lora_config(), hp.seed)
