@@ -157,13 +157,17 @@ def _fit_reference(args: argparse.Namespace):
     from .base import base_fingerprint, load_base
     from .data.io import load_task
     from .fit import fit_users
+    from .oppu import ensure_task_adapter, load_merged_base
 
     spec, users = load_task(args.data)
     users = _select_users(users, args.users)
-    base_path = _base_path(args)
-    base, tokenizer = load_base(base_path)
-    return fit_users(base, tokenizer, spec, users, _hparams(args), _store(args),
-                     base_fp=base_fingerprint(base_path))
+    base_path, hp, store = _base_path(args), _hparams(args), _store(args)
+    if args.oppu:
+        ensure_task_adapter(base_path, spec, users, hp.model_copy(update={"epochs": args.task_epochs}), store)
+        base, tokenizer, base_fp = load_merged_base(base_path, store, spec.name)
+    else:
+        (base, tokenizer), base_fp = load_base(base_path), base_fingerprint(base_path)
+    return fit_users(base, tokenizer, spec, users, hp, store, base_fp=base_fp)
 
 
 def _fit_on_ray(args: argparse.Namespace):
@@ -178,7 +182,8 @@ def _fit_on_ray(args: argparse.Namespace):
         hparams=_hparams(args).model_dump(), workers=args.workers, use_gpu=args.gpu,
         cpus_per_worker=args.cpus_per_worker, pack_size=args.pack_size, token_budget=args.token_budget,
         endpoint_url=args.endpoint_url, max_failures=args.max_failures, users_limit=args.users,
-        deepspeed=args.deepspeed, group_size=args.group_size, offload=args.offload)
+        deepspeed=args.deepspeed, group_size=args.group_size, offload=args.offload,
+        oppu=args.oppu, task_epochs=args.task_epochs)
     result = run_fit_job(job)
     print(f"run {result.run_id}: {result.users_per_hour:.0f} users/hour over {result.seconds:.0f} s")
     return result.summary
@@ -306,6 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=0,
                    help="pack-parallel: workers per group, groups take different packs (default: all workers)")
     p.add_argument("--offload", action="store_true", help="pack-parallel: optimizer state in CPU memory")
+    p.add_argument("--oppu", action="store_true",
+                   help="OPPU's two stages: first a task adapter on all users, merged into the base, "
+                        "then each user's adapter on top of it")
+    p.add_argument("--task-epochs", type=int, default=1, help="--oppu: epochs of the task adapter")
     p.add_argument("--reference", action="store_true",
                    help="the plain PEFT loop, one user after another, no Ray (the baseline)")
     _add_base(p)

@@ -58,6 +58,10 @@ class FitJobConfig:
     """Workers per pack-parallel group (0: all workers form one group)."""
     offload: bool = False
     """Pack-parallel: keep the optimizer state in CPU memory (DeepSpeed offload)."""
+    oppu: bool = False
+    """OPPU's two stages: a task adapter on all users first, merged into the base under users' adapters."""
+    task_epochs: int = 1
+    """Epochs of the task adapter (its other hyper-parameters are the users')."""
 
 
 @ray.remote(num_cpus=0)
@@ -119,20 +123,24 @@ def _worker_loop(config: dict) -> None:
 
     from .bank.train import fit_users_banked
     from .base import base_fingerprint, load_base
+    from .oppu import load_merged_base
     from .store import AdapterStore
 
     spec = TaskSpec(**config["spec"])
     progress = ray.get_actor(config["progress_actor"])
     users = [UserRecord.from_row(row) for row in ray.train.get_dataset_shard("users").iter_rows()]
     device = ray.train.torch.get_device() if job.use_gpu else torch.device("cpu")
-    base, tokenizer = load_base(job.base)
-    base.to(device)
     store = AdapterStore.open(job.store, endpoint_url=job.endpoint_url)
+    if job.oppu:
+        base, tokenizer, base_fp = load_merged_base(job.base, store, spec.name)
+    else:
+        (base, tokenizer), base_fp = load_base(job.base), base_fingerprint(job.base)
+    base.to(device)
 
     def report(done: FitSummary) -> None:
         ray.get(progress.record.remote(_summary_statuses(done), done.failed))
 
-    common = dict(base_fp=base_fingerprint(job.base), pack_size=job.pack_size, token_budget=job.token_budget,
+    common = dict(base_fp=base_fp, pack_size=job.pack_size, token_budget=job.token_budget,
                   on_pack_done=report)
     if job.deepspeed:
         from .bank.zero import fit_users_zero
@@ -155,6 +163,23 @@ def _log_progress(progress, started: float, stop: threading.Event, interval: flo
         eta = f"{left / rate * 60:.1f} min" if rate > 0 else "unknown"
         log.info("users done %d / %d (fitted %d), %.0f users/hour, ETA %s",
                  done, snap["total"], fitted, rate, eta)
+
+
+def _task_adapter_stage(job: FitJobConfig, spec: TaskSpec, users: list[UserRecord]) -> None:
+    """OPPU's first stage, on a worker's resources (the driver may sit on a head with no CPUs)."""
+    from .oppu import ensure_task_adapter
+    from .store import AdapterStore
+
+    def stage() -> dict:
+        logging.basicConfig(level=logging.INFO)
+        hp = LoraHParams(**job.hparams).model_copy(update={"epochs": job.task_epochs})
+        store = AdapterStore.open(job.store, endpoint_url=job.endpoint_url)
+        return ensure_task_adapter(job.base, spec, users, hp, store).model_dump()
+
+    task = ray.remote(num_cpus=job.cpus_per_worker, num_gpus=1 if job.use_gpu else 0)(stage)
+    manifest = ray.get(task.remote())
+    log.info("task adapter of %s: version %s (final loss %.3f)", spec.name, manifest["version"],
+             manifest["metrics"].get("final_loss", float("nan")))
 
 
 def _write_ds_config(job: FitJobConfig, run_dir) -> dict:
@@ -207,6 +232,8 @@ def run_fit_job(job: FitJobConfig) -> FitRunResult:
     loop_config = {"job": asdict(job), "spec": spec.model_dump(), "progress_actor": progress_name}
     if job.deepspeed:
         loop_config["deepspeed"] = _write_ds_config(job, peftu_home() / "ray-runs" / run_id)
+    if job.oppu:
+        _task_adapter_stage(job, spec, users)
 
     trainer = TorchTrainer(
         _worker_loop,

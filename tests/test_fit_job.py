@@ -73,6 +73,26 @@ def test_zero2_pack_parallel_gives_the_user_parallel_adapters(local_ray, tiny_ba
             assert ((got[key] - want[key]).norm() / want[key].norm()) < 2e-2, (user, key)
 
 
+def test_oppu_two_stages_fit_users_on_the_merged_task_adapter(local_ray, tiny_base, tmp_path):
+    from peftu.base import base_fingerprint
+    from peftu.oppu import TASK_ADAPTER_USER, merged_fingerprint, task_adapter_task
+
+    job = _job(tmp_path, tiny_base, 4, workers=1, pack_size=4, oppu=True)
+    first = run_fit_job(job)
+    store = AdapterStore.open(job.store)
+    task = store.manifest(task_adapter_task("synth-cls"), TASK_ADAPTER_USER)
+    assert task.base_fingerprint == base_fingerprint(tiny_base)
+    assert task.metrics["final_loss"] < task.metrics["first_loss"]
+    merged = merged_fingerprint(task.base_fingerprint, task)
+    assert merged != task.base_fingerprint
+    assert len(first.summary.fitted) == 4
+    assert {store.manifest("synth-cls", u).base_fingerprint for u in first.summary.fitted} == {merged}
+
+    again = run_fit_job(job)  # the task adapter and every user are current
+    assert len(again.summary.skipped) == 4
+    assert store.list_versions(task_adapter_task("synth-cls"), TASK_ADAPTER_USER) == [task.version]
+
+
 def _kill_a_worker_once_users_are_published(store: AdapterStore, killed: list[int], stop: threading.Event):
     """Waits for the first published adapter, then SIGKILLs one Ray Train worker process.
 
