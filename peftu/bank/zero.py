@@ -47,7 +47,9 @@ whole group; it is not supported yet."""
 def ds_config(stage: str, offload: bool = False) -> dict:
     """The DeepSpeed config of a pack-parallel fit (written out with the run)."""
     if stage not in STAGES:
-        raise ValueError(f"unknown DeepSpeed mode {stage!r}; choose one of {', '.join(STAGES)}")
+        raise ValueError(f"unsupported DeepSpeed mode {stage!r}: pack-parallel fitting runs "
+                         f"{', '.join(STAGES)} (ZeRO-3 would need stage 3's per-parameter partitions "
+                         "mapped to slots and evaluation on the whole group; not done yet)")
     zero: dict = {"stage": STAGES[stage]}
     if offload:
         zero["offload_optimizer"] = {"device": "cpu"}
