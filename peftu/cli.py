@@ -174,9 +174,11 @@ def _fit_on_ray(args: argparse.Namespace):
     """The banked fit on Ray Train workers: the cluster of RAY_ADDRESS or of `ray start`, else a local Ray."""
     import logging
 
+    from .data.io import load_spec
     from .distributed import FitJobConfig, run_fit_job
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    load_spec(args.data)  # a wrong --data fails now, not after building a base
     job = FitJobConfig(
         data=args.data, store=_store_uri(args), base=_base_path(args),
         hparams=_hparams(args).model_dump(), workers=args.workers, use_gpu=args.gpu,

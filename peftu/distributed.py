@@ -17,6 +17,7 @@ only the packs in flight are fitted again.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -182,22 +183,16 @@ def _task_adapter_stage(job: FitJobConfig, spec: TaskSpec, users: list[UserRecor
              manifest["metrics"].get("final_loss", float("nan")))
 
 
-def _write_ds_config(job: FitJobConfig, run_dir) -> dict:
-    """The run's DeepSpeed config, also written out as JSON beside the run (checked before any worker starts)."""
-    import json
-
+def _deepspeed_config(job: FitJobConfig) -> dict:
+    """The run's DeepSpeed config, checked before any worker starts."""
     from .bank.zero import ds_config
 
     if job.group_size and job.workers % job.group_size:
         raise PeftuError(f"--group-size {job.group_size} does not divide --workers {job.workers}")
     try:
-        config = ds_config(job.deepspeed, job.offload)
+        return ds_config(job.deepspeed, job.offload)
     except ValueError as e:
         raise PeftuError(str(e)) from None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "deepspeed.json").write_text(json.dumps(config, indent=2))
-    log.info("pack-parallel with DeepSpeed %s, config in %s", job.deepspeed, run_dir / "deepspeed.json")
-    return config
 
 
 @dataclass
@@ -223,6 +218,7 @@ def run_fit_job(job: FitJobConfig) -> FitRunResult:
     spec, users = load_task(job.data)
     users = users[: job.users_limit] if job.users_limit else users
     LoraHParams(**job.hparams)  # fail here, not on every worker
+    ds = _deepspeed_config(job) if job.deepspeed else None
     store = AdapterStore.open(job.store, endpoint_url=job.endpoint_url)
     if not ray.is_initialized():
         ray.init(log_to_driver=False)
@@ -230,8 +226,12 @@ def run_fit_job(job: FitJobConfig) -> FitRunResult:
     progress_name = f"peftu-progress-{run_id}"
     progress = FitProgress.options(name=progress_name).remote(len(users))
     loop_config = {"job": asdict(job), "spec": spec.model_dump(), "progress_actor": progress_name}
-    if job.deepspeed:
-        loop_config["deepspeed"] = _write_ds_config(job, peftu_home() / "ray-runs" / run_id)
+    if ds:
+        loop_config["deepspeed"] = ds
+        run_dir = peftu_home() / "ray-runs" / run_id
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "deepspeed.json").write_text(json.dumps(ds, indent=2))
+        log.info("pack-parallel with DeepSpeed %s, config in %s", job.deepspeed, run_dir / "deepspeed.json")
     if job.oppu:
         _task_adapter_stage(job, spec, users)
 

@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from peftu.data.io import load_task, save_task
+from peftu.data.io import load_spec, load_task, save_task
 from peftu.data.schema import Example, TaskSpec, activity_bucket
 from peftu.data.split import split_user, split_users
 from peftu.data.synthetic import TASKS, generate, generate_samples
@@ -100,8 +100,10 @@ def test_save_and_load_roundtrip(tmp_path, task):
     spec, users, _ = generate(task, 30, seed=0)
     save_task(tmp_path / "ds", spec, users)
     spec2, users2 = load_task(tmp_path / "ds")
-    assert spec2 == spec
+    assert spec2 == spec == load_spec(tmp_path / "ds")
     assert users2 == users
+    with pytest.raises(DataError, match="nope/task.json: missing"):
+        load_spec(tmp_path / "nope")
 
 
 def test_save_replaces_whole_and_leaves_nothing_behind(tmp_path, monkeypatch):
@@ -150,5 +152,8 @@ def test_save_and_load_through_s3(s3_server, s3_store_uri, monkeypatch):
     save_task(uri, spec, users)
     spec2, users2 = load_task(uri)
     assert (spec2, users2) == (spec, users)
+    assert load_spec(uri) == spec
     with pytest.raises(DataError, match="missing"):
         load_task(s3_store_uri + "/data/none")
+    with pytest.raises(DataError, match="none/task.json: missing"):
+        load_spec(s3_store_uri + "/data/none")

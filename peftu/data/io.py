@@ -88,6 +88,22 @@ def _parse_spec(text: str, source: str) -> TaskSpec:
         raise DataError(err["msg"], source=source, field=field) from None
 
 
+def load_spec(uri: str | Path) -> TaskSpec:
+    """Only the task of a saved data set: a cheap check that `uri` is one before long work starts."""
+    if _is_s3(str(uri)):
+        from ..store import open_backend
+        try:
+            text = open_backend(str(uri)).get(TASK_FILE).decode()
+        except NotFoundError:
+            raise DataError("missing; is this a data set saved by `peftu data`?",
+                            source=f"{str(uri).rstrip('/')}/{TASK_FILE}") from None
+        return _parse_spec(text, f"{str(uri).rstrip('/')}/{TASK_FILE}")
+    task_file = Path(uri) / TASK_FILE
+    if not task_file.is_file():
+        raise DataError("missing; is this a data set saved by `peftu data`?", source=f"{uri}/{TASK_FILE}")
+    return _parse_spec(task_file.read_text(), f"{uri}/{TASK_FILE}")
+
+
 def load_task(uri: str | Path) -> tuple[TaskSpec, list[UserRecord]]:
     """Load a task saved by `save_task` (folder or `s3://` prefix)."""
     if _is_s3(str(uri)):
