@@ -307,9 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-budget", type=int, default=0,
                    help="cap a pack's union batch at about this many tokens (0: no cap)")
     p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts before giving up")
-    p.add_argument("--deepspeed", metavar="zero2",
+    p.add_argument("--deepspeed", metavar="zero2|zero3",
                    help="pack-parallel: groups of workers train each pack together, DeepSpeed ZeRO sharding "
-                        "the bank's gradients and optimizer state (default: user-parallel)")
+                        "the bank's gradients and optimizer state (zero3: the base too; default: user-parallel)")
     p.add_argument("--group-size", type=int, default=0,
                    help="pack-parallel: workers per group, groups take different packs (default: all workers)")
     p.add_argument("--offload", action="store_true", help="pack-parallel: optimizer state in CPU memory")

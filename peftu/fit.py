@@ -154,12 +154,23 @@ def split_current(store: AdapterStore, spec: TaskSpec, users: list[UserRecord], 
 def evaluate_and_publish(model, tokenizer, spec: TaskSpec, user: UserRecord, files: dict[str, bytes],
                          hp: LoraHParams, store: AdapterStore, base_fp: str) -> dict[str, float]:
     """Score a fitted adapter on the user's val and test examples, then publish it with them."""
+    metrics = evaluate_user(model, tokenizer, spec, user)
+    publish_adapter(store, spec, user, files, hp, base_fp, metrics)
+    return metrics
+
+
+def evaluate_user(model, tokenizer, spec: TaskSpec, user: UserRecord) -> dict[str, float]:
+    """The model's metrics on the user's val and test examples (`val_accuracy`, `test_mae`, ...)."""
     metrics = {f"val_{k}": v for k, v in evaluate_examples(model, tokenizer, spec, user.val).items()}
-    metrics |= {f"test_{k}": v for k, v in evaluate_examples(model, tokenizer, spec, user.test).items()}
+    return metrics | {f"test_{k}": v for k, v in evaluate_examples(model, tokenizer, spec, user.test).items()}
+
+
+def publish_adapter(store: AdapterStore, spec: TaskSpec, user: UserRecord, files: dict[str, bytes],
+                    hp: LoraHParams, base_fp: str, metrics: dict[str, float]) -> None:
+    """A user's fitted adapter into the store, with the fingerprints that make re-runs skip it."""
     store.publish(spec.name, user.user_id, files, base_fingerprint=base_fp,
                   data_fingerprint=data_fingerprint(spec, user.train), hparams=hp.model_dump(),
                   metrics=metrics)
-    return metrics
 
 
 def fit_users(base: torch.nn.Module, tokenizer, spec: TaskSpec, users: list[UserRecord],

@@ -20,6 +20,7 @@ once:
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from dataclasses import dataclass
 
@@ -28,8 +29,8 @@ import torch.nn.functional as F
 
 from ..data.schema import TaskSpec, UserRecord
 from ..encode import IGNORE, collate, encode, minibatches
-from ..fit import (FitResult, FitSummary, LoraHParams, evaluate_and_publish, folder_files, lr_lambda,
-                   split_current)
+from ..fit import (FitResult, FitSummary, LoraHParams, evaluate_user, folder_files, lr_lambda,
+                   publish_adapter, split_current)
 from ..store import AdapterStore
 from .model import AdapterBank, peft_initial_state
 from .optim import SlotAdamW
@@ -110,6 +111,7 @@ class PackFit:
     bank: AdapterBank
     users: list[UserRecord]
     results: dict[str, FitResult]
+    trainer: PackTrainer
 
 
 class PackTrainer:
@@ -122,14 +124,20 @@ class PackTrainer:
     """
 
     rank, world = 0, 1
+    lockstep = False
+    """True when every rank of the group must run the same forwards (ZeRO-3 gathers sharded weights in them)."""
 
     def __init__(self, model: torch.nn.Module, n_slots: int, hp: LoraHParams):
         self.bank = AdapterBank(model, n_slots, hp.lora_config())
         self.opt = SlotAdamW(self.bank.parameters(), n_slots, lr=hp.lr, weight_decay=hp.weight_decay,
                              max_grad_norm=hp.max_grad_norm)
 
+    def full_bank(self, modify: bool = False) -> contextlib.AbstractContextManager:
+        """While open, the bank's tensors are whole on this rank (ZeRO-3 shards them otherwise)."""
+        return contextlib.nullcontext()
+
     def reset_slot(self, slot: int, state: dict[str, torch.Tensor], lr_factor) -> None:
-        """A new user in `slot`: initial weights, a fresh optimizer state and schedule."""
+        """A new user in `slot`: initial weights, a fresh optimizer state and schedule (inside `full_bank(modify=True)`)."""
         self.bank.load_slot(slot, state)
         self.opt.reset_slot(slot, lr_factor)
 
@@ -156,6 +164,19 @@ def my_rows(lengths: list[int], rank: int, world: int) -> list[int]:
     return ordered[rank::world]
 
 
+def my_micro_batches(lengths: list[int], rank: int, world: int, lockstep: bool) -> list[list[int] | None]:
+    """This rank's micro-batches of a step (row indices). In lockstep every rank gets as many:
+    the short ones are filled with None, a forward made only to join the others' collectives."""
+    def groups(r: int) -> list[list[int]]:
+        mine = my_rows(lengths, r, world)
+        return [[mine[g] for g in group] for group in length_groups([lengths[j] for j in mine])]
+
+    micro: list[list[int] | None] = groups(rank)
+    if lockstep:
+        micro += [None] * (max(len(groups(r)) for r in range(world)) - len(micro))
+    return micro
+
+
 def fit_pack(model: torch.nn.Module, tokenizer, spec: TaskSpec, users: list[UserRecord],
              hp: LoraHParams, init_state: dict[str, torch.Tensor] | None = None,
              trainer: PackTrainer | None = None) -> PackFit:
@@ -172,10 +193,11 @@ def fit_pack(model: torch.nn.Module, tokenizer, spec: TaskSpec, users: list[User
     trainer = trainer or PackTrainer(model, len(users), hp)
     n_slots = trainer.bank.n_slots
     encoded, plans = [], []
-    for slot, user in enumerate(users):
-        encoded.append([encode(tokenizer, spec, e.input, e.output, hp.max_len) for e in user.train])
-        plans.append(minibatches(len(user.train), hp.batch_size, hp.seed, hp.epochs))
-        trainer.reset_slot(slot, init_state, lr_lambda(hp.schedule, len(plans[-1])))
+    with trainer.full_bank(modify=True):
+        for slot, user in enumerate(users):
+            encoded.append([encode(tokenizer, spec, e.input, e.output, hp.max_len) for e in user.train])
+            plans.append(minibatches(len(user.train), hp.batch_size, hp.seed, hp.epochs))
+            trainer.reset_slot(slot, init_state, lr_lambda(hp.schedule, len(plans[-1])))
     results = {u.user_id: FitResult(steps=len(p)) for u, p in zip(users, plans)}
     device = next(model.parameters()).device
 
@@ -188,32 +210,39 @@ def fit_pack(model: torch.nn.Module, tokenizer, spec: TaskSpec, users: list[User
             row_slot += [k] * len(plans[k][i])
         counts = torch.zeros(n_slots, dtype=torch.long).index_add_(
             0, torch.tensor(row_slot), torch.tensor([row_answer_tokens(r) for r in rows])).to(device)
-        mine = my_rows([len(ids) for ids, _ in rows], trainer.rank, trainer.world)
         per_user = torch.zeros(n_slots, device=device)
-        for group in length_groups([len(rows[j][0]) for j in mine]):
-            group = [mine[g] for g in group]
-            batch = {k: v.to(device) for k, v in collate([rows[j] for j in group], tokenizer.pad_token_id).items()}
-            row_user = torch.tensor([row_slot[j] for j in group], device=device)
+        for group in my_micro_batches([len(ids) for ids, _ in rows], trainer.rank, trainer.world, trainer.lockstep):
+            batch = {k: v.to(device) for k, v in collate([rows[j] for j in group or [0]], tokenizer.pad_token_id).items()}
+            row_user = torch.tensor([row_slot[j] for j in group or [0]], device=device)
             with trainer.bank.rows(row_user):
                 part = answer_token_sums(model, batch, row_user, n_slots) / counts.clamp(min=1)
+            if group is None:
+                part = part * 0.0
             trainer.backward(part[active].sum())
             per_user += part.detach()
         per_user = trainer.step(torch.tensor(active), per_user)
         for k, loss in zip(active, per_user[active].tolist()):
             results[users[k].user_id].losses.append(loss)
     model.eval()
-    return PackFit(bank=trainer.bank, users=users, results=results)
+    return PackFit(bank=trainer.bank, users=users, results=results, trainer=trainer)
 
 
 def publish_pack(model: torch.nn.Module, tokenizer, spec: TaskSpec, packed: PackFit, hp: LoraHParams,
                  store: AdapterStore, base_fp: str) -> FitSummary:
-    """Evaluate every slot of a fitted pack (the bank answers with that slot) and publish it."""
+    """Evaluate every slot of a fitted pack (the bank answers with that slot) and publish it.
+
+    With a trainer whose evaluation is collective, every rank of the group
+    calls this and only its first rank publishes.
+    """
     done = FitSummary()
     for slot, user in enumerate(packed.users):
         with tempfile.TemporaryDirectory() as folder, packed.bank.rows(slot):
-            packed.bank.export_slot(slot, folder)
-            done.metrics[user.user_id] = evaluate_and_publish(
-                model, tokenizer, spec, user, folder_files(folder), hp, store, base_fp)
+            with packed.trainer.full_bank():
+                packed.bank.export_slot(slot, folder)
+            metrics = evaluate_user(model, tokenizer, spec, user)
+            if packed.trainer.rank == 0:
+                publish_adapter(store, spec, user, folder_files(folder), hp, base_fp, metrics)
+                done.metrics[user.user_id] = metrics
         done.fitted.append(user.user_id)
     return done
 

@@ -1,11 +1,12 @@
-"""Pack-parallel fitting with DeepSpeed ZeRO: the workers of a group train one pack together.
+"""Pack-parallel fitting with DeepSpeed ZeRO-2/3: the workers of a group train one pack together.
 
 User-parallel fitting (each worker its own packs) is right while a worker holds
 the base and its bank comfortably. With thousands of users on a large base the
 bank's AdamW state is the biggest state there is, so here the G workers of a
 group train the *same* pack: each takes a share of every step's rows (data
 parallel), and DeepSpeed ZeRO-2 shards the bank's gradients and optimizer
-state over them (stage 3 would shard the frozen base too).
+state over them; ZeRO-3 shards the frozen base too, and then every rank must
+run the same forwards (`lockstep`) and evaluation runs on the whole group.
 
 What stays exactly as in `train.fit_pack`:
 
@@ -38,19 +39,15 @@ from .model import AdapterBank, peft_initial_state
 from .optim import SlotSchedule, adamw_update, clip_coefficients
 from .train import PackTrainer, fit_pack, plan_packs, publish_pack
 
-STAGES = {"zero2": 2}
-"""The ZeRO stages pack-parallel fitting runs. Stage 3 (sharding the frozen base
-too) needs the slot layout of stage 3's partitions and evaluation run by the
-whole group; it is not supported yet."""
+STAGES = {"zero2": 2, "zero3": 3}
 
 
 def ds_config(stage: str, offload: bool = False) -> dict:
     """The DeepSpeed config of a pack-parallel fit (written out with the run)."""
     if stage not in STAGES:
-        raise ValueError(f"unsupported DeepSpeed mode {stage!r}: pack-parallel fitting runs "
-                         f"{', '.join(STAGES)} (ZeRO-3 would need stage 3's per-parameter partitions "
-                         "mapped to slots and evaluation on the whole group; not done yet)")
-    zero: dict = {"stage": STAGES[stage]}
+        raise ValueError(f"unknown DeepSpeed mode {stage!r}: choose {' or '.join(STAGES)}")
+    # One optimizer sub-group: the per-slot norms and step counts are taken once per step.
+    zero: dict = {"stage": STAGES[stage], "sub_group_size": 10**15}
     if offload:
         zero["offload_optimizer"] = {"device": "cpu"}
     return {
@@ -114,32 +111,51 @@ def form_groups(group_size: int) -> tuple[int, int, GroupMpu | None]:
     return mine, n_groups, GroupMpu(groups[mine], solos[rank])
 
 
-def partition_slots(zero_optimizer, params: list[torch.nn.Parameter], n_slots: int) -> list[torch.Tensor]:
-    """For each param group, the slot of every element of this rank's partition (-1: padding).
+def _slots_of(p: torch.Tensor, n_slots: int, first: int, count: int) -> torch.Tensor:
+    """Slots of elements `first .. first+count` of a flattened `[n_slots, ...]` tensor (-1 past its end)."""
+    idx = torch.arange(first, first + count)
+    numel = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+    return torch.where(idx < numel, idx // (numel // n_slots), -1)
 
-    DeepSpeed (stage 1/2) makes every parameter a view into one flat buffer per
-    group and gives each rank a contiguous piece of it; where a parameter's
-    view starts in the buffer is where its `[n_slots, ...]` elements lie.
+
+def partition_slots(zero_optimizer, params: list[torch.nn.Parameter], n_slots: int) -> dict[int, torch.Tensor]:
+    """The slot of every element of this rank's fp32 partitions (-1: padding), keyed by `id(partition)`.
+
+    Stage 1/2 makes every parameter a view into one flat buffer per group and
+    gives each rank a contiguous piece of that buffer. Stage 3 gives each
+    parameter its own partition (`ds_tensor`, a view into the rank's flat
+    buffer) holding elements `rank * size ...` of that parameter. Either way,
+    where DeepSpeed put each view says which slots its elements belong to.
     """
-    slot_maps = []
-    for gid, flat in enumerate(zero_optimizer.bit16_groups_flat):
+    maps = {}
+    if hasattr(zero_optimizer, "bit16_groups_flat"):  # stage 1/2
+        for gid, flat in enumerate(zero_optimizer.bit16_groups_flat):
+            where = torch.full((flat.numel(),), -1, dtype=torch.long)
+            for p in params:
+                start = (p.data.data_ptr() - flat.data_ptr()) // flat.element_size()
+                if 0 <= start < flat.numel():
+                    where[start:start + p.numel()] = _slots_of(p, n_slots, 0, p.numel())
+            rank = dist.get_rank(group=zero_optimizer.real_dp_process_group[gid])
+            mine = zero_optimizer.parallel_partitioned_bit16_groups[gid][rank]
+            offset = (mine.data_ptr() - flat.data_ptr()) // flat.element_size()
+            maps[id(zero_optimizer.single_partition_of_fp32_groups[gid])] = where[offset:offset + mine.numel()]
+        return maps
+    rank = dist.get_rank(group=zero_optimizer.dp_process_group)
+    for sub, flat in enumerate(zero_optimizer.fp16_partitioned_groups_flat):  # stage 3
         where = torch.full((flat.numel(),), -1, dtype=torch.long)
-        for p in params:
-            start = (p.data.data_ptr() - flat.data_ptr()) // flat.element_size()
-            if 0 <= start < flat.numel():
-                where[start:start + p.numel()] = torch.arange(n_slots).repeat_interleave(p.numel() // n_slots)
-        rank = dist.get_rank(group=zero_optimizer.real_dp_process_group[gid])
-        mine = zero_optimizer.parallel_partitioned_bit16_groups[gid][rank]
-        offset = (mine.data_ptr() - flat.data_ptr()) // flat.element_size()
-        slot_maps.append(where[offset:offset + mine.numel()])
-    return slot_maps
+        for p in zero_optimizer.fp16_groups[sub]:
+            part = p.ds_tensor
+            start = (part.data_ptr() - flat.data_ptr()) // flat.element_size()
+            where[start:start + part.numel()] = _slots_of(p, n_slots, rank * part.numel(), part.numel())
+        maps[id(zero_optimizer.fp32_partitioned_groups_flat[sub])] = where
+    return maps
 
 
 class PartitionedSlotAdamW(torch.optim.Optimizer):
     """`SlotAdamW` for the flat partition of the bank that ZeRO gives this rank.
 
     `active` (the slots with rows in the step) is set before each
-    `engine.step()`; `slot_maps` once DeepSpeed has laid the bank out.
+    `engine.step()`; `locate` is called once DeepSpeed has laid the bank out.
     """
 
     def __init__(self, params: list[torch.nn.Parameter], n_slots: int, *, lr: float,
@@ -149,7 +165,8 @@ class PartitionedSlotAdamW(torch.optim.Optimizer):
         self.n_slots, self.betas, self.eps = n_slots, betas, eps
         self.weight_decay, self.max_grad_norm, self.group = weight_decay, max_grad_norm, group
         self.schedule = SlotSchedule(n_slots, lr, betas)
-        self.slot_maps: list[torch.Tensor] = []
+        self.slot_maps: dict[int, torch.Tensor] = {}
+        self.owned: list[torch.Tensor] = []
         self.active = torch.zeros(0, dtype=torch.long)
 
     def _moments(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,12 +176,20 @@ class PartitionedSlotAdamW(torch.optim.Optimizer):
         return state["exp_avg"], state["exp_avg_sq"]
 
     def _partitions(self):
-        for group, slots in zip(self.param_groups, self.slot_maps):
-            (p,) = group["params"]
-            yield p, slots.to(p.device)
+        """The fp32 partitions DeepSpeed has put in the param groups now, with their elements' slots."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                yield p, self.slot_maps[id(p)].to(p.device)
+
+    def locate(self, zero_optimizer, params: list[torch.nn.Parameter]) -> None:
+        """Learn, once DeepSpeed has laid the bank out, which slot each owned element belongs to."""
+        self.slot_maps = partition_slots(zero_optimizer, params, self.n_slots)
+        self.owned = [p for p in getattr(zero_optimizer, "single_partition_of_fp32_groups", None)
+                      or zero_optimizer.fp32_partitioned_groups_flat]
 
     def reset_slot(self, slot: int, lr_factor: Callable[[int], float]) -> None:
-        for p, slots in self._partitions():
+        for p in self.owned:  # stage 3 puts partitions in the param groups only while stepping
+            slots = self.slot_maps[id(p)].to(p.device)
             for moment in self._moments(p):
                 moment[slots == slot] = 0
         self.schedule.reset(slot, lr_factor)
@@ -219,12 +244,19 @@ class ZeroPackTrainer(PackTrainer):
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=self.opt, config=config,
                                                model_parameters=params, mpu=mpu,
                                                dist_init_required=False)
-        self.opt.slot_maps = partition_slots(self.engine.optimizer, params, n_slots)
+        self.opt.locate(self.engine.optimizer, params)
+        self.lockstep = config["zero_optimization"]["stage"] == 3
         self.pending: list[torch.Tensor] = []
         self.refresh = False
 
+    def full_bank(self, modify: bool = False):
+        if not self.lockstep:  # stage 1/2: the bank is whole on every rank
+            return super().full_bank(modify)
+        import deepspeed
+        return deepspeed.zero.GatheredParameters(self.bank.parameters(), modifier_rank=0 if modify else None)
+
     def reset_slot(self, slot: int, state: dict[str, torch.Tensor], lr_factor) -> None:
-        self.bank.load_slot(slot, state)  # into DeepSpeed's flat buffer: the params are views of it
+        self.bank.load_slot(slot, state)  # into DeepSpeed's bit16 copy; the fp32 master follows at the step
         self.opt.reset_slot(slot, lr_factor)
         self.refresh = True
 
@@ -271,8 +303,9 @@ def fit_users_zero(model: torch.nn.Module, tokenizer, spec: TaskSpec, users: lis
     try:
         for pack in packs[group::n_groups]:
             packed = fit_pack(model, tokenizer, spec, pack, hp, init_state, trainer)
-            if trainer.rank == 0:
+            if trainer.rank == 0 or trainer.lockstep:  # ZeRO-3: evaluating needs the whole group
                 done = publish_pack(model, tokenizer, spec, packed, hp, store, base_fp)
+            if trainer.rank == 0:
                 summary.merge(done)
                 if on_pack_done:
                     on_pack_done(done)
