@@ -34,7 +34,7 @@ def _users() -> list[UserRecord]:
             for i, n in enumerate([5, 13, 22, 9])]
 
 
-def _rank(rank: int, world: int, port: int, base: str, out: str) -> None:
+def _rank(rank: int, world: int, port: int, base: str, out: str, offload: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     import torch.distributed as dist
@@ -48,7 +48,7 @@ def _rank(rank: int, world: int, port: int, base: str, out: str) -> None:
         init = peft_initial_state(model, HP.lora_config(), HP.seed)
         _, _, mpu = form_groups(world)
         # one spare slot: an idle slot must come out untouched
-        trainer = ZeroPackTrainer(model, 5, HP, config=ds_config("zero2"), mpu=mpu)
+        trainer = ZeroPackTrainer(model, 5, HP, config=ds_config("zero2", offload), mpu=mpu)
         spare = {k: v.clone() for k, v in trainer.bank.slot_state(4).items()}
         packed = fit_pack(model, tok, RATING, _users(), HP, init, trainer)
         torch.save({"slots": [packed.bank.slot_state(s) for s in range(4)], "spare": spare,
@@ -58,8 +58,9 @@ def _rank(rank: int, world: int, port: int, base: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_zero2_on_two_ranks_equals_one_process_in_float64(tiny_base, tmp_path, free_tcp_port):
-    mp.spawn(_rank, args=(2, free_tcp_port, tiny_base, str(tmp_path)), nprocs=2)
+@pytest.mark.parametrize("offload", [False, True], ids=["on-device", "optimizer-offload"])
+def test_zero2_on_two_ranks_equals_one_process_in_float64(tiny_base, tmp_path, free_tcp_port, offload):
+    mp.spawn(_rank, args=(2, free_tcp_port, tiny_base, str(tmp_path), offload), nprocs=2)
     model, tok = load_base(tiny_base)
     model.double()
     alone = fit_pack(model, tok, RATING, _users(), HP)
