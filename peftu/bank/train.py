@@ -272,13 +272,26 @@ def fit_users_banked(model: torch.nn.Module, tokenizer, spec: TaskSpec, users: l
         return summary
     init_state = peft_initial_state(model, hp.lora_config(), hp.seed)
     trainer = PackTrainer(model, max(len(p) for p in packs), hp)
+    return run_packs(model, tokenizer, spec, packs, hp, store, base_fp, trainer, init_state, summary, on_pack_done)
+
+
+def run_packs(model: torch.nn.Module, tokenizer, spec: TaskSpec, packs: list[list[UserRecord]],
+              hp: LoraHParams, store: AdapterStore, base_fp: str, trainer: PackTrainer,
+              init_state: dict[str, torch.Tensor], summary: FitSummary, on_pack_done=None) -> FitSummary:
+    """Fit and publish pack after pack in the trainer's bank, then take the bank out of the model.
+
+    The trainer's first rank publishes and reports; in lockstep the other
+    ranks evaluate with it (their forwards are the group's collectives).
+    """
     try:
         for pack in packs:
-            done = publish_pack(model, tokenizer, spec, fit_pack(model, tokenizer, spec, pack, hp, init_state,
-                                                                 trainer), hp, store, base_fp)
-            summary.merge(done)
-            if on_pack_done:
-                on_pack_done(done)
+            packed = fit_pack(model, tokenizer, spec, pack, hp, init_state, trainer)
+            if trainer.rank == 0 or trainer.lockstep:
+                done = publish_pack(model, tokenizer, spec, packed, hp, store, base_fp)
+            if trainer.rank == 0:
+                summary.merge(done)
+                if on_pack_done:
+                    on_pack_done(done)
     finally:
         trainer.bank.remove()
     return summary

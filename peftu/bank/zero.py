@@ -37,7 +37,7 @@ from ..fit import FitSummary, LoraHParams
 from ..store import AdapterStore
 from .model import AdapterBank, peft_initial_state
 from .optim import SlotSchedule, adamw_update, clip_coefficients
-from .train import PackTrainer, fit_pack, plan_packs, publish_pack
+from .train import PackTrainer, plan_packs, run_packs
 
 STAGES = {"zero2": 2, "zero3": 3}
 
@@ -300,15 +300,5 @@ def fit_users_zero(model: torch.nn.Module, tokenizer, spec: TaskSpec, users: lis
         return summary
     init_state = peft_initial_state(model, hp.lora_config(), hp.seed)
     trainer = ZeroPackTrainer(model, max(len(p) for p in packs), hp, config=config, mpu=mpu)
-    try:
-        for pack in packs[group::n_groups]:
-            packed = fit_pack(model, tokenizer, spec, pack, hp, init_state, trainer)
-            if trainer.rank == 0 or trainer.lockstep:  # ZeRO-3: evaluating needs the whole group
-                done = publish_pack(model, tokenizer, spec, packed, hp, store, base_fp)
-            if trainer.rank == 0:
-                summary.merge(done)
-                if on_pack_done:
-                    on_pack_done(done)
-    finally:
-        trainer.bank.remove()
-    return summary
+    return run_packs(model, tokenizer, spec, packs[group::n_groups], hp, store, base_fp, trainer, init_state,
+                     summary, on_pack_done)
