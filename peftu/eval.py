@@ -106,6 +106,14 @@ def better(metric: str, a: float, b: float) -> bool:
 # --- predictions -------------------------------------------------------------
 
 
+def answer_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each row's summed log-probability of its answer tokens (labels not IGNORE)."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    labels = labels[:, 1:]
+    picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * (labels != IGNORE)).sum(-1)
+
+
 @torch.no_grad()
 def score_labels(model, tokenizer, spec: TaskSpec, inputs: list[str], *,
                  max_len: int = 256, batch_size: int = 64) -> list[str]:
@@ -115,10 +123,7 @@ def score_labels(model, tokenizer, spec: TaskSpec, inputs: list[str], *,
     for i in range(0, len(pairs), batch_size):
         batch = {k: v.to(model.device) for k, v in collate(pairs[i:i + batch_size], tokenizer.pad_token_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        labels = batch["labels"][:, 1:]
-        picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        scores += (picked * (labels != IGNORE)).sum(-1).tolist()
+        scores += answer_logprobs(logits, batch["labels"]).tolist()
     k = len(spec.labels)
     return [spec.labels[max(range(k), key=lambda j: scores[i * k + j])] for i in range(len(inputs))]
 

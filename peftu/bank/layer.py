@@ -1,10 +1,14 @@
 """A linear layer with the LoRA weights of many users stacked beside it.
 
-`base(x) + scale * B[slot] @ (A[slot] @ x)` for every row at once, each row
-with its own user's slot: the BGMV idea of Punica, S-LoRA and vLLM, written
+`base(x) + scale[slot] * B[slot] @ (A[slot] @ x)` for every row at once, each
+row with its own user's slot: the BGMV idea of Punica, S-LoRA and vLLM, written
 with a gather and two batched matmuls so that autograd trains every slot in
 one backward. The rows' slots come from a `SlotContext` shared by all banked
 layers of a model, set once per forward by the bank.
+
+The scale is per slot so that one bank can hold adapters of different rank and
+alpha (serving): a smaller rank is zero-padded to the bank's rank, which
+changes nothing in the product, and its own alpha / r goes into its scale.
 """
 
 from __future__ import annotations
@@ -34,19 +38,19 @@ def linear_shape(base: nn.Module) -> tuple[int, int]:
 
 
 class BankedLoraLinear(nn.Module):
-    """A frozen linear layer plus `n_slots` LoRA adapters of rank `r`."""
+    """A frozen linear layer plus `n_slots` LoRA adapters of rank up to `r`."""
 
     def __init__(self, base: nn.Module, n_slots: int, r: int, scale: float, ctx: SlotContext):
         super().__init__()
         self.base = base
         self.d_in, self.d_out = linear_shape(base)
-        self.scale = scale
         self.ctx = ctx
         weight = base.weight
         # Like PEFT: adapters of a half-precision base train in fp32, otherwise in the base's dtype.
         dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
         self.lora_A = nn.Parameter(torch.zeros(n_slots, r, self.d_in, dtype=dtype, device=weight.device))
         self.lora_B = nn.Parameter(torch.zeros(n_slots, self.d_out, r, dtype=dtype, device=weight.device))
+        self.register_buffer("scales", torch.full((n_slots,), float(scale), dtype=dtype, device=weight.device))
         for slot in range(n_slots):
             nn.init.kaiming_uniform_(self.lora_A.data[slot], a=math.sqrt(5))
 
@@ -57,9 +61,12 @@ class BankedLoraLinear(nn.Module):
             return out
         if isinstance(slots, int):
             delta = (x.to(self.lora_A.dtype) @ self.lora_A[slots].T) @ self.lora_B[slots].T
-            return out + (self.scale * delta).to(out.dtype)
-        a = self.lora_A[slots]  # [rows, r, d_in]
-        b = self.lora_B[slots]  # [rows, d_out, r]
+            return out + (self.scales[slots] * delta).to(out.dtype)
+        # index_select rather than A[slots]: its backward is a plain index_add, much
+        # faster than advanced indexing's when many rows share a slot.
+        a = torch.index_select(self.lora_A, 0, slots)  # [rows, r, d_in]
+        b = torch.index_select(self.lora_B, 0, slots)  # [rows, d_out, r]
         h = x.to(a.dtype)
         delta = torch.bmm(torch.bmm(h, a.transpose(1, 2)), b.transpose(1, 2))
-        return out + (self.scale * delta).to(out.dtype)
+        scale = torch.index_select(self.scales, 0, slots).view(-1, *([1] * (delta.dim() - 1)))
+        return out + (scale * delta).to(out.dtype)

@@ -5,13 +5,15 @@ a Hugging Face causal LM (Llama/Qwen2 `q_proj ... down_proj`, GPT-2 `c_attn`,
 ...) by `BankedLoraLinear` layers; `with bank.rows(slots):` runs the model
 with each batch row on its user's adapter. Slots are filled from and exported
 to the standard PEFT format, so every adapter the bank trains loads with
-`PeftModel.from_pretrained`, and every PEFT LoRA adapter can be served by it.
+`PeftModel.from_pretrained`, and every PEFT LoRA adapter can be served by it
+(one of a smaller rank is zero-padded, with its own alpha / r as its slot's scale).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +33,34 @@ def _matches(name: str, targets: list[str] | str) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     return name.split(".")[-1] in targets
+
+
+def lora_scale(config: dict) -> float:
+    """The factor PEFT puts on B @ A: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    r, alpha = config["r"], config["lora_alpha"]
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def read_adapter(folder: Path, max_rank: int) -> tuple[dict[str, torch.Tensor], float]:
+    """A PEFT LoRA adapter folder as (weights, scale); only safetensors is ever read.
+
+    Refuses what a bank cannot compute exactly: other PEFT types, DoRA, biases,
+    per-module ranks or alphas, and ranks above the bank's.
+    """
+    folder = Path(folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        raise ValueError(f"{folder}: not a LoRA adapter (peft_type {config.get('peft_type')!r})")
+    r = config.get("r")
+    if not isinstance(r, int) or not 1 <= r <= max_rank:
+        raise ValueError(f"{folder}: a LoRA adapter of rank 1..{max_rank} is needed, got r={r!r}")
+    if not isinstance(config.get("lora_alpha"), (int, float)):
+        raise ValueError(f"{folder}: lora_alpha must be a number, got {config.get('lora_alpha')!r}")
+    for key, plain in (("use_dora", False), ("bias", "none"), ("rank_pattern", {}), ("alpha_pattern", {}),
+                       ("modules_to_save", None)):
+        if config.get(key) not in (plain, None):
+            raise ValueError(f"{folder}: {key}={config[key]!r} is not supported by the bank")
+    return load_file(str(folder / "adapter_model.safetensors")), lora_scale(config)
 
 
 def peft_initial_state(model: nn.Module, config: LoraConfig, seed: int) -> dict[str, torch.Tensor]:
@@ -57,7 +87,7 @@ class AdapterBank:
         self.config = config
         self.ctx = SlotContext()
         self.layers: dict[str, BankedLoraLinear] = {}
-        scale = config.lora_alpha / config.r
+        scale = lora_scale({"r": config.r, "lora_alpha": config.lora_alpha, "use_rslora": config.use_rslora})
         for name, module in list(model.named_modules()):
             if name and _matches(name, config.target_modules) and not isinstance(module, BankedLoraLinear):
                 banked = BankedLoraLinear(module, n_slots, config.r, scale, self.ctx)
@@ -71,6 +101,10 @@ class AdapterBank:
         for layer in self.layers.values():
             layer.lora_A.requires_grad_(True)
             layer.lora_B.requires_grad_(True)
+
+    def slot_bytes(self) -> int:
+        """Memory one slot takes (A and B of every banked layer at the bank's rank)."""
+        return sum(layer.lora_A[0].nbytes + layer.lora_B[0].nbytes for layer in self.layers.values())
 
     def parameters(self) -> list[nn.Parameter]:
         """The trainable tensors, A and B of every banked layer, in a fixed order."""
@@ -95,24 +129,47 @@ class AdapterBank:
 
     # --- PEFT interchange ------------------------------------------------------
 
-    def load_slot(self, slot: int, state: dict[str, torch.Tensor]) -> None:
-        """Fill a slot from a PEFT LoRA state dict (`...q_proj.lora_A.weight` keys)."""
-        seen = set()
+    def load_slot(self, slot: int, state: dict[str, torch.Tensor], scale: float | None = None) -> None:
+        """Fill a slot from a PEFT LoRA state dict (`...q_proj.lora_A.weight` keys).
+
+        A rank below the bank's is zero-padded; `scale` (alpha / r of that
+        adapter) defaults to the bank config's.
+        """
+        updates = []
         for key, value in state.items():
             module, _, kind = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
             if module not in self.layers or kind not in ("A.weight", "B.weight"):
                 raise KeyError(f"adapter weight {key!r} fits no banked layer of this model")
-            layer = self.layers[module]
-            target = layer.lora_A if kind == "A.weight" else layer.lora_B
-            if tuple(value.shape) != tuple(target.shape[1:]):
+            target = self.layers[module].lora_A if kind == "A.weight" else self.layers[module].lora_B
+            rank_dim = 0 if kind == "A.weight" else 1
+            full = tuple(target.shape[1:])
+            fits = value.dim() == 2 and all(
+                n <= m if d == rank_dim else n == m for d, (n, m) in enumerate(zip(value.shape, full)))
+            if not fits:
                 raise ValueError(f"adapter weight {key!r} has shape {tuple(value.shape)}, "
-                                 f"the bank expects {tuple(target.shape[1:])}")
-            with torch.no_grad():
-                target[slot].copy_(value.to(target.dtype))
-            seen.add(key)
-        missing = {f"{PEFT_PREFIX}{name}.lora_{k}.weight" for name in self.layers for k in "AB"} - seen
+                                 f"the bank expects {full} (a smaller rank is padded)")
+            updates.append((key, target, value))
+        missing = {f"{PEFT_PREFIX}{name}.lora_{k}.weight" for name in self.layers for k in "AB"} - set(state)
         if missing:
             raise KeyError(f"adapter lacks weights for {sorted(missing)[0]} (and {len(missing) - 1} more)")
+        ranks = {v.shape[0] if k.endswith("lora_A.weight") else v.shape[1] for k, _, v in updates}
+        if len(ranks) > 1:
+            raise ValueError(f"adapter mixes ranks {sorted(ranks)} across its weights")
+        with torch.no_grad():
+            for _, target, value in updates:
+                target[slot].zero_()
+                target[slot][: value.shape[0], : value.shape[1]].copy_(value.to(target.dtype))
+            scale = self.config.lora_alpha / self.config.r if scale is None else scale
+            for layer in self.layers.values():
+                layer.scales[slot] = scale
+
+    def clear_slot(self, slot: int) -> None:
+        """Zero a slot: it then adds nothing (the base model's answer)."""
+        with torch.no_grad():
+            for layer in self.layers.values():
+                layer.lora_A[slot].zero_()
+                layer.lora_B[slot].zero_()
+                layer.scales[slot] = 0.0
 
     def slot_state(self, slot: int) -> dict[str, torch.Tensor]:
         """A slot's weights as a PEFT LoRA state dict."""
@@ -132,12 +189,8 @@ class AdapterBank:
 
     def import_slot(self, slot: int, folder: Path) -> None:
         """Fill a slot from a PEFT adapter folder (only safetensors is ever read)."""
-        folder = Path(folder)
-        config = json.loads((folder / "adapter_config.json").read_text())
-        if config.get("peft_type") != "LORA" or config.get("r") != self.config.r:
-            raise ValueError(f"{folder}: a LoRA adapter of rank {self.config.r} is needed, "
-                             f"got {config.get('peft_type')} r={config.get('r')}")
-        self.load_slot(slot, load_file(str(folder / "adapter_model.safetensors")))
+        state, scale = read_adapter(folder, self.config.r)
+        self.load_slot(slot, state, scale)
 
     def remove(self) -> nn.Module:
         """Put the original modules back; returns the plain base model."""
