@@ -1,0 +1,190 @@
+"""Users' adapters from the store into bank slots: on demand, checked, bounded.
+
+`acquire(user)` gives a lease on the slot holding the user's current adapter
+(loading it on first use), or on the zero slot for a user without one. The
+store's version pointer is re-read once a loaded version is older than the TTL,
+so a newly published version is picked up without a restart. Loads of
+different users run concurrently in threads; loads of one user are coalesced.
+A corrupt, foreign or incompatible adapter is logged and counted, and its user
+is answered by the base model until a new version appears.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+import time
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from ..bank import AdapterBank
+from ..bank.model import read_adapter
+from ..errors import CorruptAdapterError, ForeignAdapterError, StoreError, StoreUnavailableError
+from ..store import AdapterStore
+from .cache import Entry, SlotCache
+from .generate import BASE_SLOT
+from .metrics import Metrics
+
+log = logging.getLogger("peftu.serving")
+
+_MAX_REMEMBERED = 100_000  # users known to have no (usable) adapter
+
+
+@dataclass
+class Lease:
+    """The slot a request runs on, held until its batch is done."""
+
+    slot: int
+    version: str | None
+    """None: the base model answers."""
+    entry: Entry | None = None
+    loaded_ms: float | None = None
+    """Set when this request waited for the adapter's load."""
+
+
+class AdapterManager:
+    """The bank's slots 1..n hold users' adapters; slot 0 stays zero (the base)."""
+
+    def __init__(self, bank: AdapterBank, store: AdapterStore, task: str, base_fp: str, *,
+                 max_bytes: int, ttl_s: float, metrics: Metrics):
+        self.bank, self.store, self.task, self.base_fp = bank, store, task, base_fp
+        self.ttl_s, self.metrics = ttl_s, metrics
+        bank.clear_slot(BASE_SLOT)
+        self.slot_bytes = bank.slot_bytes()
+        self.cache = SlotCache(list(range(1, bank.n_slots)), max_bytes)
+        self._absent: OrderedDict[str, tuple[str | None, float]] = OrderedDict()
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._freed = asyncio.Condition()
+
+    async def acquire(self, user: str | None) -> Lease:
+        """A pinned lease for the user's adapter (the base's slot for None or no adapter)."""
+        if user is None:
+            return Lease(BASE_SLOT, None)
+        lock = self._locks.get(user)
+        if lock is None:
+            lock = self._locks[user] = asyncio.Lock()
+        async with lock:
+            return await self._acquire_locked(user)
+
+    def release(self, lease: Lease) -> None:
+        """Unpin once the lease's batch is done (a load waiting for a slot may go on)."""
+        if lease.entry is None:
+            return
+        self.cache.unpin(lease.entry)
+        asyncio.get_running_loop().create_task(self._wake())
+
+    async def _wake(self) -> None:
+        async with self._freed:
+            self._freed.notify_all()
+
+    async def _acquire_locked(self, user: str) -> Lease:
+        now = time.monotonic()
+        entry = self.cache.get(user)
+        if entry is not None and now - entry.checked_at < self.ttl_s:
+            return self._lease(entry)
+        absent = self._absent.get(user)
+        if entry is None and absent is not None and now - absent[1] < self.ttl_s:
+            return Lease(BASE_SLOT, None)
+        try:
+            latest = await asyncio.to_thread(self.store.latest_version, self.task, user)
+        except (StoreError, OSError) as e:
+            return self._unchecked(user, entry, e)
+        if latest is None:
+            self.cache.remove(user)
+            self._remember_absent(user, None)
+            return Lease(BASE_SLOT, None)
+        if entry is not None and entry.version == latest:
+            entry.checked_at = now
+            return self._lease(entry)
+        if absent is not None and absent[0] == latest:  # this version already failed to load
+            self._remember_absent(user, latest)
+            return Lease(BASE_SLOT, None)
+        return await self._load(user, latest)
+
+    def _lease(self, entry: Entry) -> Lease:
+        self.metrics.adapter_hits.inc()
+        self.cache.pin(entry)
+        return Lease(entry.slot, entry.version, entry)
+
+    def _unchecked(self, user: str, entry: Entry | None, error: Exception) -> Lease:
+        """The store could not be read: keep serving what is loaded, else the base."""
+        self.metrics.adapter_errors.labels(reason="store").inc()
+        log.warning("cannot check the adapter version of user %r: %s", user, error)
+        return self._lease(entry) if entry is not None else Lease(BASE_SLOT, None)
+
+    def _remember_absent(self, user: str, version: str | None) -> None:
+        self._absent[user] = (version, time.monotonic())
+        self._absent.move_to_end(user)
+        while len(self._absent) > _MAX_REMEMBERED:
+            self._absent.popitem(last=False)
+
+    async def _load(self, user: str, version: str) -> Lease:
+        start = time.monotonic()
+        try:
+            state, scale = await asyncio.to_thread(self._read, user, version)
+            slot = await self._reserve()
+        except Exception as e:  # noqa: BLE001 - any unusable adapter means: answer with the base
+            return self._failed(user, version, e)
+        try:
+            self.bank.load_slot(slot, state, scale)
+        except (KeyError, ValueError) as e:
+            self.cache.cancel(slot, self.slot_bytes)
+            return self._failed(user, version, e)
+        self._absent.pop(user, None)
+        entry = self.cache.insert(user, version, slot, self.slot_bytes)
+        elapsed = time.monotonic() - start
+        self.metrics.adapter_loads.inc()
+        self.metrics.load_latency.observe(elapsed)
+        self.metrics.resident.set(len(self.cache))
+        log.info("loaded the adapter of user %r (version %s) into slot %d in %.0f ms",
+                 user, version, slot, elapsed * 1000)
+        self.cache.pin(entry)
+        return Lease(slot, version, entry, loaded_ms=elapsed * 1000)
+
+    def _read(self, user: str, version: str):
+        with tempfile.TemporaryDirectory(prefix="peftu-serve-") as tmp:
+            folder, _ = self.store.fetch(self.task, user, version, dest=tmp, expect_base=self.base_fp)
+            return read_adapter(folder, self.bank.config.r)
+
+    async def _reserve(self) -> int:
+        """A slot for one more adapter, waiting while running batches pin every slot."""
+        async with self._freed:
+            while True:
+                before = self.cache.evictions
+                slot = self.cache.reserve(self.slot_bytes)
+                self.metrics.adapter_evictions.inc(self.cache.evictions - before)
+                if slot is not None:
+                    return slot
+                await self._freed.wait()
+
+    def _failed(self, user: str, version: str, error: Exception) -> Lease:
+        reason = ("corrupt" if isinstance(error, CorruptAdapterError) else
+                  "foreign" if isinstance(error, ForeignAdapterError) else
+                  "store" if isinstance(error, (StoreUnavailableError, OSError)) else "incompatible")
+        self.metrics.adapter_errors.labels(reason=reason).inc()
+        log.error("the adapter of user %r (version %s) is unusable (%s), answering with the base: %s",
+                  user, version, reason, error)
+        self.cache.remove(user)
+        if reason != "store":  # a store outage is retried on the next request
+            self._remember_absent(user, version)
+        return Lease(BASE_SLOT, None)
+
+    def invalidate(self, user: str) -> bool:
+        """Forget the user's loaded adapter: the next request re-reads the store."""
+        self._absent.pop(user, None)
+        removed = self.cache.remove(user)
+        self.metrics.resident.set(len(self.cache))
+        return removed
+
+    async def delete(self, user: str) -> int:
+        """Delete the user's adapter from the store and from this replica; versions removed."""
+        try:
+            removed = await asyncio.to_thread(self.store.delete_user, self.task, user)
+        finally:
+            self.invalidate(user)
+        return removed
+
+    def resident(self) -> list[str]:
+        return self.cache.users()

@@ -1,0 +1,155 @@
+"""One replica's model: the base, its bank of users' adapters, the batcher.
+
+Everything a request needs beyond HTTP: which slot answers a user
+(`AdapterManager`), generation and scoring in mixed batches (`Batcher`,
+`generate`), and the task whose prompt and labels `/v1/score` uses. The Ray
+Serve deployment (`server.py`) is a thin HTTP layer over this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+
+from ..bank import AdapterBank
+from ..base import base_fingerprint, ensure_base, load_base
+from ..data.schema import TaskSpec
+from ..data.synthetic import TASKS
+from ..encode import encode
+from ..paths import peftu_home
+from ..store import AdapterStore
+from .adapters import AdapterManager, Lease
+from .batcher import Batcher, Job, Kind
+from .config import ServeConfig
+from .generate import GenResult, GenRow, Sampling, ScoreRow, generate_batch, score_batch
+from .metrics import Metrics
+
+log = logging.getLogger("peftu.serving")
+
+
+@dataclass
+class Completion:
+    """A finished generation and which adapter made it."""
+
+    result: GenResult
+    prompt_tokens: int
+    lease: Lease
+
+
+class Engine:
+    """Base model + adapter bank + batcher of one replica."""
+
+    def __init__(self, cfg: ServeConfig, metrics: Metrics | None = None):
+        self.cfg = cfg
+        self.metrics = metrics or Metrics()
+        if cfg.torch_threads:
+            torch.set_num_threads(cfg.torch_threads)
+        base = cfg.base or str(ensure_base(log=log.info))
+        self.model_name = cfg.model_name or Path(base.rstrip("/")).name
+        self.model, self.tokenizer = load_base(base, dtype=getattr(torch, cfg.dtype))
+        self.model.to(cfg.device)
+        self.spec: TaskSpec | None = TASKS.get(cfg.task)
+        lora = LoraConfig(r=cfg.max_rank, lora_alpha=cfg.max_rank, target_modules=list(cfg.target_modules))
+        probe = AdapterBank(self.model, 1, lora)
+        per_slot = probe.slot_bytes()
+        probe.remove()
+        capacity = min(cfg.max_adapters, cfg.max_adapter_bytes // per_slot)
+        if capacity < 1:
+            raise ValueError(f"max_adapter_bytes={cfg.max_adapter_bytes} holds no adapter "
+                             f"(one slot takes {per_slot} bytes)")
+        self.bank = AdapterBank(self.model, capacity + 1, lora)
+        store = AdapterStore.open(cfg.store or str(peftu_home() / "store"), endpoint_url=cfg.endpoint_url)
+        self.adapters = AdapterManager(self.bank, store, cfg.task, base_fingerprint(base),
+                                       max_bytes=cfg.max_adapter_bytes, ttl_s=cfg.version_ttl_s,
+                                       metrics=self.metrics)
+        self.batcher = Batcher(self._run, max_batch=cfg.max_batch, wait_s=cfg.batch_wait_ms / 1000,
+                               mode=cfg.batching, on_batch=self._count_batch)
+        log.info("serving %s with %d adapter slots of %d bytes from %s (task %s, %s batches)",
+                 self.model_name, capacity, per_slot, store, cfg.task, cfg.batching)
+
+    # --- the batch worker (runs in the batcher's thread) -------------------------
+
+    def _run(self, kind: Kind, jobs: list[Job]) -> list:
+        if kind == "generate":
+            return generate_batch(self.model, self.bank, self.tokenizer, [j.payload for j in jobs])
+        return score_batch(self.model, self.bank, self.tokenizer, [j.payload for j in jobs])
+
+    def _count_batch(self, jobs: list[Job]) -> None:
+        self.metrics.batch_size.observe(len(jobs))
+        self.metrics.batch_users.observe(len({j.slot for j in jobs}))
+
+    # --- requests ------------------------------------------------------------------
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+
+    async def _submit(self, lease: Lease, kind: Kind, payload) -> object:
+        """Queue a job on the lease's slot; the slot stays pinned until the job is done,
+        even if the caller goes away first (its row may be in a running batch)."""
+        task = asyncio.get_running_loop().create_task(self.batcher.submit(kind, lease.slot, payload))
+        task.add_done_callback(lambda _: self.adapters.release(lease))
+        return await asyncio.shield(task)
+
+    async def complete(self, user: str | None, prompt_ids: list[int], sampling: Sampling) -> Completion:
+        """Generate for one request in whatever batch it lands in."""
+        lease = await self.adapters.acquire(user)
+        result = await self._submit(lease, "generate", GenRow(prompt_ids, lease.slot, sampling))
+        self._count_tokens(len(prompt_ids), result.tokens)
+        return Completion(result, len(prompt_ids), lease)
+
+    async def stream(self, user: str | None, prompt_ids: list[int], sampling: Sampling
+                     ) -> tuple[Lease, AsyncIterator[tuple[str, str | None]]]:
+        """The lease (for the response headers) and an iterator of (text delta, finish reason)."""
+        lease = await self.adapters.acquire(user)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[str, str | None]] = asyncio.Queue()
+        gone = False
+
+        def emit(delta: str, finish: str | None) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, (delta, finish))
+
+        row = GenRow(prompt_ids, lease.slot, sampling, emit=emit, cancelled=lambda: gone)
+        task = loop.create_task(self._submit(lease, "generate", row))
+
+        async def pieces() -> AsyncIterator[tuple[str, str | None]]:
+            nonlocal gone
+            try:
+                while True:
+                    getter = loop.create_task(events.get())
+                    await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                    if not getter.done() and task.exception() is not None:
+                        getter.cancel()  # the batch failed before finishing this row
+                        raise task.exception()
+                    delta, finish = await getter  # a finished row always sent its last piece
+                    yield delta, finish
+                    if finish:
+                        self._count_tokens(len(prompt_ids), (await task).tokens)
+                        return
+            finally:
+                gone = True  # a client that left stops its row at the next step
+
+        return lease, pieces()
+
+    async def score(self, user: str | None, text: str, labels: list[str]) -> tuple[list[float], Lease]:
+        """Log-likelihood of each label as the answer to `text` under the task's prompt."""
+        spec = self.score_spec(labels)
+        encoded = [encode(self.tokenizer, spec, text, label, self.cfg.max_prompt_tokens) for label in labels]
+        lease = await self.adapters.acquire(user)
+        scores = await self._submit(lease, "score", ScoreRow(encoded, lease.slot))
+        self._count_tokens(sum(len(ids) for ids, _ in encoded), 0)
+        return scores, lease
+
+    def score_spec(self, labels: list[str]) -> TaskSpec:
+        """The served task's prompt (or the bare input) with these labels."""
+        prompt = self.spec.prompt if self.spec else "{input}"
+        return TaskSpec(name=self.cfg.task, kind="classification", prompt=prompt, labels=labels)
+
+    def _count_tokens(self, prompt: int, completion: int) -> None:
+        self.metrics.tokens.labels(kind="prompt").inc(prompt)
+        self.metrics.tokens.labels(kind="completion").inc(completion)

@@ -1,0 +1,184 @@
+"""Generation and label scoring for a batch whose rows belong to different users.
+
+Every row carries its bank slot; the slots are fixed for the batch, so one
+prefill and then one decode step at a time with the KV cache serve all rows,
+each on its own adapter. Prompts are left-padded (positions counted from each
+row's first real token), finished rows leave the batch and its KV cache, and
+each row has its own sampling settings: greedy at temperature 0, otherwise
+temperature and nucleus (top_p) sampling, a token budget and stop strings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from ..bank import AdapterBank
+from ..encode import collate
+from ..eval import answer_logprobs
+
+BASE_SLOT = 0
+"""The bank slot kept at zero: rows of users without an adapter."""
+
+
+@dataclass
+class Sampling:
+    """How one row picks its tokens and when it stops."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+
+@dataclass
+class GenRow:
+    """One request in a generation batch."""
+
+    prompt_ids: list[int]
+    slot: int
+    sampling: Sampling
+    emit: Callable[[str, str | None], None] = lambda delta, finish: None
+    """Called (from the batch's thread) with each new piece of text, and the finish reason at the end."""
+    cancelled: Callable[[], bool] = lambda: False
+
+
+@dataclass
+class GenResult:
+    text: str
+    finish_reason: str
+    """"stop" (EOS or a stop string), "length" (max_tokens) or "cancelled"."""
+    tokens: int
+
+
+def slots_context(bank: AdapterBank, slots: list[int]):
+    """bank.rows over these slots; the plain base when no row has an adapter."""
+    if all(s == BASE_SLOT for s in slots):
+        return contextlib.nullcontext()
+    return bank.rows(torch.tensor(slots, dtype=torch.long))
+
+
+class _RowState:
+    """Tokens and text of one row as it decodes; decides when it is done."""
+
+    def __init__(self, row: GenRow, eos_id: int, decode: Callable[[list[int]], str]):
+        self.row, self.eos_id, self.decode = row, eos_id, decode
+        self.ids: list[int] = []
+        self.sent = ""
+        self.result: GenResult | None = None
+        s = row.sampling
+        self.generator = torch.Generator().manual_seed(s.seed) if s.seed is not None else None
+        self.hold = max((len(x) for x in s.stop), default=1) - 1
+
+    def push(self, token: int) -> None:
+        s = self.row.sampling
+        finish = None
+        if token == self.eos_id:
+            finish = "stop"
+        else:
+            self.ids.append(token)
+        text = self.decode(self.ids)
+        cuts = [text.find(x) for x in s.stop if x and x in text]
+        if cuts:
+            text, finish = text[:min(cuts)], "stop"
+        elif finish is None and len(self.ids) >= s.max_tokens:
+            finish = "length"
+        elif finish is None and self.row.cancelled():
+            finish = "cancelled"
+        # Hold back what could be the start of a stop string or a half-decoded character.
+        safe = text if finish else text[:len(text) - self.hold].rstrip("\ufffd")
+        delta = safe[len(self.sent):] if len(safe) > len(self.sent) else ""
+        if delta or finish:
+            self.row.emit(delta, finish)
+            self.sent = safe if len(safe) > len(self.sent) else self.sent
+        if finish:
+            self.result = GenResult(text, finish, len(self.ids))
+
+
+def _pick(logits: torch.Tensor, states: list[_RowState]) -> list[int]:
+    """The next token of every row: argmax at temperature 0, else nucleus sampling."""
+    tokens = logits.argmax(-1).tolist()
+    for i, st in enumerate(states):
+        s = st.row.sampling
+        if s.temperature <= 0:
+            continue
+        probs = torch.softmax(logits[i].float() / s.temperature, dim=-1)
+        if s.top_p < 1.0:
+            sorted_p, order = probs.sort(descending=True)
+            outside = sorted_p.cumsum(0) - sorted_p > s.top_p  # keep the smallest set reaching top_p
+            sorted_p[outside] = 0.0
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+        tokens[i] = int(torch.multinomial(probs, 1, generator=st.generator))
+    return tokens
+
+
+@torch.no_grad()
+def generate_batch(model, bank: AdapterBank, tokenizer, rows: list[GenRow]) -> list[GenResult]:
+    """Generate for every row at once, each row on its own slot, with the KV cache."""
+    device = model.device
+    pad_id = tokenizer.pad_token_id
+    width = max(len(r.prompt_ids) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
+        mask[i, width - len(r.prompt_ids):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def decode(token_ids: list[int]) -> str:
+        return tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    states = [_RowState(r, tokenizer.eos_token_id, decode) for r in rows]
+    live = list(range(len(rows)))  # rows still decoding, in KV-cache order
+    cache = DynamicCache()
+    step_ids, step_pos = ids, positions
+    while live:
+        with slots_context(bank, [rows[i].slot for i in live]):
+            out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
+                        past_key_values=cache, use_cache=True, logits_to_keep=1)
+        tokens = _pick(out.logits[:, -1], [states[i] for i in live])
+        for i, token in zip(live, tokens):
+            states[i].push(token)
+        keep = [k for k, i in enumerate(live) if states[i].result is None]
+        if len(keep) < len(live):
+            if not keep:
+                break
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            mask, step_pos = mask[index], step_pos[index]
+            tokens = [tokens[k] for k in keep]
+            live = [live[k] for k in keep]
+        step_ids = torch.tensor(tokens, device=device).unsqueeze(-1)
+        step_pos = step_pos[:, -1:] + 1
+        mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=-1)
+    return [st.result for st in states]
+
+
+@dataclass
+class ScoreRow:
+    """One request of label scoring: every candidate answer encoded after the prompt."""
+
+    encoded: list[tuple[list[int], int]]
+    slot: int
+
+
+@torch.no_grad()
+def score_batch(model, bank: AdapterBank, tokenizer, rows: list[ScoreRow]) -> list[list[float]]:
+    """Log-likelihood of each candidate of each row, all rows in one forward."""
+    flat = [pair for r in rows for pair in r.encoded]
+    slots = [r.slot for r in rows for _ in r.encoded]
+    batch = {k: v.to(model.device) for k, v in collate(flat, tokenizer.pad_token_id).items()}
+    with slots_context(bank, slots):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    scores = answer_logprobs(logits, batch["labels"]).tolist()
+    out, start = [], 0
+    for r in rows:
+        out.append(scores[start:start + len(r.encoded)])
+        start += len(r.encoded)
+    return out

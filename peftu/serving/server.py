@@ -1,0 +1,240 @@
+"""The Ray Serve deployment `PeftuServer`: HTTP routes over one replica's `Engine`.
+
+One deployment with a FastAPI ingress. A request names a user by its model
+(`<model_name>:<user_id>`) or by the `serve_multiplexed_model_id` header; the
+header lets Serve route it to a replica that already holds the user's adapter
+(`@serve.multiplexed` records which replica holds which model id). The load
+itself happens outside Serve's model lock, in `AdapterManager`, so cold loads
+of different users overlap and never hold up other users' requests.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the routes' type hints
+# at run time, and Serve's ingress wrapper loses the module globals they would name.
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Header, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from ..errors import InvalidIdError, NotFoundError, StoreError
+from ..store import validate_id
+from .adapters import Lease
+from .api import (ApiError, ChatRequest, CompletionRequest, SamplingFields, ScoreRequest, chat_body,
+                  chat_prompt, completion_body, error_body, install_error_handlers, resolve_user,
+                  stream_chunk)
+from .auth import bearer, same_secret, token_user
+from .config import ServeConfig
+from .engine import Engine
+
+log = logging.getLogger("peftu.serving")
+
+api = FastAPI(title="peftu", description="Per-user LoRA adapters on one base model (OpenAI-compatible).")
+install_error_handlers(api)
+
+_ENDPOINTS = {"/v1/completions", "/v1/chat/completions", "/v1/score", "/v1/models", "/healthz", "/metrics"}
+
+
+@api.middleware("http")
+async def _count(request: Request, call_next):
+    """Requests and latency (to the first byte for streams) per endpoint and status."""
+    start = time.monotonic()
+    response = await call_next(request)
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        path = request.url.path
+        endpoint = path if path in _ENDPOINTS else "/admin" if path.startswith("/admin/") else "other"
+        metrics.requests.labels(endpoint=endpoint, status=str(response.status_code)).inc()
+        metrics.latency.labels(endpoint=endpoint).observe(time.monotonic() - start)
+    return response
+
+
+def _adapter_headers(lease: Lease) -> dict[str, str]:
+    """Which adapter answered; whether it was resident or had to be loaded."""
+    headers = {"x-peftu-adapter": lease.version or "none",
+               "x-peftu-cache": "base" if lease.version is None else "load" if lease.loaded_ms else "hit"}
+    if lease.loaded_ms is not None:
+        headers["x-peftu-load-ms"] = f"{lease.loaded_ms:.1f}"
+    return headers
+
+
+@serve.deployment(name="PeftuServer", max_ongoing_requests=256, ray_actor_options={"num_cpus": 1},
+                  health_check_period_s=10)
+@serve.ingress(api)
+class PeftuServer:
+    """One base model per replica, users' adapters in a bank, mixed batches."""
+
+    def __init__(self, config: dict | None = None):
+        self.cfg = ServeConfig.model_validate(config or {})
+        if self.cfg.user_tokens and not self.cfg.secret("token"):
+            raise ValueError(f"user_tokens is on but ${self.cfg.token_secret_env} is not set")
+        self.engine = Engine(self.cfg)
+        api.state.metrics = self.engine.metrics
+
+        async def register(model_id: str) -> str:
+            return model_id  # routing bookkeeping only; AdapterManager does the loading
+
+        self._register = serve.multiplexed(max_num_models_per_replica=self.cfg.max_adapters)(register)
+
+    def check_health(self) -> None:
+        """Unhealthy only if the batch loop died (a bad adapter never makes a replica unhealthy)."""
+        task = self.engine.batcher._task
+        if task is not None and task.done():
+            raise RuntimeError(f"the batch loop stopped: {task.exception()!r}")
+
+    # --- who is asking for which adapter ------------------------------------------------
+
+    async def _user(self, model: str, authorization: str | None) -> str | None:
+        header = serve.get_multiplexed_model_id() or None
+        user = resolve_user(model, header, self.engine.model_name)
+        if user is not None and self.cfg.user_tokens:
+            token = bearer(authorization)
+            if token is None:
+                raise ApiError(401, "this server needs a user token: Authorization: Bearer <token>",
+                               kind="authentication_error")
+            named = token_user(self.cfg.secret("token"), token)
+            if named is None:
+                raise ApiError(401, "the user token is invalid", kind="authentication_error")
+            if named != user:
+                raise ApiError(403, f"the token is not valid for user {user!r}", "model", "permission_error")
+        if user is not None:
+            await self._register(f"{self.engine.model_name}:{user}")
+        return user
+
+    def _prompt_ids(self, text: str) -> list[int]:
+        ids = self.engine.encode_prompt(text)
+        if len(ids) > self.cfg.max_prompt_tokens:
+            raise ApiError(400, f"the prompt has {len(ids)} tokens, this server allows at most "
+                           f"{self.cfg.max_prompt_tokens}", "prompt")
+        return ids
+
+    async def _generate(self, body: SamplingFields, prompt: str, authorization: str | None,
+                        chat: bool) -> Response:
+        sampling = body.sampling(self.cfg.max_tokens_limit)
+        prompt_ids = self._prompt_ids(prompt)
+        user = await self._user(body.model, authorization)
+        if body.stream:
+            lease, pieces = await self.engine.stream(user, prompt_ids, sampling)
+            return StreamingResponse(self._sse(pieces, body.model, chat), media_type="text/event-stream",
+                                     headers=_adapter_headers(lease))
+        done = await self.engine.complete(user, prompt_ids, sampling)
+        make = chat_body if chat else completion_body
+        r = done.result
+        return JSONResponse(make(body.model, r.text, r.finish_reason, done.prompt_tokens, r.tokens),
+                            headers=_adapter_headers(done.lease))
+
+    @staticmethod
+    async def _sse(pieces: AsyncIterator[tuple[str, str | None]], model: str, chat: bool
+                   ) -> AsyncIterator[str]:
+        rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
+        try:
+            async for delta, finish in pieces:
+                yield f"data: {json.dumps(stream_chunk(chat, rid, created, model, delta, finish))}\n\n"
+        except Exception as e:  # headers are gone already: report in the stream
+            log.exception("stream failed")
+            yield f"data: {json.dumps(error_body(f'generation failed: {e}', 'server_error'))}\n\n"
+        yield "data: [DONE]\n\n"
+
+    # --- the API ----------------------------------------------------------------------------
+
+    @api.post("/v1/completions")
+    async def completions(self, body: CompletionRequest,
+                          authorization: str | None = Header(None)) -> Response:
+        return await self._generate(body, body.prompt, authorization, chat=False)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatRequest,
+                               authorization: str | None = Header(None)) -> Response:
+        return await self._generate(body, chat_prompt(body.messages, self.engine.tokenizer), authorization,
+                                    chat=True)
+
+    @api.post("/v1/score")
+    async def score(self, body: ScoreRequest, authorization: str | None = Header(None)) -> Response:
+        labels = body.labels or (self.engine.spec.labels if self.engine.spec else [])
+        if len(labels) < 2:
+            raise ApiError(400, f"task {self.cfg.task!r} has no labels: give two or more in 'labels'", "labels")
+        self._prompt_ids(self.engine.score_spec(labels).render(body.input))
+        user = await self._user(body.model, authorization)
+        scores, lease = await self.engine.score(user, body.input, labels)
+        best = max(range(len(labels)), key=lambda i: scores[i])
+        return JSONResponse({"object": "score", "model": body.model, "label": labels[best],
+                             "scores": [{"label": lab, "logprob": s} for lab, s in zip(labels, scores)]},
+                            headers=_adapter_headers(lease))
+
+    @api.get("/v1/models")
+    async def models(self, authorization: str | None = Header(None)) -> dict:
+        """The base, and the caller's own model when a valid user token comes along.
+
+        Users are never listed: their ids are not public.
+        """
+        created = int(time.time())
+        names = [self.engine.model_name]
+        secret = self.cfg.secret("token")
+        token = bearer(authorization)
+        user = token_user(secret, token) if secret and token else None
+        if user is not None:
+            names.append(f"{self.engine.model_name}:{user}")
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": created, "owned_by": "peftu"}
+                                           for n in names]}
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok", "model": self.engine.model_name, "task": self.cfg.task,
+                "adapters_resident": len(self.engine.adapters.resident())}
+
+    @api.get("/metrics")
+    async def metrics(self) -> Response:
+        return Response(self.engine.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    # --- admin ------------------------------------------------------------------------------
+
+    def _admin(self, api_key: str | None) -> None:
+        key = self.cfg.secret("admin")
+        if key is None and not self.cfg.admin_without_key:
+            raise ApiError(403, f"admin endpoints are off: set ${self.cfg.admin_key_env} "
+                           "(or admin_without_key for local use)", kind="permission_error")
+        if key is not None and not same_secret(api_key, key):
+            raise ApiError(401, "admin endpoints need the admin key in the x-api-key header",
+                           kind="authentication_error")
+
+    @staticmethod
+    def _admin_user(user_id: str) -> str:
+        try:
+            return validate_id(user_id, "user id")
+        except InvalidIdError as e:
+            raise ApiError(400, str(e), "user_id") from None
+
+    @api.get("/admin/adapters")
+    async def admin_adapters(self, x_api_key: str | None = Header(None)) -> dict:
+        """Users whose adapters this replica holds, least recently used first."""
+        self._admin(x_api_key)
+        return {"users": self.engine.adapters.resident()}
+
+    @api.post("/admin/users/{user_id}/invalidate")
+    async def admin_invalidate(self, user_id: str, x_api_key: str | None = Header(None)) -> dict:
+        """Drop the user's loaded adapter here; the next request reads the store's latest version."""
+        self._admin(x_api_key)
+        user = self._admin_user(user_id)
+        return {"user": user, "was_loaded": self.engine.adapters.invalidate(user)}
+
+    @api.delete("/admin/users/{user_id}")
+    async def admin_delete(self, user_id: str, x_api_key: str | None = Header(None)) -> dict:
+        """Delete the user's adapter from the store and evict it (other replicas: within the version TTL)."""
+        self._admin(x_api_key)
+        user = self._admin_user(user_id)
+        try:
+            removed = await self.engine.adapters.delete(user)
+        except NotFoundError as e:
+            raise ApiError(404, str(e), "user_id", "not_found_error") from None
+        except StoreError as e:
+            raise ApiError(503, f"the store could not delete the adapter: {e}", kind="server_error") from None
+        return {"user": user, "deleted_versions": removed}
+
+
+def build_app(args: dict | None = None) -> serve.Application:
+    """The application for `serve run` / a serve config: args are `ServeConfig` fields."""
+    cfg = ServeConfig.model_validate(args or {})
+    return PeftuServer.bind(cfg.model_dump())
