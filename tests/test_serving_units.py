@@ -1,0 +1,177 @@
+"""Serving parts without Ray: the slot cache, the batcher, mixed batches vs PEFT, tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel
+
+from peftu.bank import AdapterBank
+from peftu.base import load_base
+from peftu.data.synthetic import TASKS
+from peftu.encode import encode
+from peftu.serving.auth import bearer, make_token, token_user
+from peftu.serving.batcher import Batcher
+from peftu.serving.cache import SlotCache
+from peftu.serving.generate import BASE_SLOT, GenRow, Sampling, ScoreRow, generate_batch, score_batch
+
+# --- the slot cache --------------------------------------------------------------
+
+
+def test_cache_evicts_least_recently_used_by_count():
+    cache = SlotCache([1, 2, 3], max_bytes=10**9)
+    for user in "abc":
+        cache.insert(user, "v1", cache.reserve(10), 10)
+    cache.get("a")  # a is now the most recent; b the least
+    slot = cache.reserve(10)
+    assert slot is not None and "b" not in cache and cache.users() == ["c", "a"]
+    assert cache.evictions == 1
+    cache.insert("d", "v1", slot, 10)
+    assert cache.users() == ["c", "a", "d"]
+
+
+def test_cache_evicts_by_bytes_and_never_a_pinned_entry():
+    cache = SlotCache(list(range(1, 10)), max_bytes=100)
+    a = cache.insert("a", "v1", cache.reserve(40), 40)
+    cache.insert("b", "v1", cache.reserve(40), 40)
+    cache.pin(a)
+    cache.reserve(50)  # 80 + 50 > 100: evicts b (a is pinned although older)
+    assert cache.users() == ["a"] and cache.bytes == 90
+    assert cache.reserve(20) is None  # only the pinned a could go
+    with pytest.raises(ValueError, match="exceeds the cache budget"):
+        cache.reserve(101)
+
+
+def test_a_replaced_pinned_entry_keeps_its_slot_until_unpinned():
+    cache = SlotCache([1, 2], max_bytes=100)
+    old = cache.insert("a", "v1", cache.reserve(10), 10)
+    cache.pin(old)
+    new = cache.insert("a", "v2", cache.reserve(10), 10)
+    assert new.slot != old.slot and cache.get("a") is new and old.retired
+    cache.pin(new)
+    assert cache.reserve(10) is None  # both slots taken: the old one is still in use
+    cache.unpin(old)
+    assert cache.reserve(10) == old.slot and cache.bytes == 20
+
+
+# --- the batcher -----------------------------------------------------------------------
+
+
+def _batches(mode: str, slots: list[int]) -> list[list[int]]:
+    seen: list[list[int]] = []
+
+    def run(kind, jobs):
+        seen.append([j.slot for j in jobs])
+        return [j.payload for j in jobs]
+
+    async def main():
+        batcher = Batcher(run, max_batch=8, wait_s=0.05, mode=mode)
+        results = await asyncio.gather(*(batcher.submit("generate", s, i) for i, s in enumerate(slots)))
+        assert results == list(range(len(slots)))
+
+    asyncio.run(main())
+    return seen
+
+
+def test_mixed_batches_take_every_user_split_batches_one():
+    slots = [1, 2, 3, 1, 2, 3]
+    assert _batches("mixed", slots) == [slots]
+    assert sorted(map(sorted, _batches("split", slots))) == [[1, 1], [2, 2], [3, 3]]
+
+
+# --- mixed batches against PEFT ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bank_with_users(tiny_base):
+    """A serving bank holding three users' random adapters of ranks 8, 4 and 2 (alpha varies)."""
+    model, tok = load_base(tiny_base)
+    folders = tempfile.TemporaryDirectory()
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(8, 16.0), (4, 4.0), (2, 8.0)]
+    for i, (r, alpha) in enumerate(shapes):
+        one = AdapterBank(model, 1, LoraConfig(r=r, lora_alpha=alpha, target_modules=["q_proj", "v_proj"]))
+        with torch.no_grad():
+            for p in one.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+        one.export_slot(0, Path(folders.name) / f"u{i}")
+        one.remove()
+    bank = AdapterBank(model, 4, LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    bank.clear_slot(BASE_SLOT)
+    for i in range(3):
+        bank.import_slot(i + 1, Path(folders.name) / f"u{i}")
+    yield model, tok, bank, Path(folders.name)
+    folders.cleanup()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_base, bank_with_users):
+    """A user's PEFT model on a separate copy of the base (None: the base alone)."""
+    _, _, _, folders = bank_with_users
+    plain, _ = load_base(tiny_base)
+    return lambda slot: plain if slot == BASE_SLOT else PeftModel.from_pretrained(plain, str(folders / f"u{slot - 1}"))
+
+
+def test_mixed_batch_scores_equal_each_users_peft_model(bank_with_users, reference):
+    model, tok, bank, _ = bank_with_users
+    spec = TASKS["synth-cls"]
+    texts = ["the lamp was great", "the chair broke on day one", "the kettle is fine", "a plain pen"]
+    slots = [3, 1, 2, BASE_SLOT]
+    rows = [ScoreRow([encode(tok, spec, t, lab, 128) for lab in spec.labels], s) for t, s in zip(texts, slots)]
+    mixed = score_batch(model, bank, tok, rows)
+    for row, slot, got in zip(rows, slots, mixed):
+        ref = reference(slot)
+        expected = score_batch(ref, bank, tok, [ScoreRow(row.encoded, BASE_SLOT)])[0]
+        assert got == pytest.approx(expected, rel=1e-4, abs=1e-4), slot
+        if slot != BASE_SLOT:
+            ref.unload()
+    assert mixed[0] != mixed[3]  # an adapter changes the scores
+
+
+def test_mixed_greedy_generation_equals_each_users_peft_generate(bank_with_users, reference):
+    model, tok, bank, _ = bank_with_users
+    prompts = ["Review: the lamp was great. Sentiment:", "Review: bad", "Review: the chair broke. Sentiment:"]
+    slots = [1, 2, 3]
+    rows = [GenRow(tok(p)["input_ids"], s, Sampling(max_tokens=6, temperature=0.0)) for p, s in zip(prompts, slots)]
+    mixed = generate_batch(model, bank, tok, rows)
+    for prompt, slot, got in zip(prompts, slots, mixed):
+        ref = reference(slot)
+        ids = tok(prompt, return_tensors="pt")
+        out = ref.generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+        assert got.text == tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        ref.unload()
+    assert len({r.text for r in mixed}) > 1
+
+
+def test_stop_strings_cut_and_streamed_pieces_add_up(bank_with_users):
+    model, tok, bank, _ = bank_with_users
+    prompt = tok("Review: the lamp was great. Sentiment:")["input_ids"]
+    full = generate_batch(model, bank, tok, [GenRow(prompt, 1, Sampling(max_tokens=12, temperature=0.0))])[0]
+    stop = full.text[len(full.text) // 2:][:2]
+    pieces: list[str] = []
+    row = GenRow(prompt, 1, Sampling(max_tokens=12, temperature=0.0, stop=[stop]),
+                 emit=lambda delta, finish: pieces.append(delta))
+    cut = generate_batch(model, bank, tok, [row])[0]
+    assert cut.text == full.text[:full.text.index(stop)] and cut.finish_reason == "stop"
+    assert "".join(pieces) == cut.text
+    sampled = [GenRow(prompt, 2, Sampling(max_tokens=8, temperature=1.0, top_p=0.9, seed=7)) for _ in range(2)]
+    a, b = generate_batch(model, bank, tok, sampled)
+    assert a.text == b.text and a.finish_reason in ("stop", "length")  # same seed, same sample
+
+
+# --- tokens ----------------------------------------------------------------------------------
+
+
+def test_tokens_name_one_user_and_cannot_be_forged():
+    token = make_token("s3cret", "alice")
+    assert token_user("s3cret", token) == "alice"
+    assert token_user("other", token) is None
+    prefix, _, mac = token.split(".")[0], None, token.split(".")[2]
+    forged = f"{prefix}.{make_token('s3cret', 'bob').split('.')[1]}.{mac}"
+    assert token_user("s3cret", forged) is None
+    assert token_user("s3cret", "garbage") is None and token_user("s3cret", "peftu1.%%%.x") is None
+    assert bearer(f"Bearer {token}") == token and bearer("Basic abc") is None and bearer(None) is None
