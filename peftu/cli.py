@@ -251,6 +251,100 @@ def cmd_bench_fit(args: argparse.Namespace) -> None:
         print(json.dumps(result.summary()))
 
 
+# --- serving (peftu serve, peftu serve token, peftu bench serve) ------------------------------
+
+
+def _serve_args(args: argparse.Namespace) -> dict:
+    """ServeConfig fields from the flags and --set KEY=VALUE (a value is JSON if it parses)."""
+    config = {k: getattr(args, k) for k in ("base", "store", "endpoint_url", "task", "batching")
+              if getattr(args, k, None)}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise PeftuError(f"--set wants KEY=VALUE, got {item!r}")
+        try:
+            config[key.replace("-", "_")] = json.loads(value)
+        except ValueError:
+            config[key.replace("-", "_")] = value
+    return config
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    """The serving app on this machine's Ray (RAY_ADDRESS's cluster if set), until Ctrl-C."""
+    import ray
+    from pydantic import ValidationError
+    from ray import serve
+
+    from .serving.server import build_app
+
+    try:
+        app = build_app(_serve_args(args))
+    except ValidationError as e:
+        raise PeftuError(f"invalid serving option: {e}") from None
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    print(f"serving on http://{args.host}:{args.port} (Ctrl-C stops)")
+    serve.run(app, name="peftu", route_prefix="/", blocking=True)
+
+
+def cmd_serve_token(args: argparse.Namespace) -> None:
+    import os
+
+    from .serving.auth import make_token
+    from .store import validate_id
+
+    secret = os.environ.get(args.secret_env)
+    if not secret:
+        raise PeftuError(f"set ${args.secret_env} to the server's token secret")
+    print(make_token(secret, validate_id(args.user)))
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    from .serving.bench import bench_serve, plot_serve, render_serve_table
+
+    result = bench_serve(_base_path(args), users=args.users, clients=args.clients, requests=args.requests,
+                         max_tokens=args.max_tokens, cache_size=args.cache_size, seed=args.seed, port=args.port)
+    Console(width=150).print(render_serve_table(result))
+    if args.plot:
+        plot_serve(result, args.plot)
+    if args.json:
+        print(json.dumps(result.summary()))
+
+
+def _add_serving_commands(sub, bench_sub) -> None:
+    p = sub.add_parser("serve", help="run the serving app on a local Ray (OpenAI-compatible HTTP API)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--task", help="task whose adapters are served (default synth-cls)")
+    p.add_argument("--batching", choices=["mixed", "split"])
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any serving option (peftu.serving.config.ServeConfig), e.g. --set max_adapters=512")
+    _add_base(p)
+    _add_store(p)
+    p.set_defaults(func=cmd_serve)
+    ssub = p.add_subparsers(dest="serve_command")
+    t = ssub.add_parser("token", help="print a user's token (HMAC with the server's secret)")
+    t.add_argument("user")
+    t.add_argument("--secret-env", default="PEFTU_TOKEN_SECRET", help="variable holding the secret")
+    t.set_defaults(func=cmd_serve_token)
+
+    p = bench_sub.add_parser("serve", help="requests/s and latency: base alone vs per-user batches vs mixed")
+    p.add_argument("--users", type=int, default=1000, help="users with a (random) adapter in the store")
+    p.add_argument("--clients", type=int, default=32, help="concurrent clients of the closed loop")
+    p.add_argument("--requests", type=int, default=2000, help="requests per phase")
+    p.add_argument("--max-tokens", type=int, default=16, help="most tokens generated per request")
+    p.add_argument("--cache-size", type=int, default=0, help="adapters held per replica (default: all users)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--port", type=int, default=8123, help="HTTP port of the app under test")
+    p.add_argument("--plot", help="write the chart here (PNG)")
+    p.add_argument("--json", action="store_true", help="end with one JSON line of the results")
+    _add_base(p)
+    p.set_defaults(func=cmd_bench_serve)
+
+
 # --- parser ----------------------------------------------------------------------------
 
 
@@ -358,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="end with one JSON line of the results")
     _add_base(p)
     p.set_defaults(func=cmd_bench_fit)
+    _add_serving_commands(sub, bsub)
     return parser
 
 

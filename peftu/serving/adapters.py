@@ -57,16 +57,41 @@ class AdapterManager:
         self._absent: OrderedDict[str, tuple[str | None, float]] = OrderedDict()
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._freed = asyncio.Condition()
+        self._refreshing: set[str] = set()
 
     async def acquire(self, user: str | None) -> Lease:
         """A pinned lease for the user's adapter (the base's slot for None or no adapter)."""
+        lease = await self._acquire(user)
+        if lease.version is not None and lease.loaded_ms is None:
+            self.metrics.adapter_hits.inc()
+        return lease
+
+    async def _acquire(self, user: str | None) -> Lease:
         if user is None:
             return Lease(BASE_SLOT, None)
+        entry = self.cache.get(user)
+        if entry is not None:  # resident: answer now; a stale version is re-checked in the background
+            if time.monotonic() - entry.checked_at >= self.ttl_s and user not in self._refreshing:
+                self._refreshing.add(user)
+                asyncio.get_running_loop().create_task(self._refresh(user))
+            return self._lease(entry)
+        async with self._lock(user):
+            return await self._acquire_locked(user)
+
+    def _lock(self, user: str) -> asyncio.Lock:
         lock = self._locks.get(user)
         if lock is None:
             lock = self._locks[user] = asyncio.Lock()
-        async with lock:
-            return await self._acquire_locked(user)
+        return lock
+
+    async def _refresh(self, user: str) -> None:
+        """Re-read the user's version pointer; load a new version, drop a deleted one."""
+        try:
+            async with self._lock(user):
+                lease = await self._acquire_locked(user)
+            self.release(lease)
+        finally:
+            self._refreshing.discard(user)
 
     def release(self, lease: Lease) -> None:
         """Unpin once the lease's batch is done (a load waiting for a slot may go on)."""
@@ -104,7 +129,6 @@ class AdapterManager:
         return await self._load(user, latest)
 
     def _lease(self, entry: Entry) -> Lease:
-        self.metrics.adapter_hits.inc()
         self.cache.pin(entry)
         return Lease(entry.slot, entry.version, entry)
 
