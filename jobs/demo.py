@@ -4,7 +4,8 @@ Generates users of the synthetic classification and rating tasks, builds the
 tiny base if it is missing, fits one adapter per user through the Ray Train
 fit job (a local Ray, banked packs, adapters published to a local store), and
 prints how per-user adapters compare with the base model and with one global
-adapter on each user's held-out test examples.
+adapter on each user's held-out test examples. It ends by starting the serving
+app on that store and asking it the same input as three users over HTTP.
 
     python -m jobs.demo [--users 120] [--store DIR] [--tasks synth-cls synth-rating]
 """
@@ -25,6 +26,7 @@ from peftu.distributed import FitJobConfig, run_fit_job
 from peftu.eval import better
 from peftu.fit import LoraHParams
 from peftu.paths import peftu_home
+from peftu.serving.local import ask_users
 from peftu.store import AdapterStore
 
 
@@ -44,6 +46,7 @@ def main() -> None:
     store = AdapterStore.open(args.store)
     results = []
     hp = LoraHParams()
+    served = None
     for task in args.tasks:
         spec, users, report = generate(task, args.users, seed=args.seed)
         console.print(f"[bold]{task}[/]: {report}")
@@ -54,12 +57,18 @@ def main() -> None:
         console.print(f"[{task}] fit run {run.run_id}: {len(run.summary.fitted)} fitted, "
                       f"{len(run.summary.skipped)} already current, {run.users_per_hour:.0f} users/hour")
         results.append(compare(spec, users, base_path, store, hp, log=console.print))
+        served = served or (spec, users)
     console.print(render_table(results))
     for res in results:
         base, glob, own = (res.value(m) for m in ("base", "global adapter", "per-user adapters"))
         verdict = "beat" if all(better(res.spec.metric, own, x) for x in (base, glob)) else "did NOT beat"
         console.print(f"{res.spec.name}: per-user adapters {verdict} the base and the global adapter "
                       f"({res.spec.metric} {own:.3f} vs {base:.3f} / {glob:.3f})")
+    spec, users = served
+    console.print(f"[bold]serving[/]: the same {spec.name} input for three users, over HTTP "
+                  "(the first users whose answers differ)")
+    ask_users(base_path, args.store, spec, [u.user_id for u in users[:12]], users[0].test[0].input,
+              log=console.print)
     console.print(f"adapters are in {args.store}; done in {time.monotonic() - start:.0f} s")
 
 

@@ -338,7 +338,7 @@ def _add_serving_commands(sub, bench_sub) -> None:
     p.add_argument("--max-tokens", type=int, default=16, help="most tokens generated per request")
     p.add_argument("--cache-size", type=int, default=0, help="adapters held per replica (default: all users)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--port", type=int, default=8123, help="HTTP port of the app under test")
+    p.add_argument("--port", type=int, default=0, help="HTTP port of the app under test (default: a free one)")
     p.add_argument("--plot", help="write the chart here (PNG)")
     p.add_argument("--json", action="store_true", help="end with one JSON line of the results")
     _add_base(p)

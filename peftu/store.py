@@ -669,6 +669,37 @@ class AdapterStore:
     def has_adapter(self, task: str, user_id: str) -> bool:
         return self.latest_version(task, user_id) is not None
 
+    def _usable_manifest(self, task: str, user_id: str, version: str | None, expect_base: str | None) -> Manifest:
+        m = self.manifest(task, user_id, version)
+        if expect_base is not None and m.base_fingerprint != expect_base:
+            raise ForeignAdapterError(
+                f"adapter of user {user_id!r} in task {task!r} (version {m.version}) was fitted on base "
+                f"{_short(m.base_fingerprint)}, not on the loaded base {_short(expect_base)}")
+        return m
+
+    def fetch_bytes(self, task: str, user_id: str, version: str | None = None, *,
+                    expect_base: str | None = None) -> tuple[dict[str, bytes], Manifest]:
+        """A version's files (default: the latest) in memory, each verified against its manifest.
+
+        For servers that load adapters straight into memory: no temp files, no fsyncs.
+        """
+        m = self._usable_manifest(task, user_id, version, expect_base)
+        version_key = self._version_key(task, user_id, m.version)
+        files = {}
+        for name, expected in m.files.items():
+            try:
+                data = self.backend.get(f"{version_key}/{name}")
+            except NotFoundError:
+                raise CorruptAdapterError(f"{name} of user {user_id!r} in task {task!r} (version "
+                                          f"{m.version}) is listed in its manifest but missing") from None
+            actual = hashlib.sha256(data).hexdigest()
+            if actual != expected:
+                raise CorruptAdapterError(
+                    f"{name} of user {user_id!r} in task {task!r} (version {m.version}) does not match "
+                    f"its manifest: sha256 {_short(actual)} instead of {_short(expected)}")
+            files[name] = data
+        return files, m
+
     def fetch(self, task: str, user_id: str, version: str | None = None, *, dest: Path | None = None,
               expect_base: str | None = None) -> tuple[Path, Manifest]:
         """Download a version's files (default: the latest) and verify each against its manifest.
@@ -677,11 +708,7 @@ class AdapterStore:
         manifest. Nothing unverified is left behind: a file that fails its sha256
         is removed, and a temp dir made here is removed on any failure.
         """
-        m = self.manifest(task, user_id, version)
-        if expect_base is not None and m.base_fingerprint != expect_base:
-            raise ForeignAdapterError(
-                f"adapter of user {user_id!r} in task {task!r} (version {m.version}) was fitted on base "
-                f"{_short(m.base_fingerprint)}, not on the loaded base {_short(expect_base)}")
+        m = self._usable_manifest(task, user_id, version, expect_base)
         version_key = self._version_key(task, user_id, m.version)
         made_here = dest is None
         out = Path(tempfile.mkdtemp(prefix="peftu-adapter-")) if made_here else Path(dest)

@@ -175,3 +175,41 @@ def test_tokens_name_one_user_and_cannot_be_forged():
     assert token_user("s3cret", forged) is None
     assert token_user("s3cret", "garbage") is None and token_user("s3cret", "peftu1.%%%.x") is None
     assert bearer(f"Bearer {token}") == token and bearer("Basic abc") is None and bearer(None) is None
+
+
+# --- the serve config ------------------------------------------------------------------------
+
+
+def test_serve_config_yaml_is_valid_for_serve_and_builds_the_peftu_server():
+    import yaml
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.app import app
+
+    config = yaml.safe_load((Path(__file__).parents[1] / "serve" / "config.yaml").read_text())
+    ServeDeploySchema.model_validate(config)
+    (spec,) = config["applications"]
+    assert spec["import_path"] == "serve.app:app"
+    assert [d["name"] for d in spec["deployments"]] == ["PeftuServer"]
+    built = call_user_app_builder_with_args_if_necessary(app, spec["args"])
+    assert built._bound_deployment.name == "PeftuServer"
+    with pytest.raises(ValueError, match="max_adaptors"):
+        call_user_app_builder_with_args_if_necessary(app, {**spec["args"], "max_adaptors": 3})
+
+
+def test_fetch_bytes_verifies_every_file(tmp_path):
+    from peftu.errors import CorruptAdapterError, ForeignAdapterError
+    from peftu.store import AdapterStore
+
+    store = AdapterStore.open(str(tmp_path))
+    files = {"adapter_config.json": b'{"peft_type": "LORA", "r": 2, "lora_alpha": 4}',
+             "adapter_model.safetensors": b"weights"}
+    m = store.publish("t", "u", files, base_fingerprint="b" * 64, data_fingerprint="d", hparams={})
+    got, manifest = store.fetch_bytes("t", "u", expect_base="b" * 64)
+    assert got == files and manifest.version == m.version
+    with pytest.raises(ForeignAdapterError):
+        store.fetch_bytes("t", "u", expect_base="c" * 64)
+    store.backend.put(f"adapters/t/u/versions/{m.version}/adapter_model.safetensors", b"tampered")
+    with pytest.raises(CorruptAdapterError, match="does not match"):
+        store.fetch_bytes("t", "u")

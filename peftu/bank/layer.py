@@ -25,6 +25,9 @@ class SlotContext:
 
     def __init__(self) -> None:
         self.slots: torch.Tensor | int | None = None
+        self.gathered: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] | None = None
+        """Per layer, A and scale * B gathered for `slots`, kept while the weights cannot
+        change (a generation's decode steps); None: gather on every forward."""
 
 
 def linear_shape(base: nn.Module) -> tuple[int, int]:
@@ -62,11 +65,16 @@ class BankedLoraLinear(nn.Module):
         if isinstance(slots, int):
             delta = (x.to(self.lora_A.dtype) @ self.lora_A[slots].T) @ self.lora_B[slots].T
             return out + (self.scales[slots] * delta).to(out.dtype)
-        # index_select rather than A[slots]: its backward is a plain index_add, much
-        # faster than advanced indexing's when many rows share a slot.
-        a = torch.index_select(self.lora_A, 0, slots)  # [rows, r, d_in]
-        b = torch.index_select(self.lora_B, 0, slots)  # [rows, d_out, r]
-        h = x.to(a.dtype)
-        delta = torch.bmm(torch.bmm(h, a.transpose(1, 2)), b.transpose(1, 2))
-        scale = torch.index_select(self.scales, 0, slots).view(-1, *([1] * (delta.dim() - 1)))
-        return out + (scale * delta).to(out.dtype)
+        gathered = self.ctx.gathered
+        ab = gathered.get(self) if gathered is not None else None
+        if ab is None:
+            # index_select rather than A[slots]: its backward is a plain index_add, much
+            # faster than advanced indexing's when many rows share a slot.
+            a = torch.index_select(self.lora_A, 0, slots).transpose(1, 2)  # [rows, d_in, r]
+            scale = torch.index_select(self.scales, 0, slots).view(-1, 1, 1)
+            b = (torch.index_select(self.lora_B, 0, slots) * scale).transpose(1, 2)  # [rows, r, d_out]
+            ab = (a, b)
+            if gathered is not None:
+                gathered[self] = ab
+        delta = torch.bmm(torch.bmm(x.to(ab[0].dtype), ab[0]), ab[1])
+        return out + delta.to(out.dtype)

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 from torch import nn
 
 from .layer import BankedLoraLinear, SlotContext
@@ -41,26 +42,34 @@ def lora_scale(config: dict) -> float:
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
-def read_adapter(folder: Path, max_rank: int) -> tuple[dict[str, torch.Tensor], float]:
-    """A PEFT LoRA adapter folder as (weights, scale); only safetensors is ever read.
+def parse_adapter(config_json: bytes | str, weights: bytes, max_rank: int, where: str = "adapter"
+                  ) -> tuple[dict[str, torch.Tensor], float]:
+    """A PEFT LoRA adapter's two files as (weights, scale); the weights only ever as safetensors.
 
     Refuses what a bank cannot compute exactly: other PEFT types, DoRA, biases,
     per-module ranks or alphas, and ranks above the bank's.
     """
-    folder = Path(folder)
-    config = json.loads((folder / "adapter_config.json").read_text())
+    config = json.loads(config_json)
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
-        raise ValueError(f"{folder}: not a LoRA adapter (peft_type {config.get('peft_type')!r})")
+        kind = config.get("peft_type") if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"{where}: not a LoRA adapter (peft_type {kind!r})")
     r = config.get("r")
     if not isinstance(r, int) or not 1 <= r <= max_rank:
-        raise ValueError(f"{folder}: a LoRA adapter of rank 1..{max_rank} is needed, got r={r!r}")
+        raise ValueError(f"{where}: a LoRA adapter of rank 1..{max_rank} is needed, got r={r!r}")
     if not isinstance(config.get("lora_alpha"), (int, float)):
-        raise ValueError(f"{folder}: lora_alpha must be a number, got {config.get('lora_alpha')!r}")
+        raise ValueError(f"{where}: lora_alpha must be a number, got {config.get('lora_alpha')!r}")
     for key, plain in (("use_dora", False), ("bias", "none"), ("rank_pattern", {}), ("alpha_pattern", {}),
                        ("modules_to_save", None)):
         if config.get(key) not in (plain, None):
-            raise ValueError(f"{folder}: {key}={config[key]!r} is not supported by the bank")
-    return load_file(str(folder / "adapter_model.safetensors")), lora_scale(config)
+            raise ValueError(f"{where}: {key}={config[key]!r} is not supported by the bank")
+    return load_safetensors(weights), lora_scale(config)
+
+
+def read_adapter(folder: Path, max_rank: int) -> tuple[dict[str, torch.Tensor], float]:
+    """`parse_adapter` on a PEFT adapter folder."""
+    folder = Path(folder)
+    return parse_adapter((folder / "adapter_config.json").read_bytes(),
+                         (folder / "adapter_model.safetensors").read_bytes(), max_rank, str(folder))
 
 
 def peft_initial_state(model: nn.Module, config: LoraConfig, seed: int) -> dict[str, torch.Tensor]:
@@ -111,8 +120,12 @@ class AdapterBank:
         return [p for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B)]
 
     @contextlib.contextmanager
-    def rows(self, slots: torch.Tensor | list[int] | int) -> Iterator[None]:
-        """Run the model with batch row i on adapter `slots[i]` (an int: every row on one slot)."""
+    def rows(self, slots: torch.Tensor | list[int] | int, reuse: bool = False) -> Iterator[None]:
+        """Run the model with batch row i on adapter `slots[i]` (an int: every row on one slot).
+
+        `reuse`: the forwards inside do not change the weights (decode steps of one
+        batch), so each layer gathers its rows' weights once, not at every forward.
+        """
         if isinstance(slots, int):
             if not 0 <= slots < self.n_slots:
                 raise IndexError(f"slot {slots} out of range 0..{self.n_slots - 1}")
@@ -122,10 +135,12 @@ class AdapterBank:
                 raise IndexError(f"slot out of range 0..{self.n_slots - 1}: {slots.tolist()}")
             slots = slots.to(next(iter(self.layers.values())).lora_A.device)
         self.ctx.slots = slots
+        self.ctx.gathered = {} if reuse else None
         try:
             yield
         finally:
             self.ctx.slots = None
+            self.ctx.gathered = None
 
     # --- PEFT interchange ------------------------------------------------------
 

@@ -6,22 +6,22 @@ store's version pointer is re-read once a loaded version is older than the TTL,
 so a newly published version is picked up without a restart. Loads of
 different users run concurrently in threads; loads of one user are coalesced.
 A corrupt, foreign or incompatible adapter is logged and counted, and its user
-is answered by the base model until a new version appears.
+is answered by the base model (the store is asked again after the TTL).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import tempfile
 import time
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from ..bank import AdapterBank
-from ..bank.model import read_adapter
-from ..errors import CorruptAdapterError, ForeignAdapterError, StoreError, StoreUnavailableError
+from ..bank.model import parse_adapter
+from ..errors import (CorruptAdapterError, ForeignAdapterError, NotFoundError, StoreError,
+                      StoreUnavailableError)
 from ..store import AdapterStore
 from .cache import Entry, SlotCache
 from .generate import BASE_SLOT
@@ -54,7 +54,7 @@ class AdapterManager:
         bank.clear_slot(BASE_SLOT)
         self.slot_bytes = bank.slot_bytes()
         self.cache = SlotCache(list(range(1, bank.n_slots)), max_bytes)
-        self._absent: OrderedDict[str, tuple[str | None, float]] = OrderedDict()
+        self._absent: OrderedDict[str, float] = OrderedDict()
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._freed = asyncio.Condition()
         self._refreshing: set[str] = set()
@@ -109,23 +109,21 @@ class AdapterManager:
         entry = self.cache.get(user)
         if entry is not None and now - entry.checked_at < self.ttl_s:
             return self._lease(entry)
-        absent = self._absent.get(user)
-        if entry is None and absent is not None and now - absent[1] < self.ttl_s:
-            return Lease(BASE_SLOT, None)
+        if entry is None:
+            if now - self._absent.get(user, -float("inf")) < self.ttl_s:
+                return Lease(BASE_SLOT, None)
+            return await self._load(user, None)  # the pointer, manifest and files in one trip
         try:
             latest = await asyncio.to_thread(self.store.latest_version, self.task, user)
         except (StoreError, OSError) as e:
             return self._unchecked(user, entry, e)
         if latest is None:
             self.cache.remove(user)
-            self._remember_absent(user, None)
+            self._remember_absent(user)
             return Lease(BASE_SLOT, None)
-        if entry is not None and entry.version == latest:
+        if entry.version == latest:
             entry.checked_at = now
             return self._lease(entry)
-        if absent is not None and absent[0] == latest:  # this version already failed to load
-            self._remember_absent(user, latest)
-            return Lease(BASE_SLOT, None)
         return await self._load(user, latest)
 
     def _lease(self, entry: Entry) -> Lease:
@@ -138,17 +136,23 @@ class AdapterManager:
         log.warning("cannot check the adapter version of user %r: %s", user, error)
         return self._lease(entry) if entry is not None else Lease(BASE_SLOT, None)
 
-    def _remember_absent(self, user: str, version: str | None) -> None:
-        self._absent[user] = (version, time.monotonic())
+    def _remember_absent(self, user: str) -> None:
+        """The user has no usable adapter: answer with the base without asking the store for a TTL."""
+        self._absent[user] = time.monotonic()
         self._absent.move_to_end(user)
         while len(self._absent) > _MAX_REMEMBERED:
             self._absent.popitem(last=False)
 
-    async def _load(self, user: str, version: str) -> Lease:
+    async def _load(self, user: str, version: str | None) -> Lease:
+        """Fetch, verify and read `version` (None: the latest), then fill a slot."""
         start = time.monotonic()
         try:
-            state, scale = await asyncio.to_thread(self._read, user, version)
+            state, scale, version = await asyncio.to_thread(self._read, user, version)
             slot = await self._reserve()
+        except NotFoundError:
+            self.cache.remove(user)
+            self._remember_absent(user)
+            return Lease(BASE_SLOT, None)
         except Exception as e:  # noqa: BLE001 - any unusable adapter means: answer with the base
             return self._failed(user, version, e)
         try:
@@ -162,15 +166,16 @@ class AdapterManager:
         self.metrics.adapter_loads.inc()
         self.metrics.load_latency.observe(elapsed)
         self.metrics.resident.set(len(self.cache))
-        log.info("loaded the adapter of user %r (version %s) into slot %d in %.0f ms",
-                 user, version, slot, elapsed * 1000)
+        log.debug("loaded the adapter of user %r (version %s) into slot %d in %.0f ms",
+                  user, version, slot, elapsed * 1000)
         self.cache.pin(entry)
         return Lease(slot, version, entry, loaded_ms=elapsed * 1000)
 
-    def _read(self, user: str, version: str):
-        with tempfile.TemporaryDirectory(prefix="peftu-serve-") as tmp:
-            folder, _ = self.store.fetch(self.task, user, version, dest=tmp, expect_base=self.base_fp)
-            return read_adapter(folder, self.bank.config.r)
+    def _read(self, user: str, version: str | None) -> tuple[dict, float, str]:
+        files, manifest = self.store.fetch_bytes(self.task, user, version, expect_base=self.base_fp)
+        state, scale = parse_adapter(files["adapter_config.json"], files["adapter_model.safetensors"],
+                                     self.bank.config.r, f"adapter of user {user!r} ({manifest.version})")
+        return state, scale, manifest.version
 
     async def _reserve(self) -> int:
         """A slot for one more adapter, waiting while running batches pin every slot."""
@@ -183,16 +188,16 @@ class AdapterManager:
                     return slot
                 await self._freed.wait()
 
-    def _failed(self, user: str, version: str, error: Exception) -> Lease:
+    def _failed(self, user: str, version: str | None, error: Exception) -> Lease:
         reason = ("corrupt" if isinstance(error, CorruptAdapterError) else
                   "foreign" if isinstance(error, ForeignAdapterError) else
                   "store" if isinstance(error, (StoreUnavailableError, OSError)) else "incompatible")
         self.metrics.adapter_errors.labels(reason=reason).inc()
         log.error("the adapter of user %r (version %s) is unusable (%s), answering with the base: %s",
-                  user, version, reason, error)
+                  user, version or "latest", reason, error)
         self.cache.remove(user)
         if reason != "store":  # a store outage is retried on the next request
-            self._remember_absent(user, version)
+            self._remember_absent(user)
         return Lease(BASE_SLOT, None)
 
     def invalidate(self, user: str) -> bool:

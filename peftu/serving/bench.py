@@ -28,6 +28,7 @@ from rich.table import Table
 from ..data.synthetic import generate
 from ..store import AdapterStore
 from .fake_adapters import publish_random_adapters
+from .local import local_app
 
 TASK = "synth-gen"
 """Headlines of ~10 tokens: answers long enough that decoding, not HTTP, dominates."""
@@ -142,12 +143,10 @@ def _phase(name: str, batching: str, popularity: str, seconds: float, records: l
 
 
 def bench_serve(base: str, *, users: int = 1000, clients: int = 32, requests: int = 2000, max_tokens: int = 16,
-                cache_size: int = 0, zipf_s: float = 1.1, seed: int = 0, port: int = 8123, log=print) -> ServeBench:
+                cache_size: int = 0, zipf_s: float = 1.1, seed: int = 0, port: int = 0, log=print) -> ServeBench:
     """Run the three modes (see the module docs) and return their phases."""
     import ray
-    from ray import serve
-
-    from .server import PeftuServer
+    import requests as http
 
     rng = random.Random(seed)
     ids = [f"user{i:05d}" for i in range(users)]
@@ -161,14 +160,11 @@ def bench_serve(base: str, *, users: int = 1000, clients: int = 32, requests: in
         log(f"published {users} random adapters in {time.monotonic() - start:.0f} s")
         if not ray.is_initialized():
             ray.init(address="local", include_dashboard=False, log_to_driver=False)
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        url = f"http://127.0.0.1:{port}"
-        try:
-            for batching in ("mixed", "split"):
-                config = {"base": base, "store": store_dir, "task": TASK, "batching": batching,
-                          "max_adapters": cache_size, "max_rank": 8, "max_tokens_limit": max(16, max_tokens)}
-                serve.run(PeftuServer.bind(config), name="peftu", route_prefix="/")
-                model_name = config.get("model_name") or base.rstrip("/").rsplit("/", 1)[-1]
+        for batching in ("mixed", "split"):
+            config = {"base": base, "store": store_dir, "task": TASK, "batching": batching,
+                      "max_adapters": cache_size, "max_rank": 8, "max_tokens_limit": max(16, max_tokens)}
+            with local_app(config, port) as url:
+                model_name = http.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
                 runs = [("base", "uniform", lambda: None)] if batching == "mixed" else []
                 runs += [(f"{batching} {pop}", pop, _user_sampler(ids, pop, rng, zipf_s))
                          for pop in ("uniform", "zipf")]
@@ -177,9 +173,6 @@ def bench_serve(base: str, *, users: int = 1000, clients: int = 32, requests: in
                                                                 clients, max_tokens))
                     phases[name] = _phase(name, batching, pop, seconds, records)
                     log(f"{name}: {phases[name].rps:.1f} requests/s, p50 {phases[name].latency(0.5):.0f} ms")
-                serve.delete("peftu")
-        finally:
-            serve.shutdown()
     order = ["base", "split uniform", "mixed uniform", "split zipf", "mixed zipf"]
     return ServeBench(users, clients, max_tokens, cache_size, {k: phases[k] for k in order})
 

@@ -56,11 +56,11 @@ class GenResult:
     tokens: int
 
 
-def slots_context(bank: AdapterBank, slots: list[int]):
+def slots_context(bank: AdapterBank, slots: list[int], reuse: bool = False):
     """bank.rows over these slots; the plain base when no row has an adapter."""
     if all(s == BASE_SLOT for s in slots):
         return contextlib.nullcontext()
-    return bank.rows(torch.tensor(slots, dtype=torch.long))
+    return bank.rows(torch.tensor(slots, dtype=torch.long), reuse=reuse)
 
 
 class _RowState:
@@ -138,25 +138,28 @@ def generate_batch(model, bank: AdapterBank, tokenizer, rows: list[GenRow]) -> l
     live = list(range(len(rows)))  # rows still decoding, in KV-cache order
     cache = DynamicCache()
     step_ids, step_pos = ids, positions
-    while live:
-        with slots_context(bank, [rows[i].slot for i in live]):
+    with contextlib.ExitStack() as rows_on:  # re-entered whenever rows leave the batch
+        rows_on.enter_context(slots_context(bank, [r.slot for r in rows], reuse=True))
+        while live:
             out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
                         past_key_values=cache, use_cache=True, logits_to_keep=1)
-        tokens = _pick(out.logits[:, -1], [states[i] for i in live])
-        for i, token in zip(live, tokens):
-            states[i].push(token)
-        keep = [k for k, i in enumerate(live) if states[i].result is None]
-        if len(keep) < len(live):
-            if not keep:
-                break
-            index = torch.tensor(keep, device=device)
-            cache.batch_select_indices(index)
-            mask, step_pos = mask[index], step_pos[index]
-            tokens = [tokens[k] for k in keep]
-            live = [live[k] for k in keep]
-        step_ids = torch.tensor(tokens, device=device).unsqueeze(-1)
-        step_pos = step_pos[:, -1:] + 1
-        mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=-1)
+            tokens = _pick(out.logits[:, -1], [states[i] for i in live])
+            for i, token in zip(live, tokens):
+                states[i].push(token)
+            keep = [k for k, i in enumerate(live) if states[i].result is None]
+            if len(keep) < len(live):
+                if not keep:
+                    break
+                index = torch.tensor(keep, device=device)
+                cache.batch_select_indices(index)
+                mask, step_pos = mask[index], step_pos[index]
+                tokens = [tokens[k] for k in keep]
+                live = [live[k] for k in keep]
+                rows_on.close()
+                rows_on.enter_context(slots_context(bank, [rows[i].slot for i in live], reuse=True))
+            step_ids = torch.tensor(tokens, device=device).unsqueeze(-1)
+            step_pos = step_pos[:, -1:] + 1
+            mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=-1)
     return [st.result for st in states]
 
 

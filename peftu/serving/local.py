@@ -1,0 +1,84 @@
+"""The app on this machine's Ray, for the demo, the benchmark and quick looks.
+
+`local_app(config)` starts Serve on a loopback port, deploys `PeftuServer` with
+`config` (ServeConfig fields), yields its URL and shuts Serve down again; a
+local Ray is started with `address="local"` (never attaching to another
+cluster) unless one is already initialised.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import requests
+
+from ..data.schema import TaskSpec
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def local_app(config: dict, port: int = 0) -> Iterator[str]:
+    """Serve the app at http://127.0.0.1:<port> for the duration of the block."""
+    import ray
+    from ray import serve
+
+    from .server import PeftuServer
+
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    port = port or free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(PeftuServer.bind(config), name="peftu", route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        if started_ray:
+            ray.shutdown()
+
+
+def ask_users(base: str, store: str, spec: TaskSpec, users: list[str], text: str, *, show: int = 3,
+              log=print) -> dict[str, str]:
+    """Start the app, send the same input as several users over HTTP, print the answers.
+
+    Classification and rating tasks are answered by label scoring (`/v1/score`),
+    generation tasks by a greedy completion. The first `show` users whose
+    answers differ from each other are printed (and the base's answer); the
+    answers of those shown come back.
+    """
+    with local_app({"base": base, "store": store, "task": spec.name}) as url:
+        model = requests.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
+        base_answer, _ = _ask(url, model, spec, text)
+        asked = {user: _ask(url, f"{model}:{user}", spec, text) for user in users}
+    distinct: dict[str, tuple[str, str]] = {}
+    for user, (answer, version) in asked.items():
+        if answer not in {a for a, _ in distinct.values()}:
+            distinct[user] = (answer, version)
+    chosen = (list(distinct) + [u for u in users if u not in distinct])[:show]
+    log(f"input: {text!r}\n  base model: {base_answer!r}")
+    for user in chosen:
+        answer, version = asked[user]
+        log(f"  user {user} (adapter {version}): {answer!r}")
+    return {user: asked[user][0] for user in chosen}
+
+
+def _ask(url: str, model: str, spec: TaskSpec, text: str) -> tuple[str, str]:
+    if spec.kind == "generation":
+        r = requests.post(f"{url}/v1/completions", timeout=60, json={
+            "model": model, "prompt": spec.render(text), "max_tokens": spec.max_new_tokens,
+            "temperature": 0, "stop": ["\n"]})
+        r.raise_for_status()
+        answer = r.json()["choices"][0]["text"].strip()
+    else:
+        r = requests.post(f"{url}/v1/score", json={"model": model, "input": text}, timeout=60)
+        r.raise_for_status()
+        answer = r.json()["label"]
+    return answer, r.headers["x-peftu-adapter"]
