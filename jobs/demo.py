@@ -65,9 +65,9 @@ def main() -> None:
         console.print(f"{res.spec.name}: per-user adapters {verdict} the base and the global adapter "
                       f"({res.spec.metric} {own:.3f} vs {base:.3f} / {glob:.3f})")
     spec, users = served
-    console.print(f"[bold]serving[/]: the same {spec.name} input for three users, over HTTP "
-                  "(the first users whose answers differ)")
-    ask_users(base_path, args.store, spec, [u.user_id for u in users[:12]], users[0].test[0].input,
+    console.print(f"[bold]serving[/]: the same {spec.name} input for several users, over HTTP "
+                  "(of up to 8 inputs, the first that three of 12 users answer differently)")
+    ask_users(base_path, args.store, spec, [u.user_id for u in users[:12]], [u.test[0].input for u in users[:8]],
               log=console.print)
     console.print(f"adapters are in {args.store}; done in {time.monotonic() - start:.0f} s")
 

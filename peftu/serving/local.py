@@ -45,29 +45,37 @@ def local_app(config: dict, port: int = 0) -> Iterator[str]:
             ray.shutdown()
 
 
-def ask_users(base: str, store: str, spec: TaskSpec, users: list[str], text: str, *, show: int = 3,
+def ask_users(base: str, store: str, spec: TaskSpec, users: list[str], texts: list[str], *, show: int = 3,
               log=print) -> dict[str, str]:
     """Start the app, send the same input as several users over HTTP, print the answers.
 
     Classification and rating tasks are answered by label scoring (`/v1/score`),
-    generation tasks by a greedy completion. The first `show` users whose
-    answers differ from each other are printed (and the base's answer); the
-    answers of those shown come back.
+    generation tasks by a greedy completion. Of `texts`, the first on which
+    `show` users answer differently is used (else the one with the most
+    different answers); those users' answers and the base's are printed and
+    the users' come back.
     """
+    best: tuple[str, str, dict[str, tuple[str, str]], int] | None = None
     with local_app({"base": base, "store": store, "task": spec.name}) as url:
         model = requests.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
-        base_answer, _ = _ask(url, model, spec, text)
-        asked = {user: _ask(url, f"{model}:{user}", spec, text) for user in users}
-    distinct: dict[str, tuple[str, str]] = {}
-    for user, (answer, version) in asked.items():
-        if answer not in {a for a, _ in distinct.values()}:
-            distinct[user] = (answer, version)
-    chosen = (list(distinct) + [u for u in users if u not in distinct])[:show]
-    log(f"input: {text!r}\n  base model: {base_answer!r}")
+        for text in texts:
+            asked = {user: _ask(url, f"{model}:{user}", spec, text) for user in users}
+            distinct: dict[str, tuple[str, str]] = {}
+            for user, (answer, version) in asked.items():
+                if answer not in {a for a, _ in distinct.values()}:
+                    distinct[user] = (answer, version)
+            if best is None or len(distinct) > best[3]:
+                best = (text, _ask(url, model, spec, text)[0], distinct | asked, len(distinct))
+            if len(distinct) >= show:
+                break
+    text, base_answer, answers, n_distinct = best
+    chosen = list(answers)[:show]
+    log(f"input: {text!r} ({n_distinct} different answers among {len(users)} users)\n"
+        f"  base model: {base_answer!r}")
     for user in chosen:
-        answer, version = asked[user]
+        answer, version = answers[user]
         log(f"  user {user} (adapter {version}): {answer!r}")
-    return {user: asked[user][0] for user in chosen}
+    return {user: answers[user][0] for user in chosen}
 
 
 def _ask(url: str, model: str, spec: TaskSpec, text: str) -> tuple[str, str]:
