@@ -516,6 +516,15 @@ def _short(fp: str) -> str:
     return fp[:12]
 
 
+def _file_error(m: Manifest, name: str, actual: str | None = None) -> CorruptAdapterError:
+    """A file its manifest lists that is missing (`actual` None) or has another sha256."""
+    where = f"{name} of user {m.user_id!r} in task {m.task!r} (version {m.version})"
+    if actual is None:
+        return CorruptAdapterError(f"{where} is listed in its manifest but missing")
+    return CorruptAdapterError(f"{where} does not match its manifest: sha256 {_short(actual)} "
+                               f"instead of {_short(m.files[name])}")
+
+
 def _new_version() -> str:
     """Sortable by time, unique across publishers."""
     return f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
@@ -690,13 +699,10 @@ class AdapterStore:
             try:
                 data = self.backend.get(f"{version_key}/{name}")
             except NotFoundError:
-                raise CorruptAdapterError(f"{name} of user {user_id!r} in task {task!r} (version "
-                                          f"{m.version}) is listed in its manifest but missing") from None
+                raise _file_error(m, name) from None
             actual = hashlib.sha256(data).hexdigest()
             if actual != expected:
-                raise CorruptAdapterError(
-                    f"{name} of user {user_id!r} in task {task!r} (version {m.version}) does not match "
-                    f"its manifest: sha256 {_short(actual)} instead of {_short(expected)}")
+                raise _file_error(m, name, actual)
             files[name] = data
         return files, m
 
@@ -719,14 +725,11 @@ class AdapterStore:
                 try:
                     self.backend.get_file(f"{version_key}/{name}", path)
                 except NotFoundError:
-                    raise CorruptAdapterError(f"{name} of user {user_id!r} in task {task!r} (version "
-                                              f"{m.version}) is listed in its manifest but missing") from None
+                    raise _file_error(m, name) from None
                 actual = _sha256_file(path)
                 if actual != expected:
                     path.unlink(missing_ok=True)
-                    raise CorruptAdapterError(
-                        f"{name} of user {user_id!r} in task {task!r} (version {m.version}) does not match "
-                        f"its manifest: sha256 {_short(actual)} instead of {_short(expected)}")
+                    raise _file_error(m, name, actual)
         except BaseException as e:
             if made_here:
                 shutil.rmtree(out, ignore_errors=True)

@@ -6,5 +6,7 @@ invalidation), `generate` (KV-cached generation and label scoring over rows of
 different users), `batcher` (the in-replica batcher that mixes users), `engine`
 (one replica's model, bank and batcher), `api` (OpenAI-compatible request and
 answer shapes, errors), `auth` (per-user HMAC tokens, admin key), `metrics`
-(Prometheus), and `server` (the `PeftuServer` deployment).
+(Prometheus), `server` (the `PeftuServer` deployment), `local` (the app on this
+machine's Ray, for the demo), `fake_adapters` (many random adapters published
+for benchmarks and tests) and `bench` (the serving benchmark).
 """

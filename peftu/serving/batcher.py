@@ -52,6 +52,12 @@ class Batcher:
         self._queue.put_nowait(job)
         return await job.future
 
+    @property
+    def error(self) -> BaseException | None:
+        """Why the batch loop stopped, if it did (a failed batch does not stop it)."""
+        task = self._task
+        return task.exception() if task is not None and task.done() and not task.cancelled() else None
+
     def _fits(self, head: Job, job: Job) -> bool:
         return job.kind == head.kind and (self.mode == "mixed" or job.slot == head.slot)
 

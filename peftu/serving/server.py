@@ -81,9 +81,8 @@ class PeftuServer:
 
     def check_health(self) -> None:
         """Unhealthy only if the batch loop died (a bad adapter never makes a replica unhealthy)."""
-        task = self.engine.batcher._task
-        if task is not None and task.done():
-            raise RuntimeError(f"the batch loop stopped: {task.exception()!r}")
+        if self.engine.batcher.error is not None:
+            raise RuntimeError(f"the batch loop stopped: {self.engine.batcher.error!r}")
 
     # --- who is asking for which adapter ------------------------------------------------
 
