@@ -161,6 +161,8 @@ def test_stop_strings_cut_and_streamed_pieces_add_up(bank_with_users):
     sampled = [GenRow(prompt, 2, Sampling(max_tokens=8, temperature=1.0, top_p=0.9, seed=7)) for _ in range(2)]
     a, b = generate_batch(model, bank, tok, sampled)
     assert a.text == b.text and a.finish_reason in ("stop", "length")  # same seed, same sample
+    tiny = GenRow(prompt, 1, Sampling(max_tokens=12, temperature=1e-40, seed=1))
+    assert generate_batch(model, bank, tok, [tiny])[0].text == full.text  # as good as greedy, no NaN
 
 
 # --- tokens ----------------------------------------------------------------------------------

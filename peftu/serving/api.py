@@ -80,7 +80,7 @@ class SamplingFields(_Strict):
     temperature: float = Field(1.0, ge=0.0, le=5.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stream: bool = False
     n: int = Field(1, ge=1, le=1, description="one choice per request")
     user: str | None = Field(None, description="OpenAI's end-user tag; ignored (the model names the adapter)")

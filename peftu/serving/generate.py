@@ -107,7 +107,8 @@ def _pick(logits: torch.Tensor, states: list[_RowState]) -> list[int]:
         s = st.row.sampling
         if s.temperature <= 0:
             continue
-        probs = torch.softmax(logits[i].float() / s.temperature, dim=-1)
+        row = logits[i].float()
+        probs = torch.softmax((row - row.max()) / s.temperature, dim=-1)  # no inf/inf at tiny temperatures
         if s.top_p < 1.0:
             sorted_p, order = probs.sort(descending=True)
             outside = sorted_p.cumsum(0) - sorted_p > s.top_p  # keep the smallest set reaching top_p
