@@ -112,6 +112,50 @@ def _core_errors(obj: dict[str, Any]) -> list[str]:
     return []
 
 
+def serve_config_errors(text: str) -> list[str]:
+    """Why Ray Serve would refuse a serve config (serveConfigV2, `serve deploy` YAML), unknown keys included.
+
+    Ray's ServeDeploySchema ignores keys it does not know, so a misspelt option would be
+    dropped silently; here every key must be a field of the model at its place.
+    """
+    from pydantic import ValidationError
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load(text)
+    try:
+        ServeDeploySchema.model_validate(config)
+    except ValidationError as e:
+        return [f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
+    return list(_unknown_keys(ServeDeploySchema, config, ""))
+
+
+def _unknown_keys(model: type, data: Any, where: str) -> Iterator[str]:
+    from pydantic import BaseModel
+
+    if not isinstance(data, dict):
+        return
+    fields = {alias: f for name, f in model.model_fields.items() for alias in (name, f.alias) if alias}
+    for key, value in data.items():
+        if key not in fields:
+            yield f"{where}{key}: unknown field of {model.__name__}"
+            continue
+        inner = [t for t in _leaf_types(fields[key].annotation) if isinstance(t, type) and issubclass(t, BaseModel)]
+        for item, at in ([(v, f"{where}{key}.{i}.") for i, v in enumerate(value)] if isinstance(value, list)
+                         else [(value, f"{where}{key}.")]):
+            if inner:
+                yield from _unknown_keys(inner[0], item, at)
+
+
+def _leaf_types(annotation: Any) -> Iterator[Any]:
+    import typing
+
+    args = typing.get_args(annotation)
+    if not args:
+        yield annotation
+    for arg in args:
+        yield from _leaf_types(arg)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .kustomize import build
 
