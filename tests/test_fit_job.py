@@ -9,6 +9,7 @@ import threading
 import pytest
 import ray
 
+from peftu.base import base_fingerprint
 from peftu.data.io import save_task
 from peftu.data.synthetic import generate
 from peftu.distributed import FitJobConfig, run_fit_job
@@ -155,7 +156,13 @@ def test_fit_job_through_ray_job_submit_on_a_multi_node_cluster(ray_cluster, tin
     assert result.succeeded, result.logs[-3000:]
     assert "fitted 6, skipped 0" in result.logs
     assert "users done" in result.logs  # the driver's progress log
-    assert len(AdapterStore.open(job.store).list_users("synth-cls")) == 6
+    store = AdapterStore.open(job.store)
+    users = store.list_users("synth-cls")
+    assert len(users) == 6
+    for user in users:  # each adapter verifies (sha256, fitted on this base) and is a PEFT adapter
+        folder, _ = store.fetch("synth-cls", user, dest=tmp_path / "fetched" / user,
+                                expect_base=base_fingerprint(tiny_base))
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= {f.name for f in folder.iterdir()}
 
 
 @pytest.mark.slow
