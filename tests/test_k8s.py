@@ -67,7 +67,7 @@ def test_every_object_is_valid_against_the_crds_and_kubernetes(overlay: str, ren
 
 def test_the_secret_template_is_valid_and_holds_no_key() -> None:
     secrets = list(yaml.safe_load_all(SECRETS.read_text()))
-    assert {s["metadata"]["name"] for s in secrets} == {"peftu-s3", "peftu-ray-auth"}
+    assert {s["metadata"]["name"] for s in secrets} == {"peftu-s3", "peftu-ray-auth", "peftu-serve"}
     assert {e for s in secrets for e in errors(s)} == set()
     assert all(v.startswith("REPLACE_WITH_") for s in secrets for v in s["stringData"].values())
 
@@ -151,6 +151,9 @@ def test_clusters_head_autoscaling_auth_and_resources(overlay: str, rendered) ->
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_secret_and_config_map_reference_exists(overlay: str, rendered) -> None:
+    serve = _by_kind(rendered[overlay], "RayService")[0]["spec"]["rayClusterConfig"]
+    serve_env = {e["name"] for c in _containers(serve) for e in c["env"]}
+    assert {"PEFTU_ADMIN_KEY", "PEFTU_TOKEN_SECRET"} <= serve_env  # the serving app's secrets
     secrets = {s["metadata"]["name"]: set(s["stringData"]) for s in yaml.safe_load_all(SECRETS.read_text())}
     config_maps = {c["metadata"]["name"] for c in _by_kind(rendered[overlay], "ConfigMap")}
     accounts = {a["metadata"]["name"] for a in _by_kind(rendered[overlay], "ServiceAccount")}
@@ -161,7 +164,7 @@ def test_every_secret_and_config_map_reference_exists(overlay: str, rendered) ->
         for container in _containers(spec):
             refs = {(e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
                     for e in container["env"] if "secretKeyRef" in e.get("valueFrom", {})}
-            assert refs == {("peftu-s3", "AWS_ACCESS_KEY_ID"), ("peftu-s3", "AWS_SECRET_ACCESS_KEY")}
+            assert {("peftu-s3", "AWS_ACCESS_KEY_ID"), ("peftu-s3", "AWS_SECRET_ACCESS_KEY")} <= refs
             assert all(key in secrets[name] for name, key in refs)
             assert {e["configMapRef"]["name"] for e in container["envFrom"]} <= config_maps
 
@@ -234,24 +237,52 @@ def test_serve_configs_are_valid_and_differ_only_by_the_gpu(rendered) -> None:
     for objects in rendered.values():
         assert serve_config_errors(_by_kind(objects, "RayService")[0]["spec"]["serveConfigV2"]) == []
     configs = _serve_configs(rendered)
-    gpu = configs["gpu"]["applications"][0]["deployments"][0]["ray_actor_options"].pop("num_gpus")
-    assert gpu == 1 and configs["gpu"] == configs["cpu"]
+    gpu_app = configs["gpu"]["applications"][0]
+    assert gpu_app["deployments"][0]["ray_actor_options"].pop("num_gpus") == 1
+    assert gpu_app["args"].pop("device") == "cuda"
+    assert configs["cpu"]["applications"][0]["args"].pop("device") == "cpu"
+    assert configs["gpu"] == configs["cpu"]
     assert serve_config_errors("applications:\n- import_path: serve.app:app\n  deployment: []\n") == \
         ["applications.0.deployment: unknown field of ServeApplicationSchema"]
 
 
-def test_serve_config_v2_is_serve_config_yaml(rendered) -> None:
-    """The RayService runs what `serve deploy serve/config.yaml` runs (fails until serve/config.yaml lands)."""
-    assert yaml.safe_load((REPO / "serve" / "config.yaml").read_text()) == _serve_configs(rendered)["cpu"]
+CLUSTER_SETTINGS = {"num_replicas", "autoscaling_config", "max_ongoing_requests", "ray_actor_options"}
+"""What a cluster may set differently from serve/config.yaml, besides the store."""
+
+
+def _without_cluster_settings(config: dict) -> dict:
+    config = copy.deepcopy(config)
+    for application in config["applications"]:
+        application["args"].pop("store")
+        for deployment in application["deployments"]:
+            for key in CLUSTER_SETTINGS:
+                deployment.pop(key, None)
+    return config
+
+
+def test_serve_config_v2_is_serve_config_yaml_with_the_clusters_store_and_scaling(rendered) -> None:
+    """The RayService runs what `serve deploy serve/config.yaml` runs, on the store the fit RayJob fills."""
+    from peftu.serving.config import ServeConfig
+
+    local = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+    cluster = _serve_configs(rendered)["cpu"]
+    assert _without_cluster_settings(cluster) == _without_cluster_settings(local)
+    args = cluster["applications"][0]["args"]
+    ServeConfig(**args)  # the app's own check of its args
+    entrypoint = shlex.split(_by_kind(rendered["cpu"], "RayJob")[0]["spec"]["entrypoint"])
+    assert args["store"] == entrypoint[entrypoint.index("--store") + 1]
 
 
 def test_import_paths_and_deployment_names_exist_in_the_app(rendered) -> None:
-    """Each application's import_path imports, and its deployments are the config's (fails until serve/app.py lands)."""
+    """Each application's import_path imports, and its deployments are the config's ."""
+    from ray.serve import Application
     from ray.serve._private.build_app import build_app
 
     for config in _serve_configs(rendered).values():
         for application in config["applications"]:
             module, _, attr = application["import_path"].partition(":")
             app = getattr(importlib.import_module(module), attr)
+            if not isinstance(app, Application):  # an application builder: Serve calls it with the args
+                app = app(application.get("args", {}))
             names = {d.name for d in build_app(app, name=application["name"]).deployments}
             assert {d["name"] for d in application["deployments"]} <= names
