@@ -31,11 +31,12 @@ def _add_hparams(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, type=type(info.default), help=f"(default: {info.default})")
 
 
-def _hparams(args: argparse.Namespace):
+def _hparams(args: argparse.Namespace, under: dict | None = None):
+    """The hyper-parameters given as flags, over `under` (a tuned config) and the defaults."""
     from .fit import LoraHParams
 
     given = {k: getattr(args, k) for k in LoraHParams.model_fields if getattr(args, k, None) is not None}
-    return LoraHParams(**given)
+    return LoraHParams(**(under or {}) | given)
 
 
 def _add_base(parser: argparse.ArgumentParser) -> None:
@@ -159,9 +160,12 @@ def _fit_reference(args: argparse.Namespace):
     from .fit import fit_users
     from .oppu import ensure_task_adapter, load_merged_base
 
+    tuned = _tuned(args)
+    if set(tuned) - {"all"}:
+        raise PeftuError("--reference takes one tuned config; this one is by activity bucket (drop --reference)")
     spec, users = load_task(args.data)
     users = _select_users(users, args.users)
-    base_path, hp, store = _base_path(args), _hparams(args), _store(args)
+    base_path, hp, store = _base_path(args), _hparams(args, tuned.get("all")), _store(args)
     if args.oppu:
         ensure_task_adapter(base_path, spec, users, hp.model_copy(update={"epochs": args.task_epochs}), store)
         base, tokenizer, base_fp = load_merged_base(base_path, store, spec.name)
@@ -179,9 +183,12 @@ def _fit_on_ray(args: argparse.Namespace):
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     load_spec(args.data)  # a wrong --data fails now, not after building a base
+    tuned = _tuned(args)  # so does a missing --config
     job = FitJobConfig(
         data=args.data, store=_store_uri(args), base=_base_path(args),
-        hparams=_hparams(args).model_dump(), workers=args.workers, use_gpu=args.gpu,
+        hparams=_hparams(args, tuned.get("all")).model_dump(),
+        bucket_hparams={b: _hparams(args, hp).model_dump() for b, hp in tuned.items() if b != "all"},
+        workers=args.workers, use_gpu=args.gpu,
         cpus_per_worker=args.cpus_per_worker, pack_size=args.pack_size, token_budget=args.token_budget,
         endpoint_url=args.endpoint_url, max_failures=args.max_failures, users_limit=args.users,
         deepspeed=args.deepspeed, group_size=args.group_size, offload=args.offload,
@@ -207,6 +214,87 @@ def cmd_eval(args: argparse.Namespace) -> None:
     result["per_user"] = macro_average(per_user, users)
     result["users_without_adapter"] = len(without)
     print(json.dumps(result, indent=2))
+
+
+# --- tune ----------------------------------------------------------------------------
+
+
+def _tuned(args: argparse.Namespace) -> dict[str, dict]:
+    """`peftu fit --config NAME`: the tuned configs by activity bucket ({} without --config)."""
+    if not args.config:
+        return {}
+    from .data.io import load_spec
+    from .tune import load_tuned
+
+    return load_tuned(_store(args), load_spec(args.data).name, args.config)
+
+
+def cmd_tune(args: argparse.Namespace) -> None:
+    import logging
+
+    from rich.console import Console
+
+    from .tune import SearchSpace, TuneOptions, plot_search, render_best, render_trials, run_tune
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    fixed = {k: v for k, v in {"batch_size": args.batch_size, "max_len": args.max_len, "seed": args.seed,
+                               "target_modules": args.target_modules}.items() if v is not None}
+    space = SearchSpace(ranks=args.ranks, lr_min=args.lr_min, lr_max=args.lr_max, alpha_ratios=args.alpha_ratios,
+                        epochs=args.epochs)
+    opts = TuneOptions(trials=args.trials, users=args.users, by_activity=args.by_activity, search=args.search,
+                       cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+                       max_concurrent=args.max_concurrent, grace_period=args.grace_period,
+                       reduction_factor=args.reduction_factor, seed=args.seed, fixed=fixed)
+    run = run_tune(args.data, _base_path(args), _store_uri(args), space, opts, endpoint_url=args.endpoint_url)
+    console = Console()
+    for result in run.buckets.values():
+        console.print(render_trials(result, run.metric))
+    console.print(render_best(run))
+    print(f"saved to the store under records/tune/{run.task}/{run.run_id} (and .../best); "
+          f"apply with: peftu fit --config best")
+    if args.plot:
+        plot_search(run, args.plot)
+    if args.json:
+        print(json.dumps(run.summary()))
+
+
+def _add_tune_parser(sub) -> None:
+    from .tune import SearchSpace, TuneOptions
+
+    def numbers(kind):
+        return lambda s: [kind(x) for x in s.split(",") if x]
+
+    space, opts = SearchSpace(), TuneOptions()
+    p = sub.add_parser("tune", help="search LoRA rank, learning rate, alpha and epochs with Ray Tune (ASHA)")
+    p.add_argument("--data", required=True, help="a data set saved by `peftu data`")
+    p.add_argument("--trials", type=int, default=opts.trials, help="trials per search (default %(default)s)")
+    p.add_argument("--users", type=int, default=opts.users,
+                   help="users sampled for the search, per bucket with --by-activity (default %(default)s)")
+    p.add_argument("--by-activity", action="store_true",
+                   help="one search per activity bucket (few / some / many history items)")
+    p.add_argument("--ranks", type=numbers(int), default=space.ranks, help="choices (default 2,4,...,64)")
+    p.add_argument("--lr-min", type=float, default=space.lr_min, help="log-uniform from (default %(default)s)")
+    p.add_argument("--lr-max", type=float, default=space.lr_max, help="log-uniform to (default %(default)s)")
+    p.add_argument("--alpha-ratios", type=numbers(float), default=space.alpha_ratios,
+                   help="choices of alpha / rank (default 1,2,4)")
+    p.add_argument("--epochs", type=numbers(int), default=space.epochs,
+                   help="choices (default 1,2,3); a trial's LR decays over its own epochs, as in `peftu fit`")
+    p.add_argument("--search", choices=["random", "optuna"], default=opts.search)
+    p.add_argument("--cpus-per-trial", type=float, default=opts.cpus_per_trial)
+    p.add_argument("--gpus-per-trial", type=float, default=opts.gpus_per_trial)
+    p.add_argument("--max-concurrent", type=int, default=0, help="0: as many trials as the cluster fits")
+    p.add_argument("--grace-period", type=int, default=opts.grace_period, help="ASHA: epochs before a stop")
+    p.add_argument("--reduction-factor", type=int, default=opts.reduction_factor, help="ASHA: keep 1 in this many")
+    p.add_argument("--batch-size", type=int, help="fixed for every trial (default 8)")
+    p.add_argument("--max-len", type=int, help="fixed for every trial (default 256)")
+    p.add_argument("--target-modules", type=lambda s: [m for m in s.split(",") if m],
+                   help="fixed for every trial (default q_proj,v_proj)")
+    p.add_argument("--seed", type=int, default=opts.seed, help="user sample, search and fit seed")
+    p.add_argument("--plot", help="write validation metric vs rank and learning rate here (PNG)")
+    p.add_argument("--json", action="store_true", help="end with one JSON line of the results")
+    _add_base(p)
+    _add_store(p)
+    p.set_defaults(func=cmd_tune)
 
 
 # --- bench ---------------------------------------------------------------------------
@@ -413,6 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-epochs", type=int, default=1, help="--oppu: epochs of the task adapter")
     p.add_argument("--reference", action="store_true",
                    help="the plain PEFT loop, one user after another, no Ray (the baseline)")
+    p.add_argument("--config", help="hyper-parameters from `peftu tune`: best (the latest search) or a tune "
+                   "run id; by-activity results fit each bucket with its own; flags given here win")
     _add_base(p)
     _add_store(p)
     _add_hparams(p)
@@ -425,6 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_base(p)
     _add_store(p)
     p.set_defaults(func=cmd_eval)
+
+    _add_tune_parser(sub)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bsub = bench.add_subparsers(dest="bench_command", required=True)

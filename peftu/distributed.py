@@ -22,12 +22,12 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import ray
 from ray.train import DataConfig
 
-from .data.schema import TaskSpec, UserRecord
+from .data.schema import ACTIVITY_BUCKETS, TaskSpec, UserRecord
 from .errors import PeftuError
 from .fit import FitSummary, LoraHParams
 
@@ -63,6 +63,8 @@ class FitJobConfig:
     """OPPU's two stages: a task adapter on all users first, merged into the base under users' adapters."""
     task_epochs: int = 1
     """Epochs of the task adapter (its other hyper-parameters are the users')."""
+    bucket_hparams: dict[str, dict] = field(default_factory=dict)
+    """Tuned hyper-parameters per activity bucket (`peftu tune --by-activity`); `hparams` for other buckets."""
 
 
 @ray.remote(num_cpus=0)
@@ -206,8 +208,27 @@ class FitRunResult:
         return len(self.summary.fitted) / (self.seconds / 3600) if self.seconds else 0.0
 
 
-def run_fit_job(job: FitJobConfig) -> FitRunResult:
-    """Fit every user of `job.data` on the Ray cluster this process is connected to (or a local one)."""
+def _run_by_bucket(job: FitJobConfig, spec: TaskSpec, users: list[UserRecord]) -> FitRunResult:
+    """One run per activity bucket with that bucket's hyper-parameters: a bank fits one config per pack."""
+    if job.oppu:
+        raise PeftuError("--oppu fits one task adapter on all users; it does not take per-bucket configs")
+    summary, run_ids, seconds = FitSummary(), [], 0.0
+    for bucket, _ in ACTIVITY_BUCKETS:
+        members = [u for u in users if u.activity == bucket]
+        if not members:
+            continue
+        hparams = job.bucket_hparams.get(bucket, job.hparams)
+        log.info("activity bucket %s: %d users, r=%s lr=%s epochs=%s", bucket, len(members), hparams["r"],
+                 hparams["lr"], hparams["epochs"])
+        done = run_fit_job(replace(job, hparams=hparams, bucket_hparams={}, users_limit=None), (spec, members))
+        summary.merge(done.summary)
+        run_ids.append(done.run_id)
+        seconds += done.seconds
+    return FitRunResult(run_id="+".join(run_ids), summary=summary, seconds=seconds)
+
+
+def run_fit_job(job: FitJobConfig, loaded: tuple[TaskSpec, list[UserRecord]] | None = None) -> FitRunResult:
+    """Fit every user of `job.data` (or of `loaded`) on the Ray cluster this process is connected to (or a local one)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -215,8 +236,10 @@ def run_fit_job(job: FitJobConfig) -> FitRunResult:
     from .paths import peftu_home
     from .store import AdapterStore
 
-    spec, users = load_task(job.data)
+    spec, users = loaded or load_task(job.data)
     users = users[: job.users_limit] if job.users_limit else users
+    if job.bucket_hparams:
+        return _run_by_bucket(job, spec, users)
     LoraHParams(**job.hparams)  # fail here, not on every worker
     ds = _deepspeed_config(job) if job.deepspeed else None
     store = AdapterStore.open(job.store, endpoint_url=job.endpoint_url)

@@ -179,11 +179,13 @@ def my_micro_batches(lengths: list[int], rank: int, world: int, lockstep: bool) 
 
 def fit_pack(model: torch.nn.Module, tokenizer, spec: TaskSpec, users: list[UserRecord],
              hp: LoraHParams, init_state: dict[str, torch.Tensor] | None = None,
-             trainer: PackTrainer | None = None) -> PackFit:
+             trainer: PackTrainer | None = None, on_epoch_end=None) -> PackFit:
     """Fit one adapter per user of the pack, user k in slot k of the trainer's bank.
 
     Without a `trainer`, a bank of exactly this pack is made; call
-    `.bank.remove()` on the result when done with it.
+    `.bank.remove()` on the result when done with it. `on_epoch_end(slot,
+    epochs_done, fit_result)` is called right after the step that ends one of
+    that slot's epochs, so a tuner can score every user after each epoch.
     """
     if any(not u.train for u in users):
         empty = next(u.user_id for u in users if not u.train)
@@ -223,6 +225,10 @@ def fit_pack(model: torch.nn.Module, tokenizer, spec: TaskSpec, users: list[User
         per_user = trainer.step(torch.tensor(active), per_user)
         for k, loss in zip(active, per_user[active].tolist()):
             results[users[k].user_id].losses.append(loss)
+            per_epoch = len(plans[k]) // hp.epochs
+            if on_epoch_end and (i + 1) % per_epoch == 0:
+                on_epoch_end(k, (i + 1) // per_epoch, results[users[k].user_id])
+                model.train()
     model.eval()
     return PackFit(bank=trainer.bank, users=users, results=results, trainer=trainer)
 
