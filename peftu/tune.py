@@ -27,7 +27,7 @@ import math
 import random
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .data.schema import ACTIVITY_BUCKETS, LOWER_IS_BETTER, TaskSpec, UserRecord
@@ -283,7 +283,7 @@ def search_bucket(spec: TaskSpec, users: list[UserRecord], base: str, space: Sea
             metric=metric, mode="min" if metric in LOWER_IS_BETTER else "max", num_samples=opts.trials,
             scheduler=ASHAScheduler(max_t=max(space.epochs), grace_period=opts.grace_period,
                                     reduction_factor=opts.reduction_factor),
-            search_alg=_search_alg(opts, space, metric)),
+            search_alg=_search_alg(opts, space, metric), reuse_actors=True),
         run_config=tune.RunConfig(name=name, storage_path=str(peftu_home() / "ray-runs"), verbose=0,
                                   callbacks=[_trial_logger(metric)]),
     )
@@ -351,7 +351,9 @@ def run_tune(data: str, base: str, store_uri: str, space: SearchSpace, opts: Tun
     if not ray.is_initialized():
         ray.init(log_to_driver=False)
     started = time.monotonic()
-    results = {b: search_bucket(spec, s, base, space, opts, f"{run_id}-{b}", b) for b, s in samples.items()}
+    # each bucket draws its own configs (seed + i): more of the space is seen across buckets
+    results = {b: search_bucket(spec, s, base, space, replace(opts, seed=opts.seed + i), f"{run_id}-{b}", b)
+               for i, (b, s) in enumerate(samples.items())}
     run = TuneRun(run_id=run_id, task=spec.name, metric=spec.metric, by_activity=opts.by_activity,
                   space=asdict(space), buckets=results, seconds=time.monotonic() - started)
     record = run.record()
