@@ -191,9 +191,9 @@ def _rows(grid, metric: str) -> list[TrialRow]:
 
 
 def best_trial(rows: list[TrialRow], metric: str) -> TrialRow | None:
-    """The finished trial with the best final metric (ties: the first in the table)."""
+    """The finished trial with the best final metric; of equals, the cheapest (fewest epochs, then lowest rank)."""
     best = None
-    for row in rows:
+    for row in sorted(rows, key=lambda t: (t.epochs, t.r)):
         if row.status == "done" and (best is None or better(metric, row.metric, best.metric)):
             best = row
     return best
@@ -418,14 +418,16 @@ def plot_search(run: TuneRun, path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (by_rank, by_lr) = plt.subplots(1, 2, figsize=(11, 4))
+    ranks = [math.log2(r) for r in run.space["ranks"]]
+    colour = {} if run.by_activity else {"cmap": "viridis", "vmin": min(ranks), "vmax": max(ranks)}
     for bucket, result in run.buckets.items():
         for status, marker in (("done", "o"), ("stopped", "x")):
             rows = [t for t in result.trials if t.status == status and t.metric is not None]
             label = f"{bucket}, {status}" if run.by_activity else status
             by_rank.scatter([t.r for t in rows], [t.metric for t in rows], marker=marker, label=label)
+            by_colour = {} if run.by_activity else {"c": [math.log2(t.r) for t in rows]}
             sc = by_lr.scatter([t.lr for t in rows], [t.metric for t in rows], marker=marker, label=label,
-                               c=[math.log2(t.r) for t in rows], cmap="viridis") if not run.by_activity else \
-                by_lr.scatter([t.lr for t in rows], [t.metric for t in rows], marker=marker, label=label)
+                               **by_colour, **colour)
     if not run.by_activity:
         fig.colorbar(sc, ax=by_lr, label="log2 rank")
     by_rank.set_xscale("log", base=2)
