@@ -389,7 +389,7 @@ def render_trials(result: BucketResult, metric: str):
     ordered = sorted(result.trials, key=lambda t: (t.status == "error", t.status != "done",
                                                    key_sign * (t.metric if t.metric is not None else 0)))
     for t in ordered:
-        status = t.status if t.status != "stopped" else f"stopped at {t.epochs_run}"
+        status = t.status if t.status != "stopped" else f"stopped ({t.epochs_run})"
         table.add_row(t.trial_id, str(t.r), f"{t.alpha:g}", f"{t.lr:.3g}", str(t.epochs), status,
                       "" if t.metric is None else f"{t.metric:.4f}", t.error)
     return table
@@ -404,7 +404,7 @@ def render_best(run: TuneRun):
         table.add_column(col)
     for bucket, r in run.buckets.items():
         c = r.best_config or {}
-        table.add_row(bucket, str(len(r.users)), *(str(c.get(k, "-")) for k in ("r", "alpha")),
+        table.add_row(bucket, str(len(r.users)), *(f"{c[k]:g}" if c else "-" for k in ("r", "alpha")),
                       f"{c['lr']:.3g}" if c else "-", str(c.get("epochs", "-")),
                       "-" if r.best_metric is None else f"{r.best_metric:.4f}")
     return table

@@ -109,3 +109,14 @@ def _bucket_users(data: str, bucket: str) -> list[str]:
     from peftu.data.io import load_task
 
     return [u.user_id for u in load_task(data)[1] if u.activity == bucket]
+
+
+def test_tune_help_and_clear_errors(tmp_path):
+    from tests.test_cli import peftu
+
+    assert "--by-activity" in peftu("tune", "--help").stdout
+    bad = peftu("tune", "--data", str(tmp_path), "--lr-min", "0.1", "--lr-max", "0.01")
+    assert bad.returncode == 2 and "need 0 < lr_min <= lr_max" in bad.stderr, bad.stderr
+    data = _data(tmp_path, lambda users: users[:2])
+    missing = peftu("fit", "--data", data, "--store", str(tmp_path / "empty"), "--config", "best", "--reference")
+    assert missing.returncode == 2 and "no tuning results 'best' for task 'synth-cls'" in missing.stderr, missing.stderr
