@@ -411,7 +411,7 @@ def render_best(run: TuneRun):
 
 
 def plot_search(run: TuneRun, path: str | Path) -> None:
-    """Validation metric against rank and learning rate, one colour per bucket, failed trials left out."""
+    """Validation metric against rank and learning rate (colour: bucket, or rank); failed trials left out."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -419,15 +419,15 @@ def plot_search(run: TuneRun, path: str | Path) -> None:
 
     fig, (by_rank, by_lr) = plt.subplots(1, 2, figsize=(11, 4))
     ranks = [math.log2(r) for r in run.space["ranks"]]
-    colour = {} if run.by_activity else {"cmap": "viridis", "vmin": min(ranks), "vmax": max(ranks)}
-    for bucket, result in run.buckets.items():
+    for i, (bucket, result) in enumerate(run.buckets.items()):
         for status, marker in (("done", "o"), ("stopped", "x")):
             rows = [t for t in result.trials if t.status == status and t.metric is not None]
             label = f"{bucket}, {status}" if run.by_activity else status
-            by_rank.scatter([t.r for t in rows], [t.metric for t in rows], marker=marker, label=label)
-            by_colour = {} if run.by_activity else {"c": [math.log2(t.r) for t in rows]}
-            sc = by_lr.scatter([t.lr for t in rows], [t.metric for t in rows], marker=marker, label=label,
-                               **by_colour, **colour)
+            by_rank.scatter([t.r for t in rows], [t.metric for t in rows], marker=marker, label=label,
+                            color=f"C{i if run.by_activity else int(status == 'stopped')}")
+            colour = {"color": f"C{i}"} if run.by_activity else {
+                "c": [math.log2(t.r) for t in rows], "cmap": "viridis", "vmin": min(ranks), "vmax": max(ranks)}
+            sc = by_lr.scatter([t.lr for t in rows], [t.metric for t in rows], marker=marker, label=label, **colour)
     if not run.by_activity:
         fig.colorbar(sc, ax=by_lr, label="log2 rank")
     by_rank.set_xscale("log", base=2)

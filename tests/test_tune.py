@@ -12,7 +12,7 @@ from peftu.data.io import save_task
 from peftu.data.synthetic import generate
 from peftu.eval import better
 from peftu.store import AdapterStore
-from peftu.tune import SearchSpace, TuneOptions, run_tune
+from peftu.tune import SearchSpace, TuneOptions, plot_search, run_tune
 
 DRAWN = ("r", "alpha", "lr", "epochs")
 
@@ -74,6 +74,8 @@ def test_search_stops_poor_trials_reports_failures_and_the_fit_job_uses_the_best
     assert summary["best_metric"] == top["metric"] and summary["best_config"] == best
     assert any(t["metric"] == top["metric"] and all(t[k] == best[k] for k in DRAWN) for t in done), table
     assert best["batch_size"] == 8  # the fixed values travel with the config
+    plot_search(run, tmp_path / "search.png")
+    assert (tmp_path / "search.png").stat().st_size > 10_000
 
     main(["fit", "--data", data, "--store", store_uri, "--base", tiny_base, "--users", "2", "--config", "best"])
     fitted = store.list_users("synth-cls")
