@@ -234,7 +234,8 @@ def cmd_tune(args: argparse.Namespace) -> None:
 
     from rich.console import Console
 
-    from .tune import SearchSpace, TuneOptions, plot_search, render_best, render_trials, run_tune
+    from .data.io import load_spec
+    from .tune import SearchSpace, TuneOptions, check_search, plot_search, render_best, render_trials, run_tune
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     fixed = {k: v for k, v in {"batch_size": args.batch_size, "max_len": args.max_len, "seed": args.seed,
@@ -245,6 +246,8 @@ def cmd_tune(args: argparse.Namespace) -> None:
                        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
                        max_concurrent=args.max_concurrent, grace_period=args.grace_period,
                        reduction_factor=args.reduction_factor, seed=args.seed, fixed=fixed)
+    check_search(space, opts)
+    load_spec(args.data)  # a bad search or --data fails now, not after building a base
     run = run_tune(args.data, _base_path(args), _store_uri(args), space, opts, endpoint_url=args.endpoint_url)
     console = Console()
     for result in run.buckets.values():

@@ -328,6 +328,17 @@ def tune_record_key(task: str, name: str) -> str:
     return f"tune/{task}/{name}"
 
 
+def check_search(space: SearchSpace, opts: TuneOptions) -> None:
+    """Refuse a bad search before anything starts (Ray, a base build, trials that would all fail)."""
+    space.check()
+    if opts.trials < 1 or opts.users < 1:
+        raise PeftuError("--trials and --users must be at least 1")
+    try:
+        LoraHParams(**opts.fixed)
+    except ValueError as e:
+        raise PeftuError(f"bad fixed hyper-parameters: {e}") from None
+
+
 def run_tune(data: str, base: str, store_uri: str, space: SearchSpace, opts: TuneOptions,
              endpoint_url: str | None = None) -> TuneRun:
     """Search the data set's task on the connected Ray cluster (or a local one); save to the store."""
@@ -336,10 +347,7 @@ def run_tune(data: str, base: str, store_uri: str, space: SearchSpace, opts: Tun
     from .data.io import load_task
     from .store import AdapterStore
 
-    space.check()
-    if opts.trials < 1 or opts.users < 1:
-        raise PeftuError("--trials and --users must be at least 1")
-    LoraHParams(**opts.fixed)  # a bad fixed value fails here, not in every trial
+    check_search(space, opts)
     spec, users = load_task(data)
     store = AdapterStore.open(store_uri, endpoint_url=endpoint_url)
     run_id = f"tune-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
