@@ -61,7 +61,8 @@ def test_the_python_renderer_agrees_with_kubectl_kustomize(overlay: str, rendere
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_object_is_valid_against_the_crds_and_kubernetes(overlay: str, rendered) -> None:
     objects = rendered[overlay]
-    assert sorted(o["kind"] for o in objects) == ["ConfigMap", "RayCluster", "RayJob", "RayService", "ServiceAccount"]
+    assert sorted(o["kind"] for o in objects) == ["ConfigMap", "RayCluster", "RayJob", "RayJob", "RayService",
+                                                  "ServiceAccount"]
     assert {e for o in objects for e in errors(o)} == set()
 
 
@@ -135,7 +136,7 @@ def test_the_renderer_refuses_what_it_does_not_implement(tmp_path: Path) -> None
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_clusters_head_autoscaling_auth_and_resources(overlay: str, rendered) -> None:
     specs = _cluster_specs(rendered[overlay])
-    assert len(specs) == 3
+    assert len(specs) == 4  # the RayCluster, the fit and tune RayJobs, the RayService
     for spec in specs:
         assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
         assert spec["enableInTreeAutoscaling"] is True
@@ -193,22 +194,21 @@ def _job_entrypoints(objects: list[dict]) -> list[list[str]]:
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_rayjob_entrypoints_are_jobs_in_the_repo_and_their_arguments_parse(overlay: str, rendered) -> None:
-    """`python -m jobs.X args`: jobs/X.py exists and `peftu X` (what it runs) accepts the arguments.
-
-    There is no tune RayJob yet: jobs/tune.py does not exist, and a manifest must not name missing code."""
+    """`python -m jobs.X args`: jobs/X.py exists and `peftu X` (what it runs) accepts the arguments."""
     from ray.runtime_env import RuntimeEnv, RuntimeEnvConfig
 
     from peftu.cli import build_parser
 
     entrypoints = _job_entrypoints(rendered[overlay])
-    assert entrypoints
+    assert sorted(module for _, _, module, *_ in entrypoints) == ["jobs.fit", "jobs.tune"]
     for python, dash_m, module, *args in entrypoints:
         assert (python, dash_m) == ("python", "-m") and module.startswith("jobs.")
         assert (REPO / "jobs" / f"{module.split('.', 1)[1]}.py").is_file()
         command = module.split(".", 1)[1]
         parsed = build_parser().parse_args([command, *args])
         assert parsed.data.startswith("s3://") and parsed.store.startswith("s3://")
-        assert parsed.gpu == (overlay == "gpu")
+        on_gpu = parsed.gpu if command == "fit" else parsed.gpus_per_trial > 0
+        assert on_gpu == (overlay == "gpu")
     for job in _by_kind(rendered[overlay], "RayJob"):
         spec = job["spec"]
         assert spec["shutdownAfterJobFinishes"] is True
@@ -219,13 +219,13 @@ def test_rayjob_entrypoints_are_jobs_in_the_repo_and_their_arguments_parse(overl
         assert set(runtime_env.get("config", {})) <= set(RuntimeEnvConfig.known_fields)
 
 
-def test_the_fit_job_runs_its_help(rendered) -> None:
-    """The module really runs: `python -m jobs.fit --help` from the repo root exits 0 and prints the fit options."""
-    [[_, _, module, *_]] = _job_entrypoints(rendered["cpu"])
+@pytest.mark.parametrize(("module", "option"), [("jobs.fit", "--pack-size"), ("jobs.tune", "--trials")])
+def test_the_jobs_run_their_help(module: str, option: str) -> None:
+    """The modules really run: `python -m jobs.X --help` from the repo root exits 0 and prints the options."""
     done = subprocess.run([sys.executable, "-m", module, "--help"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "--pack-size" in done.stdout and "--data" in done.stdout
+    assert option in done.stdout and "--data" in done.stdout
 
 
 def _serve_configs(rendered) -> dict[str, dict]:
@@ -269,7 +269,8 @@ def test_serve_config_v2_is_serve_config_yaml_with_the_clusters_store_and_scalin
     assert _without_cluster_settings(cluster) == _without_cluster_settings(local)
     args = cluster["applications"][0]["args"]
     ServeConfig(**args)  # the app's own check of its args
-    entrypoint = shlex.split(_by_kind(rendered["cpu"], "RayJob")[0]["spec"]["entrypoint"])
+    [fit] = [job for job in _by_kind(rendered["cpu"], "RayJob") if job["metadata"]["name"] == "peftu-fit"]
+    entrypoint = shlex.split(fit["spec"]["entrypoint"])
     assert args["store"] == entrypoint[entrypoint.index("--store") + 1]
 
 
