@@ -167,7 +167,7 @@ def _fit_reference(args: argparse.Namespace):
     users = _select_users(users, args.users)
     base_path, hp, store = _base_path(args), _hparams(args, tuned.get("all")), _store(args)
     if args.oppu:
-        ensure_task_adapter(base_path, spec, users, hp.model_copy(update={"epochs": args.task_epochs}), store)
+        ensure_task_adapter(base_path, spec, users, hp, store, epochs=args.task_epochs)
         base, tokenizer, base_fp = load_merged_base(base_path, store, spec.name)
     else:
         (base, tokenizer), base_fp = load_base(base_path), base_fingerprint(base_path)

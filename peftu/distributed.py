@@ -175,9 +175,9 @@ def _task_adapter_stage(job: FitJobConfig, spec: TaskSpec, users: list[UserRecor
 
     def stage() -> dict:
         logging.basicConfig(level=logging.INFO)
-        hp = LoraHParams(**job.hparams).model_copy(update={"epochs": job.task_epochs})
         store = AdapterStore.open(job.store, endpoint_url=job.endpoint_url)
-        return ensure_task_adapter(job.base, spec, users, hp, store).model_dump()
+        return ensure_task_adapter(job.base, spec, users, LoraHParams(**job.hparams), store,
+                                   epochs=job.task_epochs).model_dump()
 
     task = ray.remote(num_cpus=job.cpus_per_worker, num_gpus=1 if job.use_gpu else 0)(stage)
     manifest = ray.get(task.remote())

@@ -33,12 +33,17 @@ def task_adapter_task(task: str) -> str:
     return f"{task}.task-adapter"
 
 
-def ensure_task_adapter(base_path: str, spec: TaskSpec, users: list[UserRecord], hp: LoraHParams,
-                        store: AdapterStore) -> Manifest:
-    """The current task adapter of `spec` in the store: fitted and published unless it exists already."""
+def ensure_task_adapter(base_path: str, spec: TaskSpec, users: list[UserRecord], user_hp: LoraHParams,
+                        store: AdapterStore, epochs: int = 1) -> Manifest:
+    """The current task adapter of `spec` in the store: fitted and published unless it exists already.
+
+    It takes the users' hyper-parameters but its own number of epochs: it sees
+    every user's examples, so one pass is usually enough.
+    """
     from .bank import fit_pack
     from .base import base_fingerprint, load_base
 
+    hp = user_hp.model_copy(update={"epochs": epochs})
     key, base_fp = task_adapter_task(spec.name), base_fingerprint(base_path)
     pooled = UserRecord(TASK_ADAPTER_USER, train=[e for u in users for e in u.train])
     data_fp = data_fingerprint(spec, pooled.train)
