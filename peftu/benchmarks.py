@@ -7,8 +7,8 @@ after another in one process, so their ratio is measured on one machine in one r
   base from disk, `get_peft_model`, a fresh AdamW over padded batches with the
   model's own loss (logits at every position), `save_pretrained`. That loop is
   `peftu.fit.fit_adapter`.
-- banked: users packed K at a time into one bank (`fit_pack`), every slot then
-  exported as a PEFT adapter.
+- banked: users streamed largest first through a bank of K slots
+  (`fit_stream`), every slot exported as a PEFT adapter when its user is done.
 - floor: ONE PEFT adapter trained on all those users' examples pooled, in
   batches as large as the banked run's average union batch and with the same
   answer-token loss: the banked run's work without any per-user cost.
@@ -30,7 +30,7 @@ import torch
 from rich.table import Table
 from tqdm import tqdm
 
-from .bank import answer_token_loss, fit_pack, pack_users, peft_initial_state
+from .bank import PackTrainer, answer_token_loss, fit_stream, largest_first, peft_initial_state
 from .base import load_base
 from .data.schema import TaskSpec, UserRecord
 from .data.synthetic import generate
@@ -93,25 +93,23 @@ def time_banked(base_path: str, spec: TaskSpec, users: list[UserRecord], hp: Lor
                 pack_size: int, progress: bool = True) -> tuple[float, dict[str, float], float]:
     """(b) Seconds of the banked fit, every slot's export included; each user's last
     loss; and the average union batch (rows per banked step), which sizes the floor's batches."""
-    last_loss, steps = {}, 0
     start = time.perf_counter()
     base, tokenizer = load_base(base_path)
     init_state = peft_initial_state(base, hp.lora_config(), hp.seed)
-    bar = tqdm(total=len(users), desc=f"banked: packs of {pack_size}", unit="user", disable=not progress)
-    for pack in pack_users(users, pack_size, hp):
-        packed = fit_pack(base, tokenizer, spec, pack, hp, init_state)
-        for slot in range(len(pack)):
-            with tempfile.TemporaryDirectory() as folder:
-                packed.bank.export_slot(slot, folder)
-        packed.bank.remove()
-        for user in pack:
-            last_loss[user.user_id] = packed.results[user.user_id].losses[-1]
-        steps += max(packed.results[user.user_id].steps for user in pack)
-        bar.update(len(pack))
+    trainer = PackTrainer(base, min(pack_size, len(users)), hp)
+    bar = tqdm(total=len(users), desc=f"banked: {pack_size} slots", unit="user", disable=not progress)
+
+    def export(slot: int, _user: UserRecord, _result) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            trainer.bank.export_slot(slot, folder)
+        bar.update(1)
+
+    results, steps = fit_stream(base, tokenizer, spec, largest_first(users), hp, trainer, init_state, on_user_done=export)
+    trainer.bank.remove()
     bar.close()
     seconds = time.perf_counter() - start
     rows = hp.epochs * sum(len(user.train) for user in users)
-    return seconds, last_loss, rows / steps
+    return seconds, {u: r.losses[-1] for u, r in results.items()}, rows / steps
 
 
 def _answer_token_mean(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -143,7 +141,7 @@ def bench_fit(base_path: str, task: str = "synth-cls", n_users: int = 64, epochs
               repeat: int = 1, progress: bool = True) -> FitBench:
     """Time (a) the reference, (b) the banked fit and (c) the floor on the same generated users.
 
-    `sweep` adds banked runs at other pack sizes (for the plot); the headline
+    `sweep` adds banked runs at other slot counts (for the plot); the headline
     numbers are those of `pack_size`. With `repeat` > 1 every fit runs that many
     times, in rounds, and keeps its fastest time: on a shared machine the other
     processes only ever add time. `threads` (default: all cores) and the
@@ -184,9 +182,9 @@ def render_fit_table(result: FitBench) -> Table:
     for col in ["fit", "seconds", "users/hour", "speed vs (a)"]:
         table.add_column(col, justify="left" if col == "fit" else "right")
     rows = [("(a) reference: per-user PEFT", result.reference_seconds),
-            (f"(b) banked: packs of {result.pack_size}", result.banked_seconds),
+            (f"(b) banked: {result.pack_size} slots", result.banked_seconds),
             (f"(c) floor: one adapter, batch {result.floor_batch_size}", result.floor_seconds)]
-    rows += [(f"    banked: packs of {size}", seconds)
+    rows += [(f"    banked: {size} slots", seconds)
              for size, seconds in result.sweep_seconds.items() if size != result.pack_size]
     for name, seconds in rows:
         table.add_row(name, f"{seconds:.1f}", f"{result.users_per_hour(seconds):.0f}",
@@ -230,9 +228,9 @@ def plot_fit(result: FitBench, path: str) -> None:
         line.axhline(1.0, color="tab:orange", linestyle="--", linewidth=0.8, label="target vs floor")
         line.set_xscale("log", base=2)
         line.set_xticks(sizes, [str(s) for s in sizes])
-        line.set_xlabel("pack size K (users per bank)")
+        line.set_xlabel("slots K (users training at once)")
         line.set_ylabel("speed ratio")
-        line.set_title("banked speed vs pack size")
+        line.set_title("banked speed vs slots")
         line.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

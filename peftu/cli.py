@@ -488,15 +488,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (default 1)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--gpu", action="store_true", help="one GPU per worker")
-    p.add_argument("--pack-size", type=int, default=16, help="users trained together in one bank")
+    p.add_argument("--pack-size", type=int, default=16,
+                   help="users trained at once in one bank (a finished user's slot goes to the next)")
     p.add_argument("--token-budget", type=int, default=0,
-                   help="cap a pack's union batch at about this many tokens (0: no cap)")
+                   help="fewer slots so a step's union batch stays under about this many tokens (0: no cap)")
     p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts before giving up")
     p.add_argument("--deepspeed", metavar="zero2|zero3",
-                   help="pack-parallel: groups of workers train each pack together, DeepSpeed ZeRO sharding "
+                   help="pack-parallel: the workers of a group train one bank together, DeepSpeed ZeRO sharding "
                         "the bank's gradients and optimizer state (zero3: the base too; default: user-parallel)")
     p.add_argument("--group-size", type=int, default=0,
-                   help="pack-parallel: workers per group, groups take different packs (default: all workers)")
+                   help="pack-parallel: workers per group, groups take different users (default: all workers)")
     p.add_argument("--offload", action="store_true", help="pack-parallel: optimizer state in CPU memory")
     p.add_argument("--oppu", action="store_true",
                    help="OPPU's two stages: first a task adapter on all users, merged into the base, "

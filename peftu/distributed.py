@@ -3,8 +3,8 @@
 The driver reads the task, hands the users to a `TorchTrainer` as a Ray
 Dataset, and each worker takes its own disjoint shard (split with
 `equal=False`, so no user is ever dropped to even out the shards). A worker
-packs its users into banks, fits them (`peftu.bank.fit_users_banked`) and
-publishes each user's adapter when its pack ends. Workers exchange nothing
+streams its users through one bank (`peftu.bank.fit_users_banked`) and
+publishes each user's adapter as soon as that user's fit ends. Workers exchange nothing
 but progress, which they send to a small actor that the driver reads for the
 log (users done / total, users per hour, ETA) and for the run summary it
 writes to the store.
@@ -12,7 +12,7 @@ writes to the store.
 Resume is by fingerprint: a worker skips users whose adapter exists from the
 same base, data and hyper-parameters. When a worker dies, `FailureConfig`
 restarts the group; the restarted workers skip what was already published, so
-only the packs in flight are fitted again.
+only the users in flight are fitted again.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class FitJobConfig:
     users_limit: int | None = None
     progress_interval_s: float = 10.0
     deepspeed: str | None = None
-    """None: user-parallel. "zero2"/"zero3": pack-parallel, groups of workers train a pack together."""
+    """None: user-parallel. "zero2"/"zero3": pack-parallel, the workers of a group train one bank together."""
     group_size: int = 0
     """Workers per pack-parallel group (0: all workers form one group)."""
     offload: bool = False
@@ -94,7 +94,7 @@ class UserShards(DataConfig):
     """Split the users between workers without dropping any (Ray's default evens shards by dropping rows).
 
     Pack-parallel runs (`split=False`) give every worker all users instead:
-    the workers of a group must see the same packs.
+    the workers of a group must see the same users.
     """
 
     def __init__(self, split: bool = True):
@@ -116,7 +116,7 @@ def _summary_statuses(summary: FitSummary) -> dict[str, str]:
 
 
 def _worker_loop(config: dict) -> None:
-    """One Ray Train worker: fit and publish its shard of users, pack by pack."""
+    """One Ray Train worker: fit and publish its shard of users, each as soon as it is done."""
     job = FitJobConfig(**config["job"])
     if job.deepspeed and not job.use_gpu:
         from .bank.zero import use_cpu_accelerator
@@ -144,7 +144,7 @@ def _worker_loop(config: dict) -> None:
         ray.get(progress.record.remote(_summary_statuses(done), done.failed))
 
     common = dict(base_fp=base_fp, pack_size=job.pack_size, token_budget=job.token_budget,
-                  on_pack_done=report)
+                  on_progress=report)
     if job.deepspeed:
         from .bank.zero import fit_users_zero
         summary = fit_users_zero(base, tokenizer, spec, users, LoraHParams(**job.hparams), store,
@@ -209,7 +209,7 @@ class FitRunResult:
 
 
 def _run_by_bucket(job: FitJobConfig, spec: TaskSpec, users: list[UserRecord]) -> FitRunResult:
-    """One run per activity bucket with that bucket's hyper-parameters: a bank fits one config per pack."""
+    """One run per activity bucket with that bucket's hyper-parameters: a bank fits one config at a time."""
     if job.oppu:
         raise PeftuError("--oppu fits one task adapter on all users; it does not take per-bucket configs")
     summary, run_ids, seconds = FitSummary(), [], 0.0
@@ -268,7 +268,7 @@ def run_fit_job(job: FitJobConfig, loaded: tuple[TaskSpec, list[UserRecord]] | N
         datasets={"users": ray.data.from_items([u.to_row() for u in users])},
         dataset_config=UserShards(split=not job.deepspeed),
     )
-    log.info("fitting %d users of %s on %d worker(s), packs of %d", len(users), spec.name,
+    log.info("fitting %d users of %s on %d worker(s), %d at a time per bank", len(users), spec.name,
              job.workers, job.pack_size)
     started = time.monotonic()
     stop = threading.Event()

@@ -15,7 +15,8 @@ import torch
 from peft import PeftModel, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from peftu.bank import AdapterBank, SlotAdamW, fit_pack, pack_users, peft_initial_state
+from peftu.bank import (AdapterBank, PackTrainer, SlotAdamW, fit_pack, fit_stream, largest_first,
+                        peft_initial_state, slot_count)
 from peftu.base import load_base
 from peftu.data.schema import Example, UserRecord
 from peftu.data.synthetic import TASKS, generate
@@ -73,6 +74,38 @@ def test_banked_fit_equals_separate_peft_fits_in_float64(base):
             assert len(losses) == len(ref_losses) == packed.results[u.user_id].steps
             assert losses == pytest.approx(ref_losses, rel=1e-4)
         packed.bank.remove()
+    finally:
+        model.float()
+
+
+def test_users_streaming_through_fewer_slots_equal_separate_peft_fits_in_float64(base):
+    """Five users through two slots: a finished user's slot is taken over by the next user
+    mid-run, with fresh weights and optimizer state, and every adapter is still its own fit."""
+    model, tok = base
+    model = model.double()
+    try:
+        users = largest_first(_users([14, 5, 9, 3, 7]))
+        hp = LoraHParams(r=4, alpha=8, epochs=2, batch_size=4, lr=2e-2, weight_decay=0.05,
+                         max_grad_norm=0.3, schedule="linear", target_modules=["q_proj", "v_proj"])
+        reference = _reference(model, tok, users, hp)
+        init_state = peft_initial_state(model, hp.lora_config(), hp.seed)
+        trainer = PackTrainer(model, 2, hp)
+        done: list[tuple[int, str, dict[str, torch.Tensor]]] = []
+
+        def keep(slot, user, result):
+            done.append((slot, user.user_id, trainer.bank.slot_state(slot)))
+
+        results, steps = fit_stream(model, tok, RATING, users, hp, trainer, init_state, on_user_done=keep)
+        trainer.bank.remove()
+        assert sorted(u for _, u, _ in done) == sorted(u.user_id for u in users)
+        assert {slot for slot, _, _ in done} == {0, 1}
+        # 4+2+3+1+2 batches an epoch, 2 epochs: 48 slot-steps on 2 slots, never more than needed
+        assert steps < sum(results[u.user_id].steps for u in users)
+        for _, user_id, got in done:
+            ref_weights, ref_losses = reference[user_id]
+            for key, value in got.items():
+                assert _rel(value, ref_weights[key]) < 1e-4, (user_id, key)
+            assert results[user_id].losses == pytest.approx(ref_losses, rel=1e-4)
     finally:
         model.float()
 
@@ -220,10 +253,11 @@ def test_foreign_or_malformed_adapters_are_refused(base):
         AdapterBank(model, 1, LoraHParams(dropout=0.1).lora_config())
 
 
-def test_packs_group_similar_sizes_and_respect_the_token_budget():
+def test_slots_go_to_the_largest_users_first_and_the_token_budget_caps_them():
     users = [UserRecord(f"u{n}", train=[Example(str(i), "x", "y") for i in range(n)]) for n in
              (50, 3, 20, 4, 49, 21)]
     hp = LoraHParams(batch_size=8, max_len=64)
-    packs = pack_users(users, pack_size=2, hp=hp)
-    assert [[u.user_id for u in p] for p in packs] == [["u3", "u4"], ["u20", "u21"], ["u49", "u50"]]
-    assert [len(p) for p in pack_users(users, pack_size=4, hp=hp, token_budget=8 * 64 * 3)] == [3, 3]
+    assert [u.user_id for u in largest_first(users)] == ["u50", "u49", "u21", "u20", "u4", "u3"]
+    assert slot_count(4, hp) == 4
+    assert slot_count(4, hp, token_budget=8 * 64 * 3) == 3
+    assert slot_count(4, hp, token_budget=10) == 1

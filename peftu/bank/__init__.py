@@ -8,7 +8,7 @@
 from .layer import BankedLoraLinear, SlotContext
 from .model import AdapterBank, peft_initial_state
 from .optim import SlotAdamW
-from .train import PackFit, PackTrainer, answer_token_loss, fit_pack, pack_users
+from .train import PackFit, PackTrainer, answer_token_loss, fit_pack, fit_stream, largest_first, slot_count
 
 __all__ = ["AdapterBank", "BankedLoraLinear", "PackFit", "PackTrainer", "SlotAdamW", "SlotContext",
-           "answer_token_loss", "fit_pack", "pack_users", "peft_initial_state"]
+           "answer_token_loss", "fit_pack", "fit_stream", "largest_first", "peft_initial_state", "slot_count"]

@@ -3,11 +3,12 @@
 Read top to bottom, it is the reference loop of `peftu/fit.py` for K users at
 once:
 
-1. Users are packed K at a time, similar training-set sizes together so the
-   pack finishes together (and a token budget caps the union batch).
+1. K users train at once, one per slot of the bank (a token budget can cap K).
+   Users stream through the slots largest first: when a user's fit ends the
+   slot is published and handed to the next user, so steps stay full.
 2. Every slot starts from PEFT's initial weights for the seed, and every user
    visits their examples in the same seeded mini-batch order as the reference.
-3. Banked step i is the union of each user's own i-th mini-batch. The loss is
+3. A banked step is the union of each slot's user's own next mini-batch. The loss is
    the sum over users of each user's mean answer-token loss, so slot k's
    gradient is exactly user k's own. Logits are computed only where there are
    answer tokens, which is most of the saving on a CPU. The union runs as
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -34,19 +36,6 @@ from ..fit import (FitResult, FitSummary, LoraHParams, evaluate_user, folder_fil
 from ..store import AdapterStore
 from .model import AdapterBank, peft_initial_state
 from .optim import SlotAdamW
-
-
-def pack_users(users: list[UserRecord], pack_size: int, hp: LoraHParams,
-               token_budget: int = 0) -> list[list[UserRecord]]:
-    """Group users K at a time, similar sizes together.
-
-    `token_budget` (0: none) caps a pack's union batch at roughly that many
-    tokens: each user adds `batch_size * max_len` worst-case tokens.
-    """
-    per_user = hp.batch_size * hp.max_len
-    size = pack_size if token_budget <= 0 else max(1, min(pack_size, token_budget // per_user))
-    ordered = sorted(users, key=lambda u: (len(u.train), u.user_id))
-    return [ordered[i:i + size] for i in range(0, len(ordered), size)]
 
 
 MICRO_BATCH_MIN_TOKENS = 512
@@ -177,39 +166,64 @@ def my_micro_batches(lengths: list[int], rank: int, world: int, lockstep: bool) 
     return micro
 
 
-def fit_pack(model: torch.nn.Module, tokenizer, spec: TaskSpec, users: list[UserRecord],
-             hp: LoraHParams, init_state: dict[str, torch.Tensor] | None = None,
-             trainer: PackTrainer | None = None, on_epoch_end=None) -> PackFit:
-    """Fit one adapter per user of the pack, user k in slot k of the trainer's bank.
+def require_examples(users: list[UserRecord]) -> None:
+    empty = next((u.user_id for u in users if not u.train), None)
+    if empty is not None:
+        raise ValueError(f"user {empty!r} has no training examples")
 
-    Without a `trainer`, a bank of exactly this pack is made; call
-    `.bank.remove()` on the result when done with it. `on_epoch_end(slot,
+
+@dataclass
+class _Slot:
+    """The user a slot is training now: their encoded rows, mini-batch plan and steps taken."""
+
+    user: UserRecord
+    encoded: list[tuple[list[int], int]]
+    plan: list[list[int]]
+    taken: int = 0
+
+
+def fit_stream(model: torch.nn.Module, tokenizer, spec: TaskSpec, users: list[UserRecord], hp: LoraHParams,
+               trainer: PackTrainer, init_state: dict[str, torch.Tensor], on_user_done=None,
+               on_epoch_end=None) -> tuple[dict[str, FitResult], int]:
+    """Fit one adapter per user, the users flowing through the trainer's slots in the given order.
+
+    The first users take the slots; as soon as a user's last step is taken,
+    `on_user_done(slot, user, fit_result)` is called (the slot still holds
+    their adapter) and the next user takes the slot over with fresh weights,
+    optimizer state and schedule. Steps so stay full until the queue runs dry,
+    and each slot is still exactly its user's own fit. `on_epoch_end(slot,
     epochs_done, fit_result)` is called right after the step that ends one of
     that slot's epochs, so a tuner can score every user after each epoch.
+    Returns every user's losses and the number of banked steps taken.
     """
-    if any(not u.train for u in users):
-        empty = next(u.user_id for u in users if not u.train)
-        raise ValueError(f"user {empty!r} has no training examples")
-    if init_state is None:
-        init_state = peft_initial_state(model, hp.lora_config(), hp.seed)
-    trainer = trainer or PackTrainer(model, len(users), hp)
-    n_slots = trainer.bank.n_slots
-    encoded, plans = [], []
-    with trainer.full_bank(modify=True):
-        for slot, user in enumerate(users):
-            encoded.append([encode(tokenizer, spec, e.input, e.output, hp.max_len) for e in user.train])
-            plans.append(minibatches(len(user.train), hp.batch_size, hp.seed, hp.epochs))
-            trainer.reset_slot(slot, init_state, lr_lambda(hp.schedule, len(plans[-1])))
-    results = {u.user_id: FitResult(steps=len(p)) for u, p in zip(users, plans)}
-    device = next(model.parameters()).device
+    require_examples(users)
+    queue, n_slots = deque(users), trainer.bank.n_slots
+    slots: list[_Slot | None] = [None] * n_slots
+    results: dict[str, FitResult] = {}
 
+    def refill(free: list[int]) -> None:
+        with trainer.full_bank(modify=True):
+            for slot in free:
+                slots[slot] = None
+                if queue:
+                    user = queue.popleft()
+                    slots[slot] = _Slot(user, [encode(tokenizer, spec, e.input, e.output, hp.max_len)
+                                               for e in user.train],
+                                        minibatches(len(user.train), hp.batch_size, hp.seed, hp.epochs))
+                    trainer.reset_slot(slot, init_state, lr_lambda(hp.schedule, len(slots[slot].plan)))
+                    results[user.user_id] = FitResult(steps=len(slots[slot].plan))
+
+    refill(list(range(n_slots)))
+    device = next(model.parameters()).device
     model.train()
-    for i in range(max(len(p) for p in plans)):
-        active = [k for k, p in enumerate(plans) if i < len(p)]
+    steps = 0
+    while any(slots):
+        active = [k for k, s in enumerate(slots) if s is not None]
         rows, row_slot = [], []
         for k in active:
-            rows += [encoded[k][j] for j in plans[k][i]]
-            row_slot += [k] * len(plans[k][i])
+            batch_rows = slots[k].plan[slots[k].taken]
+            rows += [slots[k].encoded[j] for j in batch_rows]
+            row_slot += [k] * len(batch_rows)
         counts = torch.zeros(n_slots, dtype=torch.long).index_add_(
             0, torch.tensor(row_slot), torch.tensor([row_answer_tokens(r) for r in rows])).to(device)
         per_user = torch.zeros(n_slots, device=device)
@@ -223,81 +237,122 @@ def fit_pack(model: torch.nn.Module, tokenizer, spec: TaskSpec, users: list[User
             trainer.backward(part[active].sum())
             per_user += part.detach()
         per_user = trainer.step(torch.tensor(active), per_user)
+        steps += 1
+        finished = []
         for k, loss in zip(active, per_user[active].tolist()):
-            results[users[k].user_id].losses.append(loss)
-            per_epoch = len(plans[k]) // hp.epochs
-            if on_epoch_end and (i + 1) % per_epoch == 0:
-                on_epoch_end(k, (i + 1) // per_epoch, results[users[k].user_id])
-                model.train()
+            slot = slots[k]
+            result = results[slot.user.user_id]
+            result.losses.append(loss)
+            slot.taken += 1
+            per_epoch = len(slot.plan) // hp.epochs
+            if on_epoch_end and slot.taken % per_epoch == 0:
+                on_epoch_end(k, slot.taken // per_epoch, result)
+            if slot.taken == len(slot.plan):
+                finished.append(k)
+                if on_user_done:
+                    on_user_done(k, slot.user, result)
+        if finished:
+            refill(finished)
+        model.train()
     model.eval()
+    return results, steps
+
+
+def fit_pack(model: torch.nn.Module, tokenizer, spec: TaskSpec, users: list[UserRecord],
+             hp: LoraHParams, init_state: dict[str, torch.Tensor] | None = None,
+             trainer: PackTrainer | None = None, on_epoch_end=None) -> PackFit:
+    """Fit one adapter per user of the pack, user k in slot k of the trainer's bank.
+
+    Without a `trainer`, a bank of exactly this pack is made; call
+    `.bank.remove()` on the result when done with it. The slots keep their
+    users' adapters after the fit (`fit_stream` with no one waiting).
+    """
+    require_examples(users)
+    if init_state is None:
+        init_state = peft_initial_state(model, hp.lora_config(), hp.seed)
+    trainer = trainer or PackTrainer(model, len(users), hp)
+    if len(users) > trainer.bank.n_slots:
+        raise ValueError(f"a pack of {len(users)} users does not fit a bank of {trainer.bank.n_slots} slots")
+    results, _ = fit_stream(model, tokenizer, spec, users, hp, trainer, init_state, on_epoch_end=on_epoch_end)
     return PackFit(bank=trainer.bank, users=users, results=results, trainer=trainer)
 
 
-def publish_pack(model: torch.nn.Module, tokenizer, spec: TaskSpec, packed: PackFit, hp: LoraHParams,
-                 store: AdapterStore, base_fp: str) -> FitSummary:
-    """Evaluate every slot of a fitted pack (the bank answers with that slot) and publish it.
+def publish_slot(model: torch.nn.Module, tokenizer, spec: TaskSpec, trainer: PackTrainer, slot: int,
+                 user: UserRecord, hp: LoraHParams, store: AdapterStore, base_fp: str) -> FitSummary:
+    """Evaluate a fitted slot (the bank answers with it) and publish it as the user's adapter.
 
     With a trainer whose evaluation is collective, every rank of the group
     calls this and only its first rank publishes.
     """
-    done = FitSummary()
-    for slot, user in enumerate(packed.users):
-        with tempfile.TemporaryDirectory() as folder, packed.bank.rows(slot):
-            with packed.trainer.full_bank():
-                packed.bank.export_slot(slot, folder)
-            metrics = evaluate_user(model, tokenizer, spec, user)
-            if packed.trainer.rank == 0:
-                publish_adapter(store, spec, user, folder_files(folder), hp, base_fp, metrics)
-                done.metrics[user.user_id] = metrics
-        done.fitted.append(user.user_id)
+    done = FitSummary(fitted=[user.user_id])
+    with tempfile.TemporaryDirectory() as folder, trainer.bank.rows(slot):
+        with trainer.full_bank():
+            trainer.bank.export_slot(slot, folder)
+        metrics = evaluate_user(model, tokenizer, spec, user)
+        if trainer.rank == 0:
+            publish_adapter(store, spec, user, folder_files(folder), hp, base_fp, metrics)
+            done.metrics[user.user_id] = metrics
     return done
 
 
-def plan_packs(store: AdapterStore, spec: TaskSpec, users: list[UserRecord], hp: LoraHParams, base_fp: str,
-               pack_size: int, token_budget: int) -> tuple[FitSummary, list[list[UserRecord]]]:
-    """What a run has to do: the users to skip or fail at once, and packs of the rest."""
+def slot_count(pack_size: int, hp: LoraHParams, token_budget: int = 0) -> int:
+    """How many users train at once: `pack_size`, fewer if `token_budget` (0: none) caps the
+    union batch at roughly that many tokens (each user adds `batch_size * max_len` worst-case tokens)."""
+    return pack_size if token_budget <= 0 else max(1, min(pack_size, token_budget // (hp.batch_size * hp.max_len)))
+
+
+def largest_first(users: list[UserRecord]) -> list[UserRecord]:
+    """The order users take the slots in: the last to start are the smallest, so the
+    final steps, when the slots empty one by one, are few."""
+    return sorted(users, key=lambda u: (-len(u.train), u.user_id))
+
+
+def plan_users(store: AdapterStore, spec: TaskSpec, users: list[UserRecord], hp: LoraHParams,
+               base_fp: str) -> tuple[FitSummary, list[UserRecord]]:
+    """What a run has to do: the users to skip or fail at once, and the rest `largest_first`."""
     todo, current = split_current(store, spec, users, hp, base_fp)
     summary = FitSummary(skipped=current)
     for u in todo:
         if not u.train:
             summary.failed[u.user_id] = "cannot fit an adapter on zero examples"
-    return summary, pack_users([u for u in todo if u.train], pack_size, hp, token_budget)
+    return summary, largest_first([u for u in todo if u.train])
 
 
 def fit_users_banked(model: torch.nn.Module, tokenizer, spec: TaskSpec, users: list[UserRecord],
                      hp: LoraHParams, store: AdapterStore, *, base_fp: str, pack_size: int = 16,
-                     token_budget: int = 0, on_pack_done=None) -> FitSummary:
+                     token_budget: int = 0, on_progress=None) -> FitSummary:
     """The banked counterpart of `peftu.fit.fit_users`: same skips, metrics and store records.
 
-    Each pack is fitted together in one bank (made once, re-used pack after
-    pack) and published when it ends. `on_pack_done(summary)` is called after
-    each pack with that pack's summary, for progress reporting.
+    Users stream through one bank of `slot_count(pack_size, ...)` slots and
+    each is published as soon as their fit ends. `on_progress(summary)` is
+    called with every published user's summary, for progress reporting.
     """
-    summary, packs = plan_packs(store, spec, users, hp, base_fp, pack_size, token_budget)
-    if not packs:
+    summary, todo = plan_users(store, spec, users, hp, base_fp)
+    if not todo:
         return summary
     init_state = peft_initial_state(model, hp.lora_config(), hp.seed)
-    trainer = PackTrainer(model, max(len(p) for p in packs), hp)
-    return run_packs(model, tokenizer, spec, packs, hp, store, base_fp, trainer, init_state, summary, on_pack_done)
+    trainer = PackTrainer(model, min(len(todo), slot_count(pack_size, hp, token_budget)), hp)
+    return run_stream(model, tokenizer, spec, todo, hp, store, base_fp, trainer, init_state, summary, on_progress)
 
 
-def run_packs(model: torch.nn.Module, tokenizer, spec: TaskSpec, packs: list[list[UserRecord]],
-              hp: LoraHParams, store: AdapterStore, base_fp: str, trainer: PackTrainer,
-              init_state: dict[str, torch.Tensor], summary: FitSummary, on_pack_done=None) -> FitSummary:
-    """Fit and publish pack after pack in the trainer's bank, then take the bank out of the model.
+def run_stream(model: torch.nn.Module, tokenizer, spec: TaskSpec, users: list[UserRecord],
+               hp: LoraHParams, store: AdapterStore, base_fp: str, trainer: PackTrainer,
+               init_state: dict[str, torch.Tensor], summary: FitSummary, on_progress=None) -> FitSummary:
+    """Stream the users through the trainer's bank, publishing each as they finish, then take the bank out.
 
     The trainer's first rank publishes and reports; in lockstep the other
     ranks evaluate with it (their forwards are the group's collectives).
     """
+    def publish(slot: int, user: UserRecord, _result: FitResult) -> None:
+        if trainer.rank == 0 or trainer.lockstep:
+            done = publish_slot(model, tokenizer, spec, trainer, slot, user, hp, store, base_fp)
+        if trainer.rank == 0:
+            summary.merge(done)
+            if on_progress:
+                on_progress(done)
+
     try:
-        for pack in packs:
-            packed = fit_pack(model, tokenizer, spec, pack, hp, init_state, trainer)
-            if trainer.rank == 0 or trainer.lockstep:
-                done = publish_pack(model, tokenizer, spec, packed, hp, store, base_fp)
-            if trainer.rank == 0:
-                summary.merge(done)
-                if on_pack_done:
-                    on_pack_done(done)
+        fit_stream(model, tokenizer, spec, users, hp, trainer, init_state, on_user_done=publish)
     finally:
         trainer.bank.remove()
     return summary

@@ -1,14 +1,14 @@
-"""Pack-parallel fitting with DeepSpeed ZeRO-2/3: the workers of a group train one pack together.
+"""Pack-parallel fitting with DeepSpeed ZeRO-2/3: the workers of a group train one bank together.
 
-User-parallel fitting (each worker its own packs) is right while a worker holds
+User-parallel fitting (each worker its own bank) is right while a worker holds
 the base and its bank comfortably. With thousands of users on a large base the
 bank's AdamW state is the biggest state there is, so here the G workers of a
-group train the *same* pack: each takes a share of every step's rows (data
+group train the *same* bank (the same users in its slots): each takes a share of every step's rows (data
 parallel), and DeepSpeed ZeRO-2 shards the bank's gradients and optimizer
 state over them; ZeRO-3 shards the frozen base too, and then every rank must
 run the same forwards (`lockstep`) and evaluation runs on the whole group.
 
-What stays exactly as in `train.fit_pack`:
+What stays exactly as in `train.fit_stream`:
 
 - each user's loss is divided by their answer-token count over the whole step,
   counted on every rank from the full step, so the shares add up to the sum of
@@ -20,8 +20,10 @@ What stays exactly as in `train.fit_pack`:
   parameter out in its flat buffer), steps only active slots' elements, and
   clips each slot by its norm summed over the partitions of the group.
 
-The bank lives for the whole run: each pack loads its users' initial weights
-into the slots and DeepSpeed's fp32 master copy is refreshed from them.
+The bank lives for the whole run: each user who takes a slot over loads the
+initial weights into it and DeepSpeed's fp32 master copy is refreshed from them.
+Every rank of a group follows the same plan, so all of them see a user finish
+at the same step.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from ..fit import FitSummary, LoraHParams
 from ..store import AdapterStore
 from .model import AdapterBank, peft_initial_state
 from .optim import SlotSchedule, adamw_update, clip_coefficients
-from .train import PackTrainer, plan_packs, run_packs
+from .train import PackTrainer, plan_users, run_stream, slot_count
 
 STAGES = {"zero2": 2, "zero3": 3}
 
@@ -279,26 +281,27 @@ class ZeroPackTrainer(PackTrainer):
 
 def fit_users_zero(model: torch.nn.Module, tokenizer, spec: TaskSpec, users: list[UserRecord],
                    hp: LoraHParams, store: AdapterStore, *, base_fp: str, config: dict, group_size: int = 0,
-                   pack_size: int = 16, token_budget: int = 0, on_pack_done=None) -> FitSummary:
+                   pack_size: int = 16, token_budget: int = 0, on_progress=None) -> FitSummary:
     """`fit_users_banked` for a DeepSpeed world: every rank calls it with the same users.
 
-    Groups of `group_size` ranks (0: one group of all) take every n-th pack;
-    the ranks of a group train it together and the group's first rank
-    evaluates and publishes it. Rank 0 alone decides what to skip, so a pack
-    published while another rank is still starting cannot split the world's
-    plans. A group's first rank returns what it published (rank 0 also the
-    skipped and failed users); the other ranks return an empty summary.
+    Groups of `group_size` ranks (0: one group of all) take every n-th user of
+    the largest-first order; the ranks of a group train its stream together
+    and the group's first rank evaluates and publishes each user. Rank 0 alone
+    decides what to skip, so a user published while another rank is still
+    starting cannot split the world's plans. A group's first rank returns what
+    it published (rank 0 also the skipped and failed users); the other ranks
+    return an empty summary.
     """
     group, n_groups, mpu = form_groups(group_size or dist.get_world_size())
-    plan = [plan_packs(store, spec, users, hp, base_fp, pack_size, token_budget) if dist.get_rank() == 0
-            else None]
+    plan = [plan_users(store, spec, users, hp, base_fp) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(plan, src=0)
-    summary, packs = plan[0]
+    summary, todo = plan[0]
     if dist.get_rank() != 0:
         summary = FitSummary()
-    if not packs:
+    mine = todo[group::n_groups]
+    if not mine:
         return summary
     init_state = peft_initial_state(model, hp.lora_config(), hp.seed)
-    trainer = ZeroPackTrainer(model, max(len(p) for p in packs), hp, config=config, mpu=mpu)
-    return run_packs(model, tokenizer, spec, packs[group::n_groups], hp, store, base_fp, trainer, init_state,
-                     summary, on_pack_done)
+    trainer = ZeroPackTrainer(model, min(len(mine), slot_count(pack_size, hp, token_budget)), hp, config=config,
+                              mpu=mpu)
+    return run_stream(model, tokenizer, spec, mine, hp, store, base_fp, trainer, init_state, summary, on_progress)
