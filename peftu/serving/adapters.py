@@ -42,6 +42,8 @@ class Lease:
     entry: Entry | None = None
     loaded_ms: float | None = None
     """Set when this request waited for the adapter's load."""
+    pplug: bool = False
+    """The base answers with PPlug's soft tokens for this user (no adapter, cached history)."""
 
 
 class AdapterManager:

@@ -29,6 +29,7 @@ from .batcher import Batcher, Job, Kind
 from .config import ServeConfig
 from .generate import GenResult, GenRow, Sampling, ScoreRow, generate_batch, score_batch
 from .metrics import Metrics
+from .pplug import PlugServer
 
 log = logging.getLogger("peftu.serving")
 
@@ -65,13 +66,17 @@ class Engine:
                              f"(one slot takes {per_slot} bytes)")
         self.bank = AdapterBank(self.model, capacity + 1, lora)
         store = AdapterStore.open(cfg.store or str(peftu_home() / "store"), endpoint_url=cfg.endpoint_url)
-        self.adapters = AdapterManager(self.bank, store, cfg.task, base_fingerprint(base),
+        base_fp = base_fingerprint(base)
+        self.adapters = AdapterManager(self.bank, store, cfg.task, base_fp,
                                        max_bytes=cfg.max_adapter_bytes, ttl_s=cfg.version_ttl_s,
                                        metrics=self.metrics)
+        self.plug = PlugServer(store, cfg.task, base_fp, device=cfg.device, ttl_s=cfg.version_ttl_s) \
+            if cfg.pplug else None
         self.batcher = Batcher(self._run, max_batch=cfg.max_batch, wait_s=cfg.batch_wait_ms / 1000,
                                mode=cfg.batching, on_batch=self._count_batch)
-        log.info("serving %s with %d adapter slots of %d bytes from %s (task %s, %s batches)",
-                 self.model_name, capacity, per_slot, store, cfg.task, cfg.batching)
+        log.info("serving %s with %d adapter slots of %d bytes from %s (task %s, %s batches%s)",
+                 self.model_name, capacity, per_slot, store, cfg.task, cfg.batching,
+                 f", PPlug {self.plug.version}" if self.plug else "")
 
     # --- the batch worker (runs in the batcher's thread) -------------------------
 
@@ -89,6 +94,18 @@ class Engine:
     def encode_prompt(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=True)["input_ids"]
 
+    def _text(self, prompt_ids: list[int]) -> str:
+        """The prompt as text again: PPlug's query."""
+        return self.tokenizer.decode(prompt_ids, skip_special_tokens=True)
+
+    async def _plugged(self, lease: Lease, user: str | None, query: str) -> torch.Tensor | None:
+        """PPlug's soft tokens for a user the base would answer, if they have cached history."""
+        if self.plug is None or user is None or lease.version is not None:
+            return None
+        prefix = await self.plug.prefix(user, query)
+        lease.pplug = prefix is not None
+        return prefix
+
     async def _submit(self, lease: Lease, kind: Kind, payload) -> object:
         """Queue a job on the lease's slot; the slot stays pinned until the job is done,
         even if the caller goes away first (its row may be in a running batch)."""
@@ -99,7 +116,8 @@ class Engine:
     async def complete(self, user: str | None, prompt_ids: list[int], sampling: Sampling) -> Completion:
         """Generate for one request in whatever batch it lands in."""
         lease = await self.adapters.acquire(user)
-        result = await self._submit(lease, "generate", GenRow(prompt_ids, lease.slot, sampling))
+        prefix = await self._plugged(lease, user, self._text(prompt_ids))
+        result = await self._submit(lease, "generate", GenRow(prompt_ids, lease.slot, sampling, prefix=prefix))
         self._count_tokens(len(prompt_ids), result.tokens)
         return Completion(result, len(prompt_ids), lease)
 
@@ -107,6 +125,7 @@ class Engine:
                      ) -> tuple[Lease, AsyncIterator[tuple[str, str | None]]]:
         """The lease (for the response headers) and an iterator of (text delta, finish reason)."""
         lease = await self.adapters.acquire(user)
+        prefix = await self._plugged(lease, user, self._text(prompt_ids))
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[str, str | None]] = asyncio.Queue()
         gone = False
@@ -114,7 +133,7 @@ class Engine:
         def emit(delta: str, finish: str | None) -> None:
             loop.call_soon_threadsafe(events.put_nowait, (delta, finish))
 
-        row = GenRow(prompt_ids, lease.slot, sampling, emit=emit, cancelled=lambda: gone)
+        row = GenRow(prompt_ids, lease.slot, sampling, emit=emit, cancelled=lambda: gone, prefix=prefix)
         task = loop.create_task(self._submit(lease, "generate", row))
 
         async def pieces() -> AsyncIterator[tuple[str, str | None]]:
@@ -141,7 +160,8 @@ class Engine:
         spec = self.score_spec(labels)
         encoded = [encode(self.tokenizer, spec, text, label, self.cfg.max_prompt_tokens) for label in labels]
         lease = await self.adapters.acquire(user)
-        scores = await self._submit(lease, "score", ScoreRow(encoded, lease.slot))
+        prefix = await self._plugged(lease, user, spec.render(text))
+        scores = await self._submit(lease, "score", ScoreRow(encoded, lease.slot, prefix))
         self._count_tokens(sum(len(ids) for ids, _ in encoded), 0)
         return scores, lease
 

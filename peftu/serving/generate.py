@@ -6,6 +6,8 @@ each on its own adapter. Prompts are left-padded (positions counted from each
 row's first real token), finished rows leave the batch and its KV cache, and
 each row has its own sampling settings: greedy at temperature 0, otherwise
 temperature and nucleus (top_p) sampling, a token budget and stop strings.
+A row may bring soft tokens (PPlug's personal embedding) to put before its
+prompt: the batch's first forward then reads embeddings instead of token ids.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from transformers import DynamicCache
 from ..bank import AdapterBank
 from ..encode import collate
 from ..eval import answer_logprobs
+from ..pplug.model import plugged_logits, prepend_soft_tokens
 
 BASE_SLOT = 0
 """The bank slot kept at zero: rows of users without an adapter."""
@@ -46,6 +49,8 @@ class GenRow:
     emit: Callable[[str, str | None], None] = lambda delta, finish: None
     """Called (from the batch's thread) with each new piece of text, and the finish reason at the end."""
     cancelled: Callable[[], bool] = lambda: False
+    prefix: torch.Tensor | None = None
+    """Soft tokens `[n, hidden]` before the prompt (PPlug's); None: the prompt alone."""
 
 
 @dataclass
@@ -56,7 +61,7 @@ class GenResult:
     tokens: int
 
 
-def slots_context(bank: AdapterBank, slots: list[int], reuse: bool = False):
+def slots_context(bank: AdapterBank | None, slots: list[int], reuse: bool = False):
     """bank.rows over these slots; the plain base when no row has an adapter."""
     if all(s == BASE_SLOT for s in slots):
         return contextlib.nullcontext()
@@ -119,7 +124,7 @@ def _pick(logits: torch.Tensor, states: list[_RowState]) -> list[int]:
 
 
 @torch.no_grad()
-def generate_batch(model, bank: AdapterBank, tokenizer, rows: list[GenRow]) -> list[GenResult]:
+def generate_batch(model, bank: AdapterBank | None, tokenizer, rows: list[GenRow]) -> list[GenResult]:
     """Generate for every row at once, each row on its own slot, with the KV cache."""
     device = model.device
     pad_id = tokenizer.pad_token_id
@@ -130,7 +135,11 @@ def generate_batch(model, bank: AdapterBank, tokenizer, rows: list[GenRow]) -> l
         ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
         mask[i, width - len(r.prompt_ids):] = 1
     ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    if any(r.prefix is not None for r in rows):  # the first forward reads embeddings, later ones tokens
+        embeds, mask, positions = prepend_soft_tokens(model, ids, mask, [r.prefix for r in rows])
+        step = {"inputs_embeds": embeds}
+    else:
+        positions, step = (mask.cumsum(-1) - 1).clamp(min=0), {"input_ids": ids}
 
     def decode(token_ids: list[int]) -> str:
         return tokenizer.decode(token_ids, skip_special_tokens=True)
@@ -138,11 +147,11 @@ def generate_batch(model, bank: AdapterBank, tokenizer, rows: list[GenRow]) -> l
     states = [_RowState(r, tokenizer.eos_token_id, decode) for r in rows]
     live = list(range(len(rows)))  # rows still decoding, in KV-cache order
     cache = DynamicCache()
-    step_ids, step_pos = ids, positions
+    step_pos = positions
     with contextlib.ExitStack() as rows_on:  # re-entered whenever rows leave the batch
         rows_on.enter_context(slots_context(bank, [r.slot for r in rows], reuse=True))
         while live:
-            out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
+            out = model(**step, attention_mask=mask, position_ids=step_pos,
                         past_key_values=cache, use_cache=True, logits_to_keep=1)
             tokens = _pick(out.logits[:, -1], [states[i] for i in live])
             for i, token in zip(live, tokens):
@@ -158,7 +167,7 @@ def generate_batch(model, bank: AdapterBank, tokenizer, rows: list[GenRow]) -> l
                 live = [live[k] for k in keep]
                 rows_on.close()
                 rows_on.enter_context(slots_context(bank, [rows[i].slot for i in live], reuse=True))
-            step_ids = torch.tensor(tokens, device=device).unsqueeze(-1)
+            step = {"input_ids": torch.tensor(tokens, device=device).unsqueeze(-1)}
             step_pos = step_pos[:, -1:] + 1
             mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=-1)
     return [st.result for st in states]
@@ -170,16 +179,21 @@ class ScoreRow:
 
     encoded: list[tuple[list[int], int]]
     slot: int
+    prefix: torch.Tensor | None = None
+    """Soft tokens before every candidate (PPlug's); None: none."""
 
 
 @torch.no_grad()
-def score_batch(model, bank: AdapterBank, tokenizer, rows: list[ScoreRow]) -> list[list[float]]:
+def score_batch(model, bank: AdapterBank | None, tokenizer, rows: list[ScoreRow]) -> list[list[float]]:
     """Log-likelihood of each candidate of each row, all rows in one forward."""
     flat = [pair for r in rows for pair in r.encoded]
     slots = [r.slot for r in rows for _ in r.encoded]
     batch = {k: v.to(model.device) for k, v in collate(flat, tokenizer.pad_token_id).items()}
     with slots_context(bank, slots):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        if any(r.prefix is not None for r in rows):
+            logits = plugged_logits(model, [r.prefix for r in rows for _ in r.encoded], batch)
+        else:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     scores = answer_logprobs(logits, batch["labels"]).tolist()
     out, start = [], 0
     for r in rows:

@@ -53,7 +53,9 @@ async def _count(request: Request, call_next):
 
 
 def _adapter_headers(lease: Lease) -> dict[str, str]:
-    """Which adapter answered; whether it was resident or had to be loaded."""
+    """Which adapter answered (`pplug`: the plug's soft tokens); whether it was resident or had to be loaded."""
+    if lease.pplug:
+        return {"x-peftu-adapter": "pplug", "x-peftu-cache": "pplug"}
     headers = {"x-peftu-adapter": lease.version or "none",
                "x-peftu-cache": "base" if lease.version is None else "load" if lease.loaded_ms else "hit"}
     if lease.loaded_ms is not None:

