@@ -6,9 +6,9 @@ Ray Train, `evaluate` scores users with it (alone or with their adapters).
 """
 
 from .encoder import HistoryEmbeddings, HistoryEncoder, cached_embeddings, embeddings_task, user_embeddings
-from .model import PLUG_USER, PersonaPlug, PPlugConfig, load_plug, plug_task, prepend_soft_tokens
+from .model import PLUG_USER, PersonaPlug, PPlugConfig, load_plug, plug_task
 from .train import PPlugJobConfig, fit_plug, run_pplug_job
 
 __all__ = ["PLUG_USER", "HistoryEmbeddings", "HistoryEncoder", "PPlugConfig", "PPlugJobConfig", "PersonaPlug",
-           "cached_embeddings", "embeddings_task", "fit_plug", "load_plug", "plug_task", "prepend_soft_tokens",
+           "cached_embeddings", "embeddings_task", "fit_plug", "load_plug", "plug_task",
            "run_pplug_job", "user_embeddings"]

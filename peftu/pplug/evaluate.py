@@ -22,19 +22,19 @@ from .encoder import HistoryEncoder, user_embeddings
 from .model import PersonaPlug, soft_tokens
 
 
-def predict_plugged(model, tokenizer, spec: TaskSpec, texts: list[str], prefixes: list[torch.Tensor], *,
+def predict_plugged(model, tokenizer, spec: TaskSpec, texts: list[str], soft: list[torch.Tensor], *,
                     max_len: int = 256, batch_size: int = 16) -> list[str]:
-    """Answers to `texts`, row i with soft tokens `prefixes[i]` before its prompt."""
+    """Answers to `texts`, row i with soft tokens `soft[i]` after its prompt."""
     if spec.kind in ("classification", "rating"):
         rows = [ScoreRow([encode(tokenizer, spec, t, label, max_len) for label in spec.labels], BASE_SLOT, p)
-                for t, p in zip(texts, prefixes, strict=True)]
+                for t, p in zip(texts, soft, strict=True)]
         scores = [s for i in range(0, len(rows), batch_size)
                   for s in score_batch(model, None, tokenizer, rows[i:i + batch_size])]
         return [spec.labels[max(range(len(s)), key=s.__getitem__)] for s in scores]
     keep = max_len - spec.max_new_tokens
     rows = [GenRow(tokenizer(spec.render(t), add_special_tokens=True)["input_ids"][-keep:], BASE_SLOT,
-                   Sampling(max_tokens=spec.max_new_tokens), prefix=p)
-            for t, p in zip(texts, prefixes, strict=True)]
+                   Sampling(max_tokens=spec.max_new_tokens), soft=p)
+            for t, p in zip(texts, soft, strict=True)]
     results = [r for i in range(0, len(rows), batch_size)
                for r in generate_batch(model, None, tokenizer, rows[i:i + batch_size])]
     return [r.text.strip().split("\n")[0].strip() for r in results]
@@ -61,14 +61,14 @@ def evaluate_pplug(base, tokenizer, spec: TaskSpec, users: list[UserRecord], plu
         if not examples:
             continue
         history, _ = user_embeddings(store, encoder, spec.name, user)
-        prefixes = soft_tokens(plug, encoder, [spec.render(e.input) for e in examples], history)
+        soft = soft_tokens(plug, encoder, [spec.render(e.input) for e in examples], history)
         model = base
         if adapters_task and store.has_adapter(adapters_task, user.user_id):
             with tempfile.TemporaryDirectory() as tmp:
                 store.fetch(adapters_task, user.user_id, dest=Path(tmp), expect_base=base_fp)
                 model = PeftModel.from_pretrained(base, tmp)
         try:
-            preds = predict_plugged(model, tokenizer, spec, [e.input for e in examples], prefixes)
+            preds = predict_plugged(model, tokenizer, spec, [e.input for e in examples], soft)
         finally:
             if model is not base:
                 model.unload()

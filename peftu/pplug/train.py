@@ -20,11 +20,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..data.schema import Example, TaskSpec, UserRecord
-from ..encode import collate, encode, epoch_order
+from ..encode import encode, epoch_order
 from ..store import AdapterStore, Manifest, fingerprint
 from .encoder import HistoryEmbeddings, HistoryEncoder, item_text, user_embeddings
 from .model import (PLUG_USER, PersonaPlug, PPlugConfig, answer_loss, history_batch, plug_files, plug_task,
-                    plugged_logits)
+                    plugged_forward)
 
 log = logging.getLogger("peftu.pplug")
 
@@ -52,11 +52,9 @@ def batch_loss(base, plug, tokenizer, encoder: HistoryEncoder, spec: TaskSpec, r
     device = base.device
     queries = encoder.encode([spec.render(e.input) for _, e in rows]).to(device)
     vectors, mask = history_batch([histories[uid] for uid, _ in rows], cfg.max_history, [e.id for _, e in rows])
-    batch = collate([encode(tokenizer, spec, e.input, e.output, cfg.max_len) for _, e in rows],
-                    tokenizer.pad_token_id)
-    batch = {k: v.to(device) for k, v in batch.items()}
     soft = plug(queries, vectors.to(device), mask.to(device))
-    return answer_loss(plugged_logits(base, soft, batch), batch["labels"])
+    encoded = [encode(tokenizer, spec, e.input, e.output, cfg.max_len) for _, e in rows]
+    return answer_loss(*plugged_forward(base, encoded, list(soft), tokenizer.pad_token_id))
 
 
 def training_rows(users: list[UserRecord]) -> list[Row]:

@@ -102,9 +102,9 @@ class Engine:
         """PPlug's soft tokens for a user the base would answer, if they have cached history."""
         if self.plug is None or user is None or lease.version is not None:
             return None
-        prefix = await self.plug.prefix(user, query)
-        lease.pplug = prefix is not None
-        return prefix
+        soft = await self.plug.soft_tokens(user, query)
+        lease.pplug = soft is not None
+        return soft
 
     async def _submit(self, lease: Lease, kind: Kind, payload) -> object:
         """Queue a job on the lease's slot; the slot stays pinned until the job is done,
@@ -116,8 +116,8 @@ class Engine:
     async def complete(self, user: str | None, prompt_ids: list[int], sampling: Sampling) -> Completion:
         """Generate for one request in whatever batch it lands in."""
         lease = await self.adapters.acquire(user)
-        prefix = await self._plugged(lease, user, self._text(prompt_ids))
-        result = await self._submit(lease, "generate", GenRow(prompt_ids, lease.slot, sampling, prefix=prefix))
+        soft = await self._plugged(lease, user, self._text(prompt_ids))
+        result = await self._submit(lease, "generate", GenRow(prompt_ids, lease.slot, sampling, soft=soft))
         self._count_tokens(len(prompt_ids), result.tokens)
         return Completion(result, len(prompt_ids), lease)
 
@@ -125,7 +125,7 @@ class Engine:
                      ) -> tuple[Lease, AsyncIterator[tuple[str, str | None]]]:
         """The lease (for the response headers) and an iterator of (text delta, finish reason)."""
         lease = await self.adapters.acquire(user)
-        prefix = await self._plugged(lease, user, self._text(prompt_ids))
+        soft = await self._plugged(lease, user, self._text(prompt_ids))
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[str, str | None]] = asyncio.Queue()
         gone = False
@@ -133,7 +133,7 @@ class Engine:
         def emit(delta: str, finish: str | None) -> None:
             loop.call_soon_threadsafe(events.put_nowait, (delta, finish))
 
-        row = GenRow(prompt_ids, lease.slot, sampling, emit=emit, cancelled=lambda: gone, prefix=prefix)
+        row = GenRow(prompt_ids, lease.slot, sampling, emit=emit, cancelled=lambda: gone, soft=soft)
         task = loop.create_task(self._submit(lease, "generate", row))
 
         async def pieces() -> AsyncIterator[tuple[str, str | None]]:
@@ -160,8 +160,8 @@ class Engine:
         spec = self.score_spec(labels)
         encoded = [encode(self.tokenizer, spec, text, label, self.cfg.max_prompt_tokens) for label in labels]
         lease = await self.adapters.acquire(user)
-        prefix = await self._plugged(lease, user, spec.render(text))
-        scores = await self._submit(lease, "score", ScoreRow(encoded, lease.slot, prefix))
+        soft = await self._plugged(lease, user, spec.render(text))
+        scores = await self._submit(lease, "score", ScoreRow(encoded, lease.slot, soft=soft))
         self._count_tokens(sum(len(ids) for ids, _ in encoded), 0)
         return scores, lease
 

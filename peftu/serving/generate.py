@@ -6,7 +6,7 @@ each on its own adapter. Prompts are left-padded (positions counted from each
 row's first real token), finished rows leave the batch and its KV cache, and
 each row has its own sampling settings: greedy at temperature 0, otherwise
 temperature and nucleus (top_p) sampling, a token budget and stop strings.
-A row may bring soft tokens (PPlug's personal embedding) to put before its
+A row may bring soft tokens (PPlug's personal embedding) to put after its
 prompt: the batch's first forward then reads embeddings instead of token ids.
 """
 
@@ -22,7 +22,7 @@ from transformers import DynamicCache
 from ..bank import AdapterBank
 from ..encode import collate
 from ..eval import answer_logprobs
-from ..pplug.model import plugged_logits, prepend_soft_tokens
+from ..pplug.model import plugged_forward, soft_len, write_soft_tokens
 
 BASE_SLOT = 0
 """The bank slot kept at zero: rows of users without an adapter."""
@@ -49,8 +49,8 @@ class GenRow:
     emit: Callable[[str, str | None], None] = lambda delta, finish: None
     """Called (from the batch's thread) with each new piece of text, and the finish reason at the end."""
     cancelled: Callable[[], bool] = lambda: False
-    prefix: torch.Tensor | None = None
-    """Soft tokens `[n, hidden]` before the prompt (PPlug's); None: the prompt alone."""
+    soft: torch.Tensor | None = None
+    """Soft tokens `[n, hidden]` after the prompt (PPlug's); None: the prompt alone."""
 
 
 @dataclass
@@ -128,18 +128,20 @@ def generate_batch(model, bank: AdapterBank | None, tokenizer, rows: list[GenRow
     """Generate for every row at once, each row on its own slot, with the KV cache."""
     device = model.device
     pad_id = tokenizer.pad_token_id
-    width = max(len(r.prompt_ids) for r in rows)
+    prompts = [r.prompt_ids + [pad_id] * soft_len(r.soft) for r in rows]  # room for soft tokens at the end
+    width = max(len(p) for p in prompts)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-        mask[i, width - len(r.prompt_ids):] = 1
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
     ids, mask = ids.to(device), mask.to(device)
-    if any(r.prefix is not None for r in rows):  # the first forward reads embeddings, later ones tokens
-        embeds, mask, positions = prepend_soft_tokens(model, ids, mask, [r.prefix for r in rows])
-        step = {"inputs_embeds": embeds}
-    else:
-        positions, step = (mask.cumsum(-1) - 1).clamp(min=0), {"input_ids": ids}
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    step = {"input_ids": ids}
+    if any(r.soft is not None for r in rows):  # the first forward reads embeddings, later ones tokens
+        embeds = model.get_input_embeddings()(ids)
+        step = {"inputs_embeds": write_soft_tokens(embeds, [width - soft_len(r.soft) for r in rows],
+                                                   [r.soft for r in rows])}
 
     def decode(token_ids: list[int]) -> str:
         return tokenizer.decode(token_ids, skip_special_tokens=True)
@@ -179,8 +181,8 @@ class ScoreRow:
 
     encoded: list[tuple[list[int], int]]
     slot: int
-    prefix: torch.Tensor | None = None
-    """Soft tokens before every candidate (PPlug's); None: none."""
+    soft: torch.Tensor | None = None
+    """Soft tokens between the prompt and every candidate (PPlug's); None: none."""
 
 
 @torch.no_grad()
@@ -188,13 +190,15 @@ def score_batch(model, bank: AdapterBank | None, tokenizer, rows: list[ScoreRow]
     """Log-likelihood of each candidate of each row, all rows in one forward."""
     flat = [pair for r in rows for pair in r.encoded]
     slots = [r.slot for r in rows for _ in r.encoded]
-    batch = {k: v.to(model.device) for k, v in collate(flat, tokenizer.pad_token_id).items()}
     with slots_context(bank, slots):
-        if any(r.prefix is not None for r in rows):
-            logits = plugged_logits(model, [r.prefix for r in rows for _ in r.encoded], batch)
+        if any(r.soft is not None for r in rows):
+            logits, labels = plugged_forward(model, flat, [r.soft for r in rows for _ in r.encoded],
+                                             tokenizer.pad_token_id)
         else:
+            batch = {k: v.to(model.device) for k, v in collate(flat, tokenizer.pad_token_id).items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    scores = answer_logprobs(logits, batch["labels"]).tolist()
+            labels = batch["labels"]
+    scores = answer_logprobs(logits, labels).tolist()
     out, start = [], 0
     for r in rows:
         out.append(scores[start:start + len(r.encoded)])

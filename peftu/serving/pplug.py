@@ -4,7 +4,7 @@ At replica start the task's plug is loaded from the store (checked against the
 served base and the encoder). A request for a user whom the base would answer
 (no adapter) looks up the user's history embeddings in the store, where
 `peftu pplug fit` and evaluation cached them (`<task>.pplug-embeddings`); a
-user who has them is answered with the plug's soft tokens in front of the
+user who has them is answered with the plug's soft tokens after the
 prompt, the others by the base. Embeddings (or their absence) are kept for the
 version TTL, like adapters; a store that cannot be read means the base answers.
 """
@@ -63,12 +63,12 @@ class PlugServer:
                 self._histories.popitem(last=False)
         return history
 
-    def _prefix(self, user: str, query: str) -> torch.Tensor | None:
+    def _soft_tokens(self, user: str, query: str) -> torch.Tensor | None:
         history = self._history(user)
         if history is None or not history.ids:
             return None
         return soft_tokens(self.plug, self.encoder, [query], history)[0]
 
-    async def prefix(self, user: str, query: str) -> torch.Tensor | None:
+    async def soft_tokens(self, user: str, query: str) -> torch.Tensor | None:
         """The user's soft tokens for this prompt, or None (no cached history: the base answers)."""
-        return await asyncio.to_thread(self._prefix, user, query)
+        return await asyncio.to_thread(self._soft_tokens, user, query)
