@@ -16,7 +16,7 @@ from peftu.data.synthetic import generate
 from peftu.pplug import (PLUG_USER, HistoryEncoder, PersonaPlug, PPlugConfig, PPlugJobConfig, cached_embeddings,
                          fit_plug, load_plug, plug_task, run_pplug_job, user_embeddings)
 from peftu.pplug.model import plug_files
-from peftu.pplug.train import embed_users, mean_loss
+from peftu.pplug.train import embed_users, mean_loss, plug_data_fingerprint
 from peftu.store import AdapterStore
 
 TASK = "synth-cls"
@@ -146,10 +146,10 @@ def test_ray_train_fit_publishes_the_plug_and_a_rerun_reuses_it(fitted, users, e
     assert set(store.list_users(f"{TASK}.pplug-embeddings")) == {u.user_id for u in members}
     again, reused = run_pplug_job(job, spec, members)
     assert reused and again.version == manifest.version
-    more = dataclasses.replace(members[0], train=members[0].train[:7])
-    _, reused = run_pplug_job(dataclasses.replace(job, plug=CFG.model_dump() | {"epochs": 1}), spec,
-                              [more, *members[1:]])
-    assert not reused
+    fewer = [dataclasses.replace(members[0], train=members[0].train[:7]), *members[1:]]
+    edited = [dataclasses.replace(members[0], history=members[0].history[:7]), *members[1:]]
+    prints = {plug_data_fingerprint(spec, m, encoder.fingerprint) for m in (members, fewer, edited)}
+    assert manifest.data_fingerprint in prints and len(prints) == 3  # other data: no reuse
 
 
 def test_served_user_with_history_but_no_adapter_gets_pplug(fitted, users, tiny_base):
