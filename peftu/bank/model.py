@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import nn
@@ -49,20 +50,28 @@ def parse_adapter(config_json: bytes | str, weights: bytes, max_rank: int, where
     Refuses what a bank cannot compute exactly: other PEFT types, DoRA, biases,
     per-module ranks or alphas, and ranks above the bank's.
     """
-    config = json.loads(config_json)
+    try:
+        config = json.loads(config_json)
+    except ValueError as e:
+        raise ValueError(f"{where}: adapter_config.json is not valid JSON: {e}") from None
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         kind = config.get("peft_type") if isinstance(config, dict) else type(config).__name__
         raise ValueError(f"{where}: not a LoRA adapter (peft_type {kind!r})")
-    r = config.get("r")
-    if not isinstance(r, int) or not 1 <= r <= max_rank:
+    r, alpha = config.get("r"), config.get("lora_alpha")
+    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= max_rank:
         raise ValueError(f"{where}: a LoRA adapter of rank 1..{max_rank} is needed, got r={r!r}")
-    if not isinstance(config.get("lora_alpha"), (int, float)):
-        raise ValueError(f"{where}: lora_alpha must be a number, got {config.get('lora_alpha')!r}")
+    # NaN or inf here would turn every answer of the adapter's rows into NaN.
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"{where}: lora_alpha must be a finite number, got {alpha!r}")
     for key, plain in (("use_dora", False), ("bias", "none"), ("rank_pattern", {}), ("alpha_pattern", {}),
                        ("modules_to_save", None)):
         if config.get(key) not in (plain, None):
             raise ValueError(f"{where}: {key}={config[key]!r} is not supported by the bank")
-    return load_safetensors(weights), lora_scale(config)
+    try:
+        state = load_safetensors(weights)
+    except SafetensorError as e:
+        raise ValueError(f"{where}: adapter_model.safetensors is not a readable safetensors file: {e}") from None
+    return state, lora_scale(config)
 
 
 def read_adapter(folder: Path, max_rank: int) -> tuple[dict[str, torch.Tensor], float]:
@@ -157,6 +166,10 @@ class AdapterBank:
                 raise KeyError(f"adapter weight {key!r} fits no banked layer of this model")
             target = self.layers[module].lora_A if kind == "A.weight" else self.layers[module].lora_B
             rank_dim = 0 if kind == "A.weight" else 1
+            if not value.is_floating_point():
+                raise ValueError(f"adapter weight {key!r} has dtype {value.dtype}, LoRA weights are floats")
+            if not torch.isfinite(value).all():
+                raise ValueError(f"adapter weight {key!r} holds NaN or infinite values")
             full = tuple(target.shape[1:])
             fits = value.dim() == 2 and all(
                 n <= m if d == rank_dim else n == m for d, (n, m) in enumerate(zip(value.shape, full)))

@@ -44,6 +44,8 @@ class Lease:
     """Set when this request waited for the adapter's load."""
     pplug: bool = False
     """The base answers with PPlug's soft tokens for this user (no adapter, cached history)."""
+    fallback: str | None = None
+    """Why the base answers a user who has an adapter: "store-unavailable", "corrupt", "foreign", "incompatible"."""
 
 
 class AdapterManager:
@@ -56,7 +58,7 @@ class AdapterManager:
         bank.clear_slot(BASE_SLOT)
         self.slot_bytes = bank.slot_bytes()
         self.cache = SlotCache(list(range(1, bank.n_slots)), max_bytes)
-        self._absent: OrderedDict[str, float] = OrderedDict()
+        self._absent: OrderedDict[str, tuple[float, str | None]] = OrderedDict()  # when, and why (fallback)
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._freed = asyncio.Condition()
         self._refreshing: set[str] = set()
@@ -112,8 +114,9 @@ class AdapterManager:
         if entry is not None and now - entry.checked_at < self.ttl_s:
             return self._lease(entry)
         if entry is None:
-            if now - self._absent.get(user, -float("inf")) < self.ttl_s:
-                return Lease(BASE_SLOT, None)
+            seen, why = self._absent.get(user, (-float("inf"), None))
+            if now - seen < self.ttl_s:
+                return Lease(BASE_SLOT, None, fallback=why)
             return await self._load(user, None)  # the pointer, manifest and files in one trip
         try:
             latest = await asyncio.to_thread(self.store.latest_version, self.task, user)
@@ -136,11 +139,11 @@ class AdapterManager:
         """The store could not be read: keep serving what is loaded, else the base."""
         self.metrics.adapter_errors.labels(reason="store").inc()
         log.warning("cannot check the adapter version of user %r: %s", user, error)
-        return self._lease(entry) if entry is not None else Lease(BASE_SLOT, None)
+        return self._lease(entry) if entry is not None else Lease(BASE_SLOT, None, fallback="store-unavailable")
 
-    def _remember_absent(self, user: str) -> None:
+    def _remember_absent(self, user: str, why: str | None = None) -> None:
         """The user has no usable adapter: answer with the base without asking the store for a TTL."""
-        self._absent[user] = time.monotonic()
+        self._absent[user] = (time.monotonic(), why)
         self._absent.move_to_end(user)
         while len(self._absent) > _MAX_REMEMBERED:
             self._absent.popitem(last=False)
@@ -194,13 +197,14 @@ class AdapterManager:
         reason = ("corrupt" if isinstance(error, CorruptAdapterError) else
                   "foreign" if isinstance(error, ForeignAdapterError) else
                   "store" if isinstance(error, (StoreUnavailableError, OSError)) else "incompatible")
+        fallback = "store-unavailable" if reason == "store" else reason
         self.metrics.adapter_errors.labels(reason=reason).inc()
         log.error("the adapter of user %r (version %s) is unusable (%s), answering with the base: %s",
                   user, version or "latest", reason, error)
         self.cache.remove(user)
         if reason != "store":  # a store outage is retried on the next request
-            self._remember_absent(user)
-        return Lease(BASE_SLOT, None)
+            self._remember_absent(user, fallback)
+        return Lease(BASE_SLOT, None, fallback=fallback)
 
     def invalidate(self, user: str) -> bool:
         """Forget the user's loaded adapter: the next request re-reads the store."""

@@ -60,6 +60,8 @@ def _adapter_headers(lease: Lease) -> dict[str, str]:
                "x-peftu-cache": "base" if lease.version is None else "load" if lease.loaded_ms else "hit"}
     if lease.loaded_ms is not None:
         headers["x-peftu-load-ms"] = f"{lease.loaded_ms:.1f}"
+    if lease.fallback is not None:
+        headers["x-peftu-fallback"] = lease.fallback
     return headers
 
 

@@ -1,0 +1,402 @@
+"""The serving app under faults and hostile input, over HTTP on 127.0.0.1.
+
+One app for the module, on its own moto S3 server that the tests stop and start
+again (an S3 outage), with room for only eight adapters (eviction under load).
+The replica is killed last: the module's other tests need it alive.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save
+
+from peftu.base import base_fingerprint
+from peftu.serving.fake_adapters import publish_random_adapters
+from peftu.store import AdapterStore
+from tests.faults import S3Endpoint, kill_one, processes_titled, wait_for
+
+TASK = "synth-cls"
+PROMPT = "Review: the lamp was great. Sentiment:"
+USERS = [f"u{i:03d}" for i in range(50)]
+MAX_ADAPTERS = 8
+CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+REPLICA = "ServeReplica:peftu:PeftuServer"
+
+
+@pytest.fixture(scope="module")
+def app(tiny_base, tmp_path_factory):
+    """(url, store, S3 endpoint, versions, base) of a running app; Serve, Ray and S3 stop at the end."""
+    import socket
+
+    import ray
+    from ray import serve
+
+    from peftu.serving.server import PeftuServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s3_port = s.getsockname()[1]
+    s3 = S3Endpoint(s3_port).up()
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in CREDS.items():
+            mp.setenv(name, value)
+        for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+            mp.delenv(name, raising=False)
+        uri = f"s3://{s3.create_bucket(f'peftu-faults-{uuid.uuid4().hex[:10]}')}/store"
+        store = AdapterStore.open(uri, endpoint_url=s3.url)
+        versions = publish_random_adapters(store, TASK, USERS, tiny_base, std=0.2, seed=3)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            config = {"base": tiny_base, "store": uri, "endpoint_url": s3.url, "task": TASK,
+                      "max_adapters": MAX_ADAPTERS, "version_ttl_s": 0.5, "max_prompt_tokens": 64,
+                      "max_tokens_limit": 16, "batch_wait_ms": 10, "admin_without_key": True}
+            deployment = PeftuServer.options(ray_actor_options={"num_cpus": 1, "runtime_env": {"env_vars": CREDS}})
+            serve.run(deployment.bind(config), name="peftu", route_prefix="/")
+            yield f"http://127.0.0.1:{port}", store, s3, versions, tiny_base
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+            s3.down()
+
+
+def complete(url: str, user: str | None, *, timeout: float = 60, **options) -> requests.Response:
+    body = {"model": f"tiny-test:{user}" if user else "tiny-test", "prompt": PROMPT, "max_tokens": 6,
+            "temperature": 0, **options}
+    return requests.post(f"{url}/v1/completions", json=body, timeout=timeout)
+
+
+def answer(r: requests.Response) -> str:
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+def metrics(url: str) -> dict[str, float]:
+    """Every sample of /metrics, by its full name with labels."""
+    out = {}
+    for line in requests.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def metric(url: str, prefix: str) -> float:
+    return sum(v for k, v in metrics(url).items() if k.startswith(prefix))
+
+
+def assert_error_names(r: requests.Response, *parts: str) -> None:
+    """A 4xx in OpenAI's error shape whose message names each part."""
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    message = r.json()["error"]["message"]
+    for part in parts:
+        assert part in message, (part, message)
+
+
+# --- hostile user ids ----------------------------------------------------------------------
+
+HOSTILE_IDS = [
+    ("../etc/passwd", "path separator"), ("a\\b", "path separator"), ("..", "relative path"),
+    (".", "relative path"), ("x\x00y", "U+0000"), ("\x1b[31mred", "U+001B"), ("a\u202eb", "U+202E"),
+    ("zero\u200bwidth", "U+200B"), ("line\u2028sep", "U+2028"), (" padded", "whitespace"),
+    ("é" * 200, "longer than 255 bytes"), ("", "empty"),
+]
+
+
+@pytest.mark.parametrize("user, problem", HOSTILE_IDS)
+def test_hostile_user_ids_are_refused_naming_the_problem(app, user, problem):
+    url, *_ = app
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/score"):
+        body = ({"prompt": PROMPT} if path == "/v1/completions" else {"input": "x"} if path == "/v1/score"
+                else {"messages": [{"role": "user", "content": "x"}]})
+        r = requests.post(f"{url}{path}", json={"model": f"tiny-test:{user}", **body}, timeout=30)
+        assert r.status_code == 400, (path, r.text)
+        assert_error_names(r, "user id", problem)
+    r = requests.post(f"{url}/v1/completions", json={"model": "tiny-test", "prompt": "x"}, timeout=30,
+                      headers={"serve_multiplexed_model_id": f"tiny-test:{user}".encode("unicode_escape").decode()})
+    assert r.status_code in (200, 400), r.text  # a header cannot carry the raw id; its escaped form is a plain id
+
+
+@pytest.mark.parametrize("path_id", ["..%2Fetc", "%2E%2E", "x%00y", "%1B%5B31m", "a%E2%80%AEb", "%C3%A9" * 200])
+def test_hostile_user_ids_in_admin_paths(app, path_id):
+    url, store, *_ = app
+    for method, path in (("POST", f"/admin/users/{path_id}/invalidate"), ("DELETE", f"/admin/users/{path_id}")):
+        r = requests.request(method, f"{url}{path}", timeout=30)
+        assert r.status_code in (400, 404), (path, r.text)  # 404: the router refused the path before us
+        if r.status_code == 400:
+            assert_error_names(r, "user id")
+    assert len(store.list_users(TASK)) >= len(USERS)  # nothing was deleted
+
+
+# --- hostile adapter files -------------------------------------------------------------------
+
+
+def _peft_pair(state: dict[str, torch.Tensor], **config) -> dict[str, bytes]:
+    cfg = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], **config}
+    return {"adapter_config.json": json.dumps(cfg).encode(), "adapter_model.safetensors": save(state)}
+
+
+def _good_state(store: AdapterStore) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    files, _ = store.fetch_bytes(TASK, USERS[0])
+    return load(files["adapter_model.safetensors"])
+
+
+def _huge_header() -> bytes:
+    """A safetensors file whose header declares a 2**62-byte tensor over 8 bytes of data."""
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2**31, 2**31], "data_offsets": [0, 2**62]}}).encode()
+    return len(header).to_bytes(8, "little") + header + b"\0" * 8
+
+
+def hostile_adapters(store: AdapterStore) -> dict[str, dict[str, bytes]]:
+    """Files that verify in the store (published for real) but must never reach a bank slot."""
+    good = _good_state(store)
+    key = next(iter(good))
+    good_pair = _peft_pair(good)
+    return {
+        "wrong-shape": _peft_pair({**good, key: torch.zeros(3, 3)}),
+        "int-weights": _peft_pair({k: torch.ones_like(v, dtype=torch.int64) for k, v in good.items()}),
+        "nan-weights": _peft_pair({k: torch.full_like(v, math.nan) for k, v in good.items()}),
+        "nan-alpha": {**good_pair, "adapter_config.json": b'{"peft_type": "LORA", "r": 8, "lora_alpha": NaN}'},
+        "huge-header": {**good_pair, "adapter_model.safetensors": _huge_header()},
+        "not-safetensors": {**good_pair, "adapter_model.safetensors": b"\x80\x04\x95pickle"},
+        "other-peft-type": {**good_pair, "adapter_config.json": b'{"peft_type": "IA3", "r": 8}'},
+        "rank-too-high": _peft_pair({k: v.repeat(4, 1) if "lora_A" in k else v.repeat(1, 4)
+                                     for k, v in good.items()}, r=64),
+    }
+
+
+def test_hostile_adapter_files_are_answered_by_the_base_and_poison_no_batch(app):
+    """Each hostile adapter is refused at load (counted, logged), its user gets the base; meanwhile
+    sampled requests of a good user in the same batches all succeed (a NaN adapter used to fail them)."""
+    url, store, _, _, base = app
+    fp = base_fingerprint(base)
+    hostile = hostile_adapters(store)
+    for user, files in hostile.items():
+        store.publish(TASK, user, files, base_fingerprint=fp, data_fingerprint="hostile", hparams={})
+    errors = metric(url, "peftu_adapter_errors_total")
+    plain = answer(complete(url, None))
+    with ThreadPoolExecutor(16) as pool:
+        sampled = [pool.submit(complete, url, u, temperature=1.0, seed=i)
+                   for i, u in enumerate([USERS[1], *hostile] * 2)]
+        for user in hostile:
+            r = complete(url, user)
+            assert r.headers["x-peftu-adapter"] == "none" and answer(r) == plain, user
+        assert all(f.result().status_code == 200 for f in sampled), [f.result().text for f in sampled]
+    assert metric(url, "peftu_adapter_errors_total") - errors == len(hostile)
+    assert requests.get(f"{url}/healthz", timeout=10).json()["status"] == "ok"
+
+
+def test_a_pickle_beside_the_adapter_is_never_loaded(app):
+    """A manifest that lists a .bin (pickle) is refused before any file is read."""
+    url, store, *_ = app
+    user = "pickled"
+    publish_random_adapters(store, TASK, [user], app[4], std=0.2, seed=11)
+    m = store.manifest(TASK, user)
+    folder = f"adapters/{TASK}/{user}/versions/{m.version}"
+    store.backend.put(f"{folder}/adapter_model.bin", b"\x80\x04\x95 pickle")
+    forged = m.model_copy(update={"files": {**m.files, "adapter_model.bin": "0" * 64}})
+    store.backend.put(f"{folder}/manifest.json", forged.model_dump_json().encode())
+    before = metric(url, 'peftu_adapter_errors_total{reason="corrupt"}')
+    assert complete(url, user).headers["x-peftu-adapter"] == "none"
+    assert metric(url, 'peftu_adapter_errors_total{reason="corrupt"}') - before == 1
+
+
+# --- bad requests, generated -------------------------------------------------------------------
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+                     max_leaves=10)
+_fields = {
+    "model": st.one_of(st.sampled_from(["tiny-test", f"tiny-test:{USERS[2]}", "tiny-test:", "gpt-4", ":x"]),
+                       st.text(max_size=40).map(lambda s: f"tiny-test:{s}"), _json),
+    "prompt": st.one_of(st.text(max_size=200), _json), "input": st.one_of(st.text(max_size=200), _json),
+    "messages": st.one_of(st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "bot"]),
+                                                          "content": st.text(max_size=50)}), max_size=3), _json),
+    "labels": st.one_of(st.lists(st.text(max_size=8), max_size=4), _json),
+    "max_tokens": st.one_of(st.integers(-5, 40), _json), "temperature": st.one_of(st.floats(-1, 6), _json),
+    "top_p": st.one_of(st.floats(-0.5, 1.5), _json), "stop": st.one_of(st.lists(st.text(max_size=70), max_size=6), _json),
+    "seed": st.one_of(st.integers(-2, 2**64), _json), "n": st.one_of(st.integers(0, 3), _json),
+    "stream": st.booleans(), "user": st.text(max_size=10),
+}
+_body = st.one_of(
+    st.dictionaries(st.sampled_from(sorted(_fields)), st.just(None), max_size=len(_fields)).flatmap(
+        lambda keys: st.fixed_dictionaries({k: _fields[k] for k in keys})),
+    st.dictionaries(st.text(max_size=12), _json, max_size=4), _json)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                   HealthCheck.too_slow])
+@given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/score"]), body=_body,
+       raw=st.one_of(st.none(), st.binary(max_size=64)))
+def test_generated_requests_get_an_answer_or_a_4xx_naming_the_problem(app, path, body, raw):
+    """Arbitrary JSON (and bytes) at every POST route: never a 5xx, never a hang, and every
+    rejection is OpenAI's error shape with a message (naming the field when one is at fault)."""
+    url, *_ = app
+    data = raw if raw is not None else json.dumps(body).encode()
+    r = requests.post(f"{url}{path}", data=data, headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code < 500, (path, data, r.status_code, r.text)
+    if r.status_code >= 400:
+        error = r.json()["error"]
+        assert error["message"], r.text
+        if error["param"] and error["param"] != "body":
+            assert error["param"].split(".")[0] in error["message"], r.text
+
+
+def test_the_openapi_schema_routes_all_answer_without_5xx(app):
+    """Every route the app publishes, called with an empty body / no params: a 2xx or a named 4xx."""
+    url, *_ = app
+    schema = requests.get(f"{url}/openapi.json", timeout=10).json()
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/score", "/healthz"} <= set(schema["paths"])
+    for path, methods in schema["paths"].items():
+        for method in methods:
+            r = requests.request(method.upper(), f"{url}{path.replace('{user_id}', 'nobody-here')}",
+                                 data=b"{}", headers={"content-type": "application/json"}, timeout=30)
+            assert r.status_code < 500, (method, path, r.text)
+            if r.status_code >= 400:
+                assert r.json()["error"]["message"], (method, path, r.text)
+
+
+# --- the S3 endpoint goes down while serving ------------------------------------------------------
+
+
+def test_s3_down_while_serving_resident_users_keep_theirs_others_get_the_base(app):
+    """With the store unreachable: a loaded adapter keeps answering; a cold user is answered by the
+    base within the bounded retries, with a header naming the store; once S3 is back, it gets its own."""
+    url, store, s3, versions, _ = app
+    warm, cold = USERS[10], USERS[11]
+    requests.post(f"{url}/admin/users/{cold}/invalidate", timeout=10)
+    own = answer(complete(url, warm))
+    plain = answer(complete(url, None))
+    store_errors = metric(url, 'peftu_adapter_errors_total{reason="store"}')
+    s3.down()
+    try:
+        time.sleep(0.6)  # past the version TTL, so the warm user's pointer is due for a re-check
+        r = complete(url, warm)
+        assert r.headers["x-peftu-adapter"] == versions[warm] and answer(r) == own
+        start = time.monotonic()
+        r = complete(url, cold, timeout=60)
+        took = time.monotonic() - start
+        assert r.status_code == 200 and answer(r) == plain and r.headers["x-peftu-adapter"] == "none"
+        assert r.headers["x-peftu-fallback"] == "store-unavailable"
+        assert took < 30, f"a cold load against a dead store took {took:.0f} s"
+        wait_for(lambda: metric(url, 'peftu_adapter_errors_total{reason="store"}') >= store_errors + 2,
+                 "the store errors counted")
+    finally:
+        s3.up()
+    r = wait_for(lambda: (r := complete(url, cold)).headers["x-peftu-adapter"] != "none" and r,
+                 "the cold user's adapter after the store came back")
+    assert r.headers["x-peftu-adapter"] == versions[cold] and "x-peftu-fallback" not in r.headers
+    assert store.list_versions(TASK, cold) == [versions[cold]]
+
+
+# --- load ---------------------------------------------------------------------------------------
+
+
+def soak(url: str, users: list[str], clients: int, seconds: float) -> dict:
+    """`clients` threads send completions for random users for `seconds`; statuses and latencies."""
+    import random
+
+    stop = time.monotonic() + seconds
+    latencies: list[float] = []
+    failures: list[str] = []
+
+    def client(seed: int) -> None:
+        rng = random.Random(seed)
+        with requests.Session() as session:
+            while time.monotonic() < stop:
+                body = {"model": f"tiny-test:{rng.choice(users)}", "prompt": PROMPT, "max_tokens": 4,
+                        "temperature": 0}
+                start = time.perf_counter()
+                try:
+                    r = session.post(f"{url}/v1/completions", json=body, timeout=60)
+                except requests.RequestException as e:
+                    failures.append(repr(e))
+                    continue
+                latencies.append(time.perf_counter() - start)
+                if r.status_code != 200 or r.headers.get("x-peftu-adapter") == "none":
+                    failures.append(f"{r.status_code} {r.headers.get('x-peftu-adapter')} {r.text[:200]}")
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    latencies.sort()
+    p = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000  # noqa: E731
+    return {"requests": len(latencies), "failures": failures, "p50_ms": p(0.5), "p99_ms": p(0.99)}
+
+
+def assert_bank_bounds(url: str, max_adapters: int) -> None:
+    """The cache never holds more than its slots, and evicted rather than refused."""
+    m = metrics(url)
+    assert m["peftu_adapters_resident"] <= max_adapters
+    resident = requests.get(f"{url}/admin/adapters", timeout=10).json()["users"]
+    assert len(resident) <= max_adapters
+    assert m["peftu_adapter_evictions_total"] > 0
+
+
+def test_short_soak_of_many_users_stays_within_the_bank(app):
+    """8 clients for 10 s over 50 users with room for 8 adapters: no errors, eviction keeps the bound."""
+    url, *_ = app
+    result = soak(url, USERS, clients=8, seconds=10)
+    print(f"short soak: {result['requests']} requests, p50 {result['p50_ms']:.0f} ms, "
+          f"p99 {result['p99_ms']:.0f} ms")
+    assert result["requests"] > 0 and result["failures"] == [], result["failures"][:5]
+    assert_bank_bounds(url, MAX_ADAPTERS)
+
+
+# --- a replica dies under load (last: the others need it) --------------------------------------------
+
+
+def test_a_killed_replica_under_load_fails_fast_and_the_app_recovers(app):
+    """SIGKILL the Serve replica while clients are sending: every in-flight request ends (a 200, or a
+    5xx saying so) within its timeout, none hangs; Serve starts a new replica that answers as before."""
+    url, *_ = app
+    user = USERS[20]
+    before = answer(complete(url, user))
+    old = {p.pid for p in processes_titled(REPLICA)}
+    assert old, "no replica process found"
+    outcomes: list[str] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            try:
+                r = complete(url, user, timeout=60)
+                outcomes.append(str(r.status_code) if r.status_code != 200 or answer(r) == before else "wrong")
+            except requests.RequestException as e:
+                outcomes.append(type(e).__name__)
+
+    clients = [threading.Thread(target=client) for _ in range(6)]
+    for t in clients:
+        t.start()
+    try:
+        wait_for(lambda: len(outcomes) >= 6, "requests before the kill")
+        assert kill_one(REPLICA) in old
+        wait_for(lambda: {p.pid for p in processes_titled(REPLICA)} - old, "a new replica", deadline_s=120)
+        wait_for(lambda: complete(url, user).status_code == 200, "the new replica to answer", deadline_s=120)
+    finally:
+        stop.set()
+        for t in clients:
+            t.join(timeout=90)
+    assert not any(t.is_alive() for t in clients), "a request hung"
+    assert "wrong" not in outcomes
+    assert set(outcomes) <= {"200", "500", "502", "503", "ConnectionError"}, set(outcomes)
+    assert answer(complete(url, user)) == before
+    print(f"replica kill: outcomes {dict((o, outcomes.count(o)) for o in set(outcomes))}")
