@@ -15,6 +15,7 @@ from typing import Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..errors import InvalidIdError
@@ -53,7 +54,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """400 for bad bodies, our ApiErrors as they are; both in OpenAI's error shape."""
+    """400 for bad bodies, our ApiErrors as they are, the router's 404/405s: all in OpenAI's error shape."""
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -63,6 +64,15 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(error_body(exc.message, exc.kind, exc.param), status_code=exc.status)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        """The router's and body parser's own errors (unknown path, wrong method, unreadable body)."""
+        detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        message = (f"the body is not valid JSON ({detail})" if exc.status_code == 400 else
+                   f"{request.method} {request.url.path}: {detail}")
+        return JSONResponse(error_body(message, "not_found_error" if exc.status_code == 404 else
+                                       "invalid_request_error"), status_code=exc.status_code, headers=exc.headers)
 
 
 # --- requests ----------------------------------------------------------------------
