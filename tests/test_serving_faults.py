@@ -194,10 +194,12 @@ def test_hostile_adapter_files_are_answered_by_the_base_and_poison_no_batch(app)
     with ThreadPoolExecutor(16) as pool:
         sampled = [pool.submit(complete, url, u, temperature=1.0, seed=i)
                    for i, u in enumerate([USERS[1], *hostile] * 2)]
+        assert all(f.result().status_code == 200 for f in sampled), [f.result().text for f in sampled]
         for user in hostile:
             r = complete(url, user)
+            assert r.status_code == 200, (user, r.status_code, r.text)
             assert r.headers["x-peftu-adapter"] == "none" and answer(r) == plain, user
-        assert all(f.result().status_code == 200 for f in sampled), [f.result().text for f in sampled]
+            assert r.headers["x-peftu-fallback"] in ("corrupt", "incompatible"), user
     assert metric(url, "peftu_adapter_errors_total") - errors == len(hostile)
     assert requests.get(f"{url}/healthz", timeout=10).json()["status"] == "ok"
 
