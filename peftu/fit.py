@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .data.schema import Example, TaskSpec, UserRecord
 from .encode import collate, encode, minibatches
+from .errors import StoreError
 from .eval import evaluate_examples
 from .store import REQUIRED_FILES, AdapterStore, fingerprint
 
@@ -194,6 +195,9 @@ def fit_users(base: torch.nn.Module, tokenizer, spec: TaskSpec, users: list[User
         try:
             summary.metrics[user.user_id] = evaluate_and_publish(
                 model, tokenizer, spec, user, adapter_files(model), hp, store, base_fp)
+        except StoreError as e:  # unreachable or full store: nothing half-written, a re-run fits them
+            summary.failed[user.user_id] = f"publish failed: {e}"
+            continue
         finally:
             model.unload()
         summary.fitted.append(user.user_id)

@@ -80,3 +80,20 @@ def kill_one(text: str, root: psutil.Process | None = None) -> int | None:
             continue
         return proc.pid
     return None
+
+
+def assert_store_whole(store, task: str, users: list[str], base_fp: str) -> dict[str, str]:
+    """Each user has exactly one version, the one its pointer names, and it verifies (sha256 of
+    every file, fitted on `base_fp`); no half-written version (files without a manifest) is left.
+    Returns each user's version."""
+    versions = {}
+    for user in users:
+        latest = store.latest_version(task, user)
+        assert store.list_versions(task, user) == [latest], (user, store.list_versions(task, user), latest)
+        files, manifest = store.fetch_bytes(task, user, expect_base=base_fp)
+        assert set(files) == set(manifest.files) and manifest.version == latest
+        versions[user] = latest
+    folders = {key.rsplit("/", 1)[0] for key in store.backend.list(f"adapters/{task}") if "/versions/" in key}
+    half = [f for f in folders if not store.backend.exists(f"{f}/manifest.json")]
+    assert half == [], f"half-written versions left: {half}"
+    return versions

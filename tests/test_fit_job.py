@@ -15,6 +15,7 @@ from peftu.data.synthetic import generate
 from peftu.distributed import FitJobConfig, run_fit_job
 from peftu.fit import LoraHParams
 from peftu.store import AdapterStore
+from tests.faults import assert_store_whole
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +139,8 @@ def test_a_killed_worker_costs_only_the_users_in_flight(local_ray, tiny_base, tm
     # (a user published just before the kill, but not yet reported, is counted as skipped).
     assert sorted(result.summary.fitted + result.summary.skipped) == users
     assert result.summary.fitted
+    # None half-written: every user's one version is the one its pointer names, and it verifies.
+    assert_store_whole(store, "synth-cls", users, base_fingerprint(tiny_base))
 
 
 def _submit_fit(cluster, data: str, store: str, base: str, *extra: str):

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from ..data.schema import TaskSpec, UserRecord
 from ..encode import IGNORE, collate, encode, minibatches
+from ..errors import StoreError
 from ..fit import (FitResult, FitSummary, LoraHParams, evaluate_user, folder_files, lr_lambda,
                    publish_adapter, split_current)
 from ..store import AdapterStore
@@ -282,7 +283,11 @@ def publish_slot(model: torch.nn.Module, tokenizer, spec: TaskSpec, trainer: Pac
     """Evaluate a fitted slot (the bank answers with it) and publish it as the user's adapter.
 
     With a trainer whose evaluation is collective, every rank of the group
-    calls this and only its first rank publishes.
+    calls this and only its first rank publishes. A user whose publish fails
+    (the store is unreachable or full, after the backend's own retries) is
+    recorded as failed with the reason and the fit goes on: restarting the
+    worker would refit every user in flight into the same broken store. The
+    publish protocol leaves no partial version behind; a re-run fits that user.
     """
     done = FitSummary(fitted=[user.user_id])
     with tempfile.TemporaryDirectory() as folder, trainer.bank.rows(slot):
@@ -290,7 +295,10 @@ def publish_slot(model: torch.nn.Module, tokenizer, spec: TaskSpec, trainer: Pac
             trainer.bank.export_slot(slot, folder)
         metrics = evaluate_user(model, tokenizer, spec, user)
         if trainer.rank == 0:
-            publish_adapter(store, spec, user, folder_files(folder), hp, base_fp, metrics)
+            try:
+                publish_adapter(store, spec, user, folder_files(folder), hp, base_fp, metrics)
+            except StoreError as e:
+                return FitSummary(failed={user.user_id: f"publish failed: {e}"})
             done.metrics[user.user_id] = metrics
     return done
 
