@@ -79,7 +79,7 @@ def save_task(uri: str | Path, spec: TaskSpec, users: list[UserRecord]) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _parse_spec(text: str, source: str) -> TaskSpec:
+def _parse_spec(text: str | bytes, source: str) -> TaskSpec:
     try:
         return TaskSpec.model_validate_json(text)
     except ValidationError as e:
@@ -125,12 +125,35 @@ def _load_local(folder: Path, display: str) -> tuple[TaskSpec, list[UserRecord]]
         if not f.is_file():
             raise DataError("missing; is this a data set saved by `peftu data`?",
                             source=f"{display}/{f.name}")
-    spec = _parse_spec(task_file.read_text(), f"{display}/{TASK_FILE}")
+    spec = _parse_spec(task_file.read_bytes(), f"{display}/{TASK_FILE}")  # bytes: bad UTF-8 is a JSON error
+    source = f"{display}/{USERS_FILE}"
     try:
         table = datasets.Dataset.from_parquet(str(users_file), keep_in_memory=True)
     except Exception as e:  # pyarrow raises many types for a bad file
-        raise DataError(f"not a readable Parquet file ({e})", source=f"{display}/{USERS_FILE}") from None
+        raise DataError(f"not a readable Parquet file ({e})", source=source) from None
     missing = set(FEATURES) - set(table.column_names)
     if missing:
-        raise DataError("column missing", source=f"{display}/{USERS_FILE}", field=sorted(missing)[0])
-    return spec, [UserRecord.from_row(row) for row in table]
+        raise DataError("column missing", source=source, field=sorted(missing)[0])
+    try:
+        table = table.select_columns(list(FEATURES)).cast(FEATURES)
+    except Exception as e:  # noqa: BLE001 - pyarrow's cast errors: the columns hold the wrong types
+        raise DataError(f"columns do not have the saved types ({e})", source=source) from None
+    users = [_checked_row(row, source) for row in table]
+    seen: set[str] = set()
+    for user in users:
+        if user.user_id in seen:
+            raise DataError("duplicate user id", source=source, record=user.user_id, field="user_id")
+        seen.add(user.user_id)
+    return spec, users
+
+
+def _checked_row(row: dict, source: str) -> UserRecord:
+    """A user row with every id and text present: Parquet strings may be null."""
+    if not row["user_id"]:
+        raise DataError("empty or null", source=source, record=str(row["user_id"]), field="user_id")
+    for column in ("history", "train", "val", "test"):
+        for i, item in enumerate(row[column] or []):
+            for key, value in item.items():
+                if value is None:
+                    raise DataError("null", source=source, record=f"{row['user_id']} / {column} / {i}", field=key)
+    return UserRecord.from_row(row)
