@@ -325,6 +325,12 @@ def processes(dashboard_port: int = DEFAULT_DASHBOARD_PORT, *,
     return _processes(state["nodes"]) if state else []
 
 
+def node_processes(dashboard_port: int, node: str, *, base_dir: Path | None = None) -> list[psutil.Process]:
+    """Every running process of one node ("head", "worker-1", ...) of the cluster on this dashboard port."""
+    state = _read_state(_state_dir(dashboard_port, base_dir))
+    return _processes([r for r in state["nodes"] if r["name"] == node]) if state else []
+
+
 def _processes(records: list[dict]) -> list[psutil.Process]:
     """Every process of these nodes: the `ray start` processes, their descendants, and their process groups."""
     found: dict[int, psutil.Process] = {}

@@ -7,13 +7,16 @@ listening, a Ray worker or Serve replica dies because its process gets SIGKILL.
 from __future__ import annotations
 
 import os
+import random
 import signal
+import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
 
 import boto3
 import psutil
+import requests
 
 T = TypeVar("T")
 
@@ -97,3 +100,62 @@ def assert_store_whole(store, task: str, users: list[str], base_fp: str) -> dict
     half = [f for f in folders if not store.backend.exists(f"{f}/manifest.json")]
     assert half == [], f"half-written versions left: {half}"
     return versions
+
+
+def metrics(url: str) -> dict[str, float]:
+    """Every sample of /metrics, by its full name with labels."""
+    out = {}
+    for line in requests.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def metric(url: str, prefix: str) -> float:
+    return sum(v for k, v in metrics(url).items() if k.startswith(prefix))
+
+
+def soak(url: str, models: list[str], prompt: str, clients: int, seconds: float) -> dict:
+    """`clients` threads send completions for random users' models for `seconds`; latencies and
+    failures (anything but a 200 answered by the user's adapter)."""
+    stop = time.monotonic() + seconds
+    latencies: list[float] = []
+    failures: list[str] = []
+
+    def client(seed: int) -> None:
+        rng = random.Random(seed)
+        with requests.Session() as session:
+            while time.monotonic() < stop:
+                body = {"model": rng.choice(models), "prompt": prompt, "max_tokens": 4,
+                        "temperature": 0}
+                start = time.perf_counter()
+                try:
+                    r = session.post(f"{url}/v1/completions", json=body, timeout=60)
+                except requests.RequestException as e:
+                    failures.append(repr(e))
+                    continue
+                latencies.append(time.perf_counter() - start)
+                if r.status_code != 200 or r.headers.get("x-peftu-adapter") == "none":
+                    failures.append(f"{r.status_code} {r.headers.get('x-peftu-adapter')} {r.text[:200]}")
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    latencies.sort()
+
+    def ms(q: float) -> float:
+        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else float("nan")
+
+    return {"requests": len(latencies), "failures": failures, "p50_ms": ms(0.5), "p99_ms": ms(0.99)}
+
+
+def assert_bank_bounds(url: str, max_adapters: int) -> None:
+    """The cache never holds more than its slots, and evicted rather than refused."""
+    m = metrics(url)
+    assert m["peftu_adapters_resident"] <= max_adapters
+    resident = requests.get(f"{url}/admin/adapters", timeout=10).json()["users"]
+    assert len(resident) <= max_adapters
+    assert m["peftu_adapter_evictions_total"] > 0

@@ -24,7 +24,7 @@ from safetensors.torch import save
 from peftu.base import base_fingerprint
 from peftu.serving.fake_adapters import publish_random_adapters
 from peftu.store import AdapterStore
-from tests.faults import S3Endpoint, kill_one, processes_titled, wait_for
+from tests.faults import S3Endpoint, assert_bank_bounds, kill_one, metric, processes_titled, soak, wait_for
 
 TASK = "synth-cls"
 PROMPT = "Review: the lamp was great. Sentiment:"
@@ -35,19 +35,14 @@ REPLICA = "ServeReplica:peftu:PeftuServer"
 
 
 @pytest.fixture(scope="module")
-def app(tiny_base, tmp_path_factory):
-    """(url, store, S3 endpoint, versions, base) of a running app; Serve, Ray and S3 stop at the end."""
-    import socket
+def app(tiny_base):
+    """(url, store, S3 endpoint, versions, base) of a running app; Serve, Ray and S3 stop at the end.
 
-    import ray
-    from ray import serve
+    The replica inherits the fake credentials: Ray starts here, after they are set.
+    """
+    from peftu.serving.local import free_port, local_app
 
-    from peftu.serving.server import PeftuServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s3_port = s.getsockname()[1]
-    s3 = S3Endpoint(s3_port).up()
+    s3 = S3Endpoint(free_port()).up()
     with pytest.MonkeyPatch.context() as mp:
         for name, value in CREDS.items():
             mp.setenv(name, value)
@@ -56,21 +51,13 @@ def app(tiny_base, tmp_path_factory):
         uri = f"s3://{s3.create_bucket(f'peftu-faults-{uuid.uuid4().hex[:10]}')}/store"
         store = AdapterStore.open(uri, endpoint_url=s3.url)
         versions = publish_random_adapters(store, TASK, USERS, tiny_base, std=0.2, seed=3)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        config = {"base": tiny_base, "store": uri, "endpoint_url": s3.url, "task": TASK,
+                  "max_adapters": MAX_ADAPTERS, "version_ttl_s": 0.5, "max_prompt_tokens": 64,
+                  "max_tokens_limit": 16, "batch_wait_ms": 10, "admin_without_key": True}
         try:
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
-            config = {"base": tiny_base, "store": uri, "endpoint_url": s3.url, "task": TASK,
-                      "max_adapters": MAX_ADAPTERS, "version_ttl_s": 0.5, "max_prompt_tokens": 64,
-                      "max_tokens_limit": 16, "batch_wait_ms": 10, "admin_without_key": True}
-            deployment = PeftuServer.options(ray_actor_options={"num_cpus": 1, "runtime_env": {"env_vars": CREDS}})
-            serve.run(deployment.bind(config), name="peftu", route_prefix="/")
-            yield f"http://127.0.0.1:{port}", store, s3, versions, tiny_base
+            with local_app(config) as url:
+                yield url, store, s3, versions, tiny_base
         finally:
-            serve.shutdown()
-            ray.shutdown()
             s3.down()
 
 
@@ -83,20 +70,6 @@ def complete(url: str, user: str | None, *, timeout: float = 60, **options) -> r
 def answer(r: requests.Response) -> str:
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]["text"]
-
-
-def metrics(url: str) -> dict[str, float]:
-    """Every sample of /metrics, by its full name with labels."""
-    out = {}
-    for line in requests.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
-
-
-def metric(url: str, prefix: str) -> float:
-    return sum(v for k, v in metrics(url).items() if k.startswith(prefix))
 
 
 def assert_error_names(r: requests.Response, *parts: str) -> None:
@@ -310,53 +283,10 @@ def test_s3_down_while_serving_resident_users_keep_theirs_others_get_the_base(ap
 # --- load ---------------------------------------------------------------------------------------
 
 
-def soak(url: str, users: list[str], clients: int, seconds: float) -> dict:
-    """`clients` threads send completions for random users for `seconds`; statuses and latencies."""
-    import random
-
-    stop = time.monotonic() + seconds
-    latencies: list[float] = []
-    failures: list[str] = []
-
-    def client(seed: int) -> None:
-        rng = random.Random(seed)
-        with requests.Session() as session:
-            while time.monotonic() < stop:
-                body = {"model": f"tiny-test:{rng.choice(users)}", "prompt": PROMPT, "max_tokens": 4,
-                        "temperature": 0}
-                start = time.perf_counter()
-                try:
-                    r = session.post(f"{url}/v1/completions", json=body, timeout=60)
-                except requests.RequestException as e:
-                    failures.append(repr(e))
-                    continue
-                latencies.append(time.perf_counter() - start)
-                if r.status_code != 200 or r.headers.get("x-peftu-adapter") == "none":
-                    failures.append(f"{r.status_code} {r.headers.get('x-peftu-adapter')} {r.text[:200]}")
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    latencies.sort()
-    p = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000  # noqa: E731
-    return {"requests": len(latencies), "failures": failures, "p50_ms": p(0.5), "p99_ms": p(0.99)}
-
-
-def assert_bank_bounds(url: str, max_adapters: int) -> None:
-    """The cache never holds more than its slots, and evicted rather than refused."""
-    m = metrics(url)
-    assert m["peftu_adapters_resident"] <= max_adapters
-    resident = requests.get(f"{url}/admin/adapters", timeout=10).json()["users"]
-    assert len(resident) <= max_adapters
-    assert m["peftu_adapter_evictions_total"] > 0
-
-
 def test_short_soak_of_many_users_stays_within_the_bank(app):
     """8 clients for 10 s over 50 users with room for 8 adapters: no errors, eviction keeps the bound."""
     url, *_ = app
-    result = soak(url, USERS, clients=8, seconds=10)
+    result = soak(url, [f"tiny-test:{u}" for u in USERS], PROMPT, clients=8, seconds=10)
     print(f"short soak: {result['requests']} requests, p50 {result['p50_ms']:.0f} ms, "
           f"p99 {result['p99_ms']:.0f} ms")
     assert result["requests"] > 0 and result["failures"] == [], result["failures"][:5]
