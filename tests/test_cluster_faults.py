@@ -70,7 +70,10 @@ def test_a_worker_node_dies_mid_fit_and_nothing_is_lost_or_doubled(tiny_base, tm
     assert driver.returncode == 0, out[-3000:]  # 0: no user failed (`peftu fit` exits 1 if one did)
     assert killed and published_at_kill < 16, "the node died after the fit: the test tested nothing"
     users_ids = sorted(u.user_id for u in users)
-    assert store.list_users("synth-cls") == users_ids
-    assert_store_whole(store, "synth-cls", users_ids, base_fingerprint(tiny_base))
+    assert store.list_users("synth-cls") == users_ids, out[-4000:]
+    try:
+        assert_store_whole(store, "synth-cls", users_ids, base_fingerprint(tiny_base))
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n--- the driver's log:\n{out[-6000:]}") from None
     print(f"node {node} killed with {published_at_kill}/16 users published; the job finished: "
           f"{[line for line in out.splitlines() if line.startswith('fitted')]}")

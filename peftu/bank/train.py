@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from ..data.schema import TaskSpec, UserRecord
 from ..encode import IGNORE, collate, encode, minibatches
 from ..errors import StoreError
-from ..fit import (FitResult, FitSummary, LoraHParams, evaluate_user, folder_files, lr_lambda,
-                   publish_adapter, split_current)
+from ..fit import (FitResult, FitSummary, LoraHParams, data_fingerprint, evaluate_user, folder_files,
+                   is_current, lr_lambda, publish_adapter, split_current)
 from ..store import AdapterStore
 from .model import AdapterBank, peft_initial_state
 from .optim import SlotAdamW
@@ -283,11 +283,14 @@ def publish_slot(model: torch.nn.Module, tokenizer, spec: TaskSpec, trainer: Pac
     """Evaluate a fitted slot (the bank answers with it) and publish it as the user's adapter.
 
     With a trainer whose evaluation is collective, every rank of the group
-    calls this and only its first rank publishes. A user whose publish fails
-    (the store is unreachable or full, after the backend's own retries) is
-    recorded as failed with the reason and the fit goes on: restarting the
-    worker would refit every user in flight into the same broken store. The
-    publish protocol leaves no partial version behind; a re-run fits that user.
+    calls this and only its first rank publishes. A user whose adapter became
+    current while it trained (published by a worker of an earlier attempt that
+    outlived its group's restart) is skipped, not published twice. A user
+    whose publish fails (the store is unreachable or full, after the backend's
+    own retries) is recorded as failed with the reason and the fit goes on:
+    restarting the worker would refit every user in flight into the same
+    broken store. The publish protocol leaves no partial version behind; a
+    re-run fits that user.
     """
     done = FitSummary(fitted=[user.user_id])
     with tempfile.TemporaryDirectory() as folder, trainer.bank.rows(slot):
@@ -296,6 +299,9 @@ def publish_slot(model: torch.nn.Module, tokenizer, spec: TaskSpec, trainer: Pac
         metrics = evaluate_user(model, tokenizer, spec, user)
         if trainer.rank == 0:
             try:
+                if is_current(store, spec.name, user.user_id, base_fp=base_fp,
+                              data_fp=data_fingerprint(spec, user.train), hp=hp):
+                    return FitSummary(skipped=[user.user_id])  # a worker of an earlier attempt got there first
                 publish_adapter(store, spec, user, folder_files(folder), hp, base_fp, metrics)
             except StoreError as e:
                 return FitSummary(failed={user.user_id: f"publish failed: {e}"})
