@@ -11,11 +11,13 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 import boto3
 import psutil
+import pytest
 import requests
 
 T = TypeVar("T")
@@ -30,6 +32,21 @@ def wait_for(condition: Callable[[], T], what: str, deadline_s: float = 30.0, po
             return value
         time.sleep(poll_s)
     raise AssertionError(f"timed out after {deadline_s:.0f} s waiting for {what}")
+
+
+FAKE_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@contextmanager
+def fake_aws_env() -> Iterator[None]:
+    """Fake credentials and no endpoint or profile from the environment, for module-scoped fixtures
+    (a Ray started inside passes them on to its workers)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in FAKE_AWS.items():
+            mp.setenv(name, value)
+        for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+            mp.delenv(name, raising=False)
+        yield
 
 
 class S3Endpoint:

@@ -19,12 +19,12 @@ import requests
 from peftu.serving.auth import make_token
 from peftu.serving.fake_adapters import publish_random_adapters
 from peftu.store import AdapterStore
+from tests.faults import FAKE_AWS, fake_aws_env
 
 TASK = "synth-cls"
 SECRET, ADMIN = "test-token-secret", "test-admin-key"
 PROMPT = "Review: the lamp was great. Sentiment:"
 USERS = [f"u{i}" for i in range(8)]
-CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +37,7 @@ def served(tiny_base, s3_server, tmp_path_factory):
 
     from peftu.serving.server import PeftuServer
 
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in CREDS.items():
-            mp.setenv(name, value)
-        for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-            mp.delenv(name, raising=False)
+    with fake_aws_env():
         bucket = f"peftu-serve-{uuid.uuid4().hex[:10]}"
         boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=bucket)
         uri = f"s3://{bucket}/store"
@@ -56,7 +52,7 @@ def served(tiny_base, s3_server, tmp_path_factory):
             config = {"base": tiny_base, "store": uri, "endpoint_url": s3_server, "task": TASK,
                       "max_adapters": 4, "version_ttl_s": 1.0, "user_tokens": True, "max_prompt_tokens": 64,
                       "max_tokens_limit": 32, "batch_wait_ms": 20}
-            env = {**CREDS, "PEFTU_TOKEN_SECRET": SECRET, "PEFTU_ADMIN_KEY": ADMIN}
+            env = {**FAKE_AWS, "PEFTU_TOKEN_SECRET": SECRET, "PEFTU_ADMIN_KEY": ADMIN}
             app = PeftuServer.options(ray_actor_options={"num_cpus": 1, "runtime_env": {"env_vars": env}})
             serve.run(app.bind(config), name="peftu", route_prefix="/")
             yield f"http://127.0.0.1:{port}", store, versions, tiny_base

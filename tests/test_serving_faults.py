@@ -27,13 +27,13 @@ from schemathesis.checks import not_a_server_error
 from peftu.base import base_fingerprint
 from peftu.serving.fake_adapters import publish_random_adapters
 from peftu.store import AdapterStore
-from tests.faults import S3Endpoint, assert_bank_bounds, kill_one, metric, processes_titled, soak, wait_for
+from tests.faults import (S3Endpoint, assert_bank_bounds, fake_aws_env, kill_one, metric, processes_titled, soak,
+                          wait_for)
 
 TASK = "synth-cls"
 PROMPT = "Review: the lamp was great. Sentiment:"
 USERS = [f"u{i:03d}" for i in range(50)]
 MAX_ADAPTERS = 8
-CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 REPLICA = "ServeReplica:peftu:PeftuServer"
 
 
@@ -46,11 +46,7 @@ def app(tiny_base):
     from peftu.serving.local import free_port, local_app
 
     s3 = S3Endpoint(free_port()).up()
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in CREDS.items():
-            mp.setenv(name, value)
-        for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-            mp.delenv(name, raising=False)
+    with fake_aws_env():
         uri = f"s3://{s3.create_bucket(f'peftu-faults-{uuid.uuid4().hex[:10]}')}/store"
         store = AdapterStore.open(uri, endpoint_url=s3.url)
         versions = publish_random_adapters(store, TASK, USERS, tiny_base, std=0.2, seed=3)
