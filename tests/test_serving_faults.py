@@ -194,7 +194,8 @@ def test_a_pickle_beside_the_adapter_is_never_loaded(app):
 # --- bad requests, generated -------------------------------------------------------------------
 
 _json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+                     lambda inner: (st.lists(inner, max_size=4)
+                                    | st.dictionaries(st.text(max_size=10), inner, max_size=4)),
                      max_leaves=10)
 _fields = {
     "model": st.one_of(st.sampled_from(["tiny-test", f"tiny-test:{USERS[2]}", "tiny-test:", "gpt-4", ":x"]),
@@ -204,7 +205,8 @@ _fields = {
                                                           "content": st.text(max_size=50)}), max_size=3), _json),
     "labels": st.one_of(st.lists(st.text(max_size=8), max_size=4), _json),
     "max_tokens": st.one_of(st.integers(-5, 40), _json), "temperature": st.one_of(st.floats(-1, 6), _json),
-    "top_p": st.one_of(st.floats(-0.5, 1.5), _json), "stop": st.one_of(st.lists(st.text(max_size=70), max_size=6), _json),
+    "top_p": st.one_of(st.floats(-0.5, 1.5), _json),
+    "stop": st.one_of(st.lists(st.text(max_size=70), max_size=6), _json),
     "seed": st.one_of(st.integers(-2, 2**64), _json), "n": st.one_of(st.integers(0, 3), _json),
     "stream": st.booleans(), "user": st.text(max_size=10),
 }
