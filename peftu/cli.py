@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -304,28 +305,35 @@ def _add_tune_parser(sub) -> None:
 
 
 def cmd_bench_quality(args: argparse.Namespace) -> None:
+    import logging
+
     from rich.console import Console
 
-    from .bank.train import fit_users_banked
-    from .base import base_fingerprint, load_base
-    from .compare import compare, render_table
-    from .data.io import load_task
-    from .data.synthetic import generate
+    from .quality import QualityContext, load_quality_data, parse_methods, plot_results, render_markdown, \
+        render_table, run_quality
 
-    if args.data:
-        spec, users = load_task(args.data)
+    logging.basicConfig(level=logging.WARNING)
+    names = parse_methods(args.methods)  # a wrong name fails now, not after an hour of fits
+    hp = _hparams(args)
+    spec, users, report = load_quality_data(args.task, users=args.users, seed=hp.seed, data=args.data,
+                                            lamp=args.lamp, lamp_outputs=args.lamp_outputs)
+    console = Console(width=160)
+    console.print(f"{spec.name}: {report}")
+    ctx = QualityContext(spec, users, _base_path(args), _store(args), hp, k=args.k, log=console.print)
+    result = run_quality(ctx, names)
+    console.print(render_table(result))
+    record = f"quality/{spec.name}/{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.out:
+        Path(args.out).write_text(json.dumps(result.full(), indent=2))
     else:
-        spec, users, report = generate(args.task, args.users, seed=args.data_seed)
-        print(report)
-    users = _select_users(users, args.users)
-    base_path, hp, store = _base_path(args), _hparams(args), _store(args)
-    base, tokenizer = load_base(base_path)
-    fit_users_banked(base, tokenizer, spec, users, hp, store, base_fp=base_fingerprint(base_path))
-    result = compare(spec, users, base_path, store, hp)
-    Console().print(render_table([result]))
+        ctx.store.put_json(record, result.full())
+    console.print(f"full results (per bucket, per user) in {args.out or 'the store under records/' + record}")
+    if args.markdown:
+        print(render_markdown(result))
+    if args.plot:
+        plot_results([result], args.plot)
     if args.json:
-        print(json.dumps({"task": spec.name, "users": result.users, "metric": spec.metric,
-                          "methods": {m.name: m.scores["all"][spec.metric] for m in result.methods}}))
+        print(json.dumps(result.summary()))
 
 
 def cmd_bench_fit(args: argparse.Namespace) -> None:
@@ -610,11 +618,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks")
     bsub = bench.add_subparsers(dest="bench_command", required=True)
-    p = bsub.add_parser("quality", help="base vs global adapter vs per-user adapters on one task")
-    p.add_argument("--task", choices=sorted(TASKS), default="synth-cls")
-    p.add_argument("--data", help="a saved data set instead of generated users")
-    p.add_argument("--users", type=int, default=100)
-    p.add_argument("--data-seed", type=int, default=0, help="seed of the generated users")
+    p = bsub.add_parser("quality", help="personalization methods side by side on one task "
+                        "(base, global, majority, retrieval, profile, OPPU, IA3, prompt and prefix tuning)")
+    p.add_argument("--task", default="synth-cls",
+                   help=f"{', '.join(sorted(TASKS))} (generated) or tweeteval (default %(default)s)")
+    p.add_argument("--data", help="tweeteval: the annotations CSV (default ../shared/data/peft-u/tweeteval/"
+                   "annotations_g3.csv); a generated task: a saved data set instead of new users")
+    p.add_argument("--lamp", help="a LaMP questions JSON (instead of --task)")
+    p.add_argument("--lamp-outputs", help="the LaMP outputs JSON with its golds (names the LaMP task)")
+    p.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
+    p.add_argument("--users", type=int, help="at most N users (generated tasks: N users, default 100)")
+    p.add_argument("--k", type=int, default=4, help="history items retrieved into a prompt (default %(default)s)")
+    p.add_argument("--out", help="write the full results JSON here (default: a record in the store)")
+    p.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
+    p.add_argument("--plot", help="write a bar chart of the methods here (PNG)")
     p.add_argument("--json", action="store_true", help="end with one JSON line of the results")
     _add_base(p)
     _add_store(p)

@@ -123,6 +123,8 @@ def score_labels(model, tokenizer, spec: TaskSpec, inputs: list[str], *,
     for i in range(0, len(pairs), batch_size):
         batch = {k: v.to(model.device) for k, v in collate(pairs[i:i + batch_size], tokenizer.pad_token_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # Prompt tuning puts virtual tokens before the input; their logits come first and are no answer's.
+        logits = logits[:, -batch["input_ids"].shape[1]:]
         scores += answer_logprobs(logits, batch["labels"]).tolist()
     k = len(spec.labels)
     return [spec.labels[max(range(k), key=lambda j: scores[i * k + j])] for i in range(len(inputs))]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from pydantic import BaseModel, ConfigDict, Field
 
 from .data.schema import Example, TaskSpec, UserRecord
@@ -63,20 +63,23 @@ def lr_lambda(schedule: str, total_steps: int):
 
 
 def fit_adapter(base: torch.nn.Module, tokenizer, spec: TaskSpec, examples: list[Example],
-                hp: LoraHParams, loss_fn=None, progress: str | None = None) -> tuple[PeftModel, FitResult]:
+                hp: LoraHParams, loss_fn=None, progress: str | None = None,
+                peft_config: PeftConfig | None = None) -> tuple[PeftModel, FitResult]:
     """Fit one LoRA on `examples`; returns the wrapped model and its losses.
 
-    `base` is modified in place by PEFT; call `.unload()` on the result to get
-    the untouched base back for the next user. `loss_fn(model, batch)` replaces
-    the model's own loss (the fit benchmark's floor uses the bank's
+    `base` is modified in place by PEFT; call `release(model)` on the result
+    to get the untouched base back for the next user. `loss_fn(model, batch)`
+    replaces the model's own loss (the fit benchmark's floor uses the bank's
     answer-token-only loss). `progress` names a progress bar over the steps.
+    `peft_config` fits another PEFT method (IA3, prompt or prefix tuning) in
+    place of `hp`'s LoRA with the same loop; the other fields of `hp` hold.
     """
     from tqdm import tqdm
 
     if not examples:
         raise ValueError("cannot fit an adapter on zero examples")
     torch.manual_seed(hp.seed)
-    model = get_peft_model(base, hp.lora_config())
+    model = get_peft_model(base, peft_config or hp.lora_config())
     encoded = [encode(tokenizer, spec, e.input, e.output, hp.max_len) for e in examples]
     batches = minibatches(len(encoded), hp.batch_size, hp.seed, hp.epochs)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -97,6 +100,14 @@ def fit_adapter(base: torch.nn.Module, tokenizer, spec: TaskSpec, examples: list
     result.steps = len(batches)
     model.eval()
     return model, result
+
+
+def release(model: PeftModel) -> torch.nn.Module:
+    """The base back from a fitted PEFT model: injected layers (LoRA, IA3) are taken out;
+    prompt-learning methods never touched the base, which is simply unwrapped."""
+    if model.peft_config[model.active_adapter].is_prompt_learning:
+        return model.get_base_model()
+    return model.unload()
 
 
 def folder_files(folder: str | Path) -> dict[str, bytes]:

@@ -1,0 +1,118 @@
+"""Personalized prompts: a user's own history (BM25 top-k) or profile in front of the query.
+
+Both ways follow LaMP: the model is the same for everyone, only the prompt
+carries the user. What is added is built from the user's *own* history and
+never from the item being answered: a training example's own history item is
+left out when its prompt is made, so a model trained on augmented prompts
+cannot learn to copy the answer.
+
+Where it goes: the context comes first and the task's own prompt of the query
+last, so when a prompt is longer than the model's `max_len`, the cut (which
+takes tokens from the beginning, see `peftu.encode.encode`) eats the context,
+never the question. Retrieved items are ordered least similar first, so the
+cut drops the weakest ones.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import replace
+
+from .data.schema import Example, HistoryItem, TaskSpec, UserRecord
+
+AUGMENTATIONS = ("retrieval", "profile")
+_WORD = re.compile(r"[a-z0-9']+")
+_SHORT_WORD = 3
+"""Words this short or shorter ("the", "and", "was") say little about a user; profiles skip them."""
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased word tokens: what BM25 and the profile count."""
+    return _WORD.findall(text.lower())
+
+
+def bm25_top_k(history: list[HistoryItem], query: str, k: int, exclude_id: str | None = None
+               ) -> list[HistoryItem]:
+    """The `k` history items most similar to `query` under BM25 (`rank_bm25.BM25Okapi`), best first.
+
+    Only items with an output are candidates (an item without one shows the
+    model nothing about the user's answers); `exclude_id` is the item being
+    answered, which must not retrieve itself.
+    """
+    from rank_bm25 import BM25Okapi
+
+    pool = [h for h in history if h.output.strip() and h.text.strip() and h.id != exclude_id]
+    if not pool or k <= 0:
+        return []
+    scores = BM25Okapi([words(h.text) or [""] for h in pool]).get_scores(words(query))
+    order = sorted(range(len(pool)), key=lambda i: (-scores[i], i))
+    return [pool[i] for i in order[:k]]
+
+
+def retrieval_context(spec: TaskSpec, user: UserRecord, example: Example, k: int) -> str:
+    """The user's top-k own past answers to similar inputs, each in the task's prompt format."""
+    items = bm25_top_k(user.history, example.input, k, exclude_id=example.id)
+    return "\n".join(f"{spec.render(h.text)} {h.output}" for h in reversed(items))
+
+
+def profile_text(spec: TaskSpec, user: UserRecord, top_words: int = 3) -> str:
+    """A short description of the user from their history: how they answer, and about what.
+
+    Classification: the share of each label and the words most frequent in
+    the inputs they gave each label. Rating: the mean and the spread of their
+    ratings. Generation: the words they use most in their outputs.
+    """
+    items = [h for h in user.history if h.output.strip()]
+    if not items:
+        return "User profile: no history."
+    if spec.kind == "classification":
+        counts = Counter(h.output for h in items)
+        share = ", ".join(f"{lab} {100 * n / len(items):.0f}%" for lab, n in counts.most_common())
+        topics = "; ".join(f"{lab}: {' '.join(_frequent([h.text for h in items if h.output == lab], top_words))}"
+                           for lab, _ in counts.most_common())
+        return f"User profile: labels {share}. Typical words per label - {topics}."
+    if spec.kind == "rating":
+        values = [float(h.output) for h in items]
+        mean = sum(values) / len(values)
+        return (f"User profile: mean rating {mean:.1f}, lowest {min(values):g}, highest {max(values):g} "
+                f"over {len(values)} ratings.")
+    return f"User profile: often writes {' '.join(_frequent([h.output for h in items], 2 * top_words))}."
+
+
+def _frequent(texts: list[str], n: int) -> list[str]:
+    counts = Counter(w for t in texts for w in words(t) if len(w) > _SHORT_WORD)
+    return [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]]
+
+
+def augmented_spec(spec: TaskSpec, how: str) -> TaskSpec:
+    """The task with already-rendered inputs: augmented inputs carry the task's prompt inside."""
+    return spec.model_copy(update={"name": f"{spec.name}.{how}", "prompt": "{input}"})
+
+
+def augment_example(spec: TaskSpec, user: UserRecord, example: Example, how: str, k: int = 4,
+                    profile: str | None = None) -> Example:
+    """The example with the user's context in front of the task's prompt of its input."""
+    if how == "retrieval":
+        context = retrieval_context(spec, user, example, k)
+    elif how == "profile":
+        context = profile if profile is not None else profile_text(spec, user)
+    else:
+        raise ValueError(f"unknown augmentation {how!r}; choose one of {list(AUGMENTATIONS)}")
+    query = spec.render(example.input)
+    return replace(example, input=f"{context}\n{query}" if context else query)
+
+
+def augment_users(spec: TaskSpec, users: list[UserRecord], how: str, k: int = 4
+                  ) -> tuple[TaskSpec, list[UserRecord]]:
+    """Every user's train/val/test examples with augmented prompts, and the task to judge them with.
+
+    History stays as it is: it is what the context is made from.
+    """
+    out = []
+    for user in users:
+        profile = profile_text(spec, user) if how == "profile" else None
+        out.append(replace(user, **{split: [augment_example(spec, user, e, how, k, profile)
+                                            for e in getattr(user, split)]
+                                    for split in ("train", "val", "test")}))
+    return augmented_spec(spec, how), out
