@@ -59,8 +59,8 @@ def retrieval_context(spec: TaskSpec, user: UserRecord, example: Example, k: int
 def profile_text(spec: TaskSpec, user: UserRecord, top_words: int = 3) -> str:
     """A short description of the user from their history: how they answer, and about what.
 
-    Classification: the share of each label and the words most frequent in
-    the inputs they gave each label. Rating: the mean and the spread of their
+    Classification: the share of each label and, per label, the words most
+    typical of the inputs they gave it. Rating: the mean and the spread of their
     ratings. Generation: the words they use most in their outputs.
     """
     items = [h for h in user.history if h.output.strip()]
@@ -69,8 +69,10 @@ def profile_text(spec: TaskSpec, user: UserRecord, top_words: int = 3) -> str:
     if spec.kind == "classification":
         counts = Counter(h.output for h in items)
         share = ", ".join(f"{lab} {100 * n / len(items):.0f}%" for lab, n in counts.most_common())
-        topics = "; ".join(f"{lab}: {' '.join(_frequent([h.text for h in items if h.output == lab], top_words))}"
-                           for lab, _ in counts.most_common())
+        texts = [h.text for h in items]
+        topics = "; ".join(
+            f"{lab}: {' '.join(_frequent([h.text for h in items if h.output == lab], top_words, texts))}"
+            for lab, _ in counts.most_common())
         return f"User profile: labels {share}. Typical words per label - {topics}."
     if spec.kind == "rating":
         values = [float(h.output) for h in items]
@@ -80,9 +82,13 @@ def profile_text(spec: TaskSpec, user: UserRecord, top_words: int = 3) -> str:
     return f"User profile: often writes {' '.join(_frequent([h.output for h in items], 2 * top_words))}."
 
 
-def _frequent(texts: list[str], n: int) -> list[str]:
+def _frequent(texts: list[str], n: int, among: list[str] | None = None) -> list[str]:
+    """The `n` words most frequent in `texts`; with `among` (all the user's texts), weighted by how
+    much of a word's use falls in `texts`, so words the user uses everywhere do not name a label."""
     counts = Counter(w for t in texts for w in words(t) if len(w) > _SHORT_WORD)
-    return [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]]
+    total = Counter(w for t in among for w in words(t)) if among is not None else counts
+    score = {w: c * c / total[w] for w, c in counts.items()}
+    return [w for w, _ in sorted(score.items(), key=lambda kv: (-kv[1], kv[0]))[:n]]
 
 
 def augmented_spec(spec: TaskSpec, how: str) -> TaskSpec:

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from peftu.data.loaders import (LAMP_TASKS, load_lamp, load_peftu_annotations,
                                 load_peftu_user_data)
 from peftu.errors import DataError
+from tests.lamp_data import lamp3, write_json
 
 TWEETEVAL = (Path(__file__).resolve().parents[2] / "shared" / "data" / "peft-u" / "tweeteval"
              / "annotations_g3.csv")
@@ -23,11 +24,6 @@ needs_tweeteval = pytest.mark.skipif(
 def write_csv(path: Path, rows: list[list[str]]) -> Path:
     with open(path, "w", newline="", encoding="utf-8") as f:
         csv.writer(f).writerows(rows)
-    return path
-
-
-def write_json(path: Path, data) -> Path:
-    path.write_text(json.dumps(data, indent=2), encoding="utf-8")
     return path
 
 
@@ -276,21 +272,6 @@ def test_json_syntax_error_names_the_line(tmp_path):
 
 
 # --- LaMP ---------------------------------------------------------------------------------
-
-def lamp3(tmp_path: Path) -> tuple[Path, Path]:
-    questions = [
-        {"id": "310", "input": "Rate this review: great phone",
-         "profile": [{"id": "3100", "text": "meh", "score": "2"},
-                     {"id": "3101", "text": "superb", "score": 5},
-                     {"id": "3102", "text": "", "score": "3"}]},
-        {"id": 311, "input": "Rate this review: broke in a day",
-         "profile": [{"id": "3110", "text": "fine", "score": "4.0"}]},
-    ]
-    outputs = {"task": "LaMP_3", "golds": [{"id": "311", "output": "1"},
-                                           {"id": "310", "output": "5"}]}
-    return (write_json(tmp_path / "dev_questions.json", questions),
-            write_json(tmp_path / "dev_outputs.json", outputs))
-
 
 def test_lamp3_history_train_and_gold(tmp_path):
     spec, users, report = load_lamp(*lamp3(tmp_path))
