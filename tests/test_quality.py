@@ -13,7 +13,7 @@ from peftu.data.synthetic import TASKS, generate
 from peftu.personalize import augment_users, bm25_top_k, profile_text
 from peftu.quality import majority_answer, method_names
 from tests.lamp_data import lamp3_from_generated
-from tests.test_cli import TWEETEVAL, peftu
+from tests.test_cli import TWEETEVAL
 
 CLS = TaskSpec(name="t", kind="classification", labels=["like", "dislike", "neutral"],
                prompt="Post: {input}\nReaction:")
@@ -25,13 +25,27 @@ def user(uid: str, items: list[tuple[str, str]], test: list[tuple[str, str]] = (
                       test=[Example(f"{uid}-t{i}", t, o) for i, (t, o) in enumerate(test)])
 
 
-def bench(*args: str, tmp_path, base: str) -> tuple[dict, dict]:
+def peftu(capsys, *args: str) -> tuple[int, str, str]:
+    """`peftu ARGS` in this process (the command's own code path, without a new interpreter's
+    start-up): exit code, stdout, stderr."""
+    from peftu.cli import main
+
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def bench(capsys, *args: str, tmp_path, base: str) -> tuple[dict, dict]:
     """Run the command with --json; the last line's summary and the full results file."""
     out = tmp_path / "results.json"
-    result = peftu("bench", "quality", *args, "--epochs", "1", "--base", base,
-                   "--store", str(tmp_path / "store"), "--out", str(out), "--json")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1]), json.loads(out.read_text())
+    code, stdout, stderr = peftu(capsys, "bench", "quality", *args, "--epochs", "1", "--base", base,
+                                 "--store", str(tmp_path / "store"), "--out", str(out), "--json")
+    assert code == 0, stderr[-3000:]
+    return json.loads(stdout.strip().splitlines()[-1]), json.loads(out.read_text())
 
 
 def assert_every_method_has_a_row(summary: dict, full: dict, users: int) -> None:
@@ -46,8 +60,8 @@ def assert_every_method_has_a_row(summary: dict, full: dict, users: int) -> None
 # --- through the command ---------------------------------------------------------------------
 
 
-def test_every_method_on_a_generated_task(tmp_path, tiny_base):
-    summary, full = bench("--task", "synth-rating", "--users", "3", tmp_path=tmp_path, base=tiny_base)
+def test_every_method_on_a_generated_task(tmp_path, tiny_base, capsys):
+    summary, full = bench(capsys, "--task", "synth-rating", "--users", "3", tmp_path=tmp_path, base=tiny_base)
     assert (summary["task"], summary["metric"]) == ("synth-rating", "mae")
     assert_every_method_has_a_row(summary, full, 3)
     # The majority row is the users' own mean training rating, counted here by hand.
@@ -63,10 +77,10 @@ def test_every_method_on_a_generated_task(tmp_path, tiny_base):
 
 
 @pytest.mark.skipif(not TWEETEVAL.exists(), reason=f"{TWEETEVAL} is not there")
-def test_every_method_on_tweeteval(tmp_path, tiny_base):
+def test_every_method_on_tweeteval(tmp_path, tiny_base, capsys):
     from peftu.data.loaders import load_peftu_annotations
 
-    summary, full = bench("--task", "tweeteval", "--data", str(TWEETEVAL), "--users", "2",
+    summary, full = bench(capsys, "--task", "tweeteval", "--data", str(TWEETEVAL), "--users", "2", "--k", "1", "--max-len", "128",
                           tmp_path=tmp_path, base=tiny_base)
     assert (summary["task"], summary["metric"], full["examples"]["test"]) == ("tweeteval", "accuracy", 40)
     assert_every_method_has_a_row(summary, full, 2)
@@ -78,23 +92,23 @@ def test_every_method_on_tweeteval(tmp_path, tiny_base):
         assert full["per_user"]["majority"][u.user_id]["accuracy"] == pytest.approx(hand)
 
 
-def test_lamp_format_files(tmp_path, tiny_base):
+def test_lamp_format_files(tmp_path, tiny_base, capsys):
     questions, outputs = lamp3_from_generated(tmp_path / "lamp", users=3)
-    summary, full = bench("--lamp", str(questions), "--lamp-outputs", str(outputs),
+    summary, full = bench(capsys, "--lamp", str(questions), "--lamp-outputs", str(outputs),
                           "--methods", "base,majority,oppu+retrieval", tmp_path=tmp_path, base=tiny_base)
     assert (summary["task"], summary["users"]) == ("LaMP_3", 3)
     assert list(summary["methods"]) == ["base", "majority", "oppu+retrieval"]
     assert full["examples"]["test"] == 3
 
 
-def test_unknown_method_and_missing_data_are_one_clear_line(tmp_path):
+def test_unknown_method_and_missing_data_are_one_clear_line(tmp_path, capsys):
     for args, named in [(["--methods", "base,telepathy"], "telepathy"),
                         (["--task", "tweeteval", "--data", str(tmp_path / "gone.csv")], "gone.csv"),
                         (["--task", "nope"], "nope")]:
-        result = peftu("bench", "quality", *args)
-        assert result.returncode == 2, (args, result.stderr)
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and named in lines[0] and "Traceback" not in result.stderr, lines
+        code, _, stderr = peftu(capsys, "bench", "quality", *args)
+        assert code == 2, (args, stderr)
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and named in lines[0] and lines[0].startswith("peftu: error:"), lines
 
 
 # --- retrieval, profile, majority ------------------------------------------------------------
