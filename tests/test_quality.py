@@ -80,8 +80,9 @@ def test_every_method_on_a_generated_task(tmp_path, tiny_base, capsys):
 def test_every_method_on_tweeteval(tmp_path, tiny_base, capsys):
     from peftu.data.loaders import load_peftu_annotations
 
-    summary, full = bench(capsys, "--task", "tweeteval", "--data", str(TWEETEVAL), "--users", "2", "--k", "1", "--max-len", "128",
-                          tmp_path=tmp_path, base=tiny_base)
+    # Two annotators of 160 training tweets each; short prompts and larger batches keep it lean.
+    summary, full = bench(capsys, "--task", "tweeteval", "--data", str(TWEETEVAL), "--users", "2", "--k", "1",
+                          "--max-len", "96", "--batch-size", "16", tmp_path=tmp_path, base=tiny_base)
     assert (summary["task"], summary["metric"], full["examples"]["test"]) == ("tweeteval", "accuracy", 40)
     assert_every_method_has_a_row(summary, full, 2)
     # Majority: each annotator's most frequent training label, scored on their test tweets by hand.
