@@ -309,31 +309,46 @@ def cmd_bench_quality(args: argparse.Namespace) -> None:
 
     from rich.console import Console
 
-    from .quality import QualityContext, load_quality_data, parse_methods, plot_results, render_markdown, \
-        render_table, run_quality
+    from .quality import QualityContext, load_quality_data, merge_reports, parse_methods, plot_results, \
+        render_markdown, render_table, run_quality
 
     logging.basicConfig(level=logging.WARNING)
-    names = parse_methods(args.methods)  # a wrong name fails now, not after an hour of fits
-    hp = _hparams(args)
-    spec, users, report = load_quality_data(args.task, users=args.users, seed=hp.seed, data=args.data,
-                                            lamp=args.lamp, lamp_outputs=args.lamp_outputs)
     console = Console(width=160)
-    console.print(f"{spec.name}: {report}")
-    ctx = QualityContext(spec, users, _base_path(args), _store(args), hp, k=args.k, log=console.print)
-    result = run_quality(ctx, names)
-    console.print(render_table(result))
-    record = f"quality/{spec.name}/{time.strftime('%Y%m%d-%H%M%S')}"
-    if args.out:
-        Path(args.out).write_text(json.dumps(result.full(), indent=2))
+    if args.report:
+        reports = [_read_report(path) for path in args.report]
+        by_task: dict[str, list[dict]] = {}
+        for report in reports:
+            by_task.setdefault(report["task"], []).append(report)
+        merged = [merge_reports(group) for group in by_task.values()]
     else:
-        ctx.store.put_json(record, result.full())
-    console.print(f"full results (per bucket, per user) in {args.out or 'the store under records/' + record}")
-    if args.markdown:
-        print(render_markdown(result))
+        names = parse_methods(args.methods)  # a wrong name fails now, not after an hour of fits
+        hp = _hparams(args)
+        spec, users, report = load_quality_data(args.task, users=args.users, seed=hp.seed, data=args.data,
+                                                lamp=args.lamp, lamp_outputs=args.lamp_outputs)
+        console.print(f"{spec.name}: {report}")
+        ctx = QualityContext(spec, users, _base_path(args), _store(args), hp, k=args.k, log=console.print)
+        merged = [run_quality(ctx, names).full()]
+        record = f"quality/{spec.name}/{time.strftime('%Y%m%d-%H%M%S')}"
+        if args.out:
+            Path(args.out).write_text(json.dumps(merged[0], indent=2))
+        else:
+            ctx.store.put_json(record, merged[0])
+        console.print(f"full results (per bucket, per user) in {args.out or 'the store under records/' + record}")
+    for report in merged:
+        console.print(render_table(report))
+        if args.markdown:
+            print(render_markdown(report) + "\n")
     if args.plot:
-        plot_results([result], args.plot)
+        plot_results(merged, args.plot)
     if args.json:
-        print(json.dumps(result.summary()))
+        print(json.dumps({k: merged[-1][k] for k in ("task", "users", "metric", "methods")}))
+
+
+def _read_report(path: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise PeftuError(f"cannot read results {path}: {e}") from None
 
 
 def cmd_bench_fit(args: argparse.Namespace) -> None:
@@ -631,6 +646,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=4, help="history items retrieved into a prompt (default %(default)s)")
     p.add_argument("--out", help="write the full results JSON here (default: a record in the store)")
     p.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
+    p.add_argument("--report", nargs="+", metavar="RESULTS",
+                   help="run nothing: tabulate and plot results files of earlier runs (--out), "
+                        "one task's runs with different --methods merged into one table")
     p.add_argument("--plot", help="write a bar chart of the methods here (PNG)")
     p.add_argument("--json", action="store_true", help="end with one JSON line of the results")
     _add_base(p)

@@ -11,7 +11,7 @@ import pytest
 from peftu.data.schema import Example, HistoryItem, TaskSpec, UserRecord
 from peftu.data.synthetic import TASKS, generate
 from peftu.personalize import augment_users, bm25_top_k, profile_text
-from peftu.quality import majority_answer, method_names
+from peftu.quality import majority_answer, merge_reports, method_names
 from tests.lamp_data import lamp3_from_generated
 from tests.test_cli import TWEETEVAL
 
@@ -39,13 +39,12 @@ def peftu(capsys, *args: str) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
-def bench(capsys, *args: str, tmp_path, base: str) -> tuple[dict, dict]:
+def bench(capsys, *args: str, tmp_path, base: str, out: str = "results.json") -> tuple[dict, dict]:
     """Run the command with --json; the last line's summary and the full results file."""
-    out = tmp_path / "results.json"
     code, stdout, stderr = peftu(capsys, "bench", "quality", *args, "--epochs", "1", "--base", base,
-                                 "--store", str(tmp_path / "store"), "--out", str(out), "--json")
+                                 "--store", str(tmp_path / "store"), "--out", str(tmp_path / out), "--json")
     assert code == 0, stderr[-3000:]
-    return json.loads(stdout.strip().splitlines()[-1]), json.loads(out.read_text())
+    return json.loads(stdout.strip().splitlines()[-1]), json.loads((tmp_path / out).read_text())
 
 
 def assert_every_method_has_a_row(summary: dict, full: dict, users: int) -> None:
@@ -61,9 +60,21 @@ def assert_every_method_has_a_row(summary: dict, full: dict, users: int) -> None
 
 
 def test_every_method_on_a_generated_task(tmp_path, tiny_base, capsys):
-    summary, full = bench(capsys, "--task", "synth-rating", "--users", "3", tmp_path=tmp_path, base=tiny_base)
+    # In two runs of half the methods each, put together by --report as a long run split up would be.
+    names = method_names()
+    half = len(names) // 2
+    for i, part in enumerate((names[:half], names[half:])):
+        bench(capsys, "--task", "synth-rating", "--users", "3", "--methods", ",".join(part),
+              tmp_path=tmp_path, base=tiny_base, out=f"part{i}.json")
+    code, stdout, stderr = peftu(capsys, "bench", "quality", "--report", str(tmp_path / "part1.json"),
+                                 str(tmp_path / "part0.json"), "--markdown", "--plot", str(tmp_path / "q.png"),
+                                 "--json")
+    assert code == 0, stderr
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    full = merge_reports([json.loads((tmp_path / f"part{i}.json").read_text()) for i in (0, 1)])
     assert (summary["task"], summary["metric"]) == ("synth-rating", "mae")
     assert_every_method_has_a_row(summary, full, 3)
+    assert "| oppu+profile |" in stdout and (tmp_path / "q.png").stat().st_size > 10_000
     # The majority row is the users' own mean training rating, counted here by hand.
     _, users, _ = generate("synth-rating", 3, seed=0)
     for u in users:
