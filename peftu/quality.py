@@ -165,13 +165,18 @@ def oppu_scores(ctx: QualityContext, how: str | None) -> PerUser:
     Users whose adapter is already current are not refitted; their test
     metrics come from their manifest, where the fit recorded them.
     """
+    from tqdm import tqdm
+
     from .bank.train import fit_users_banked
     from .oppu import load_merged_base
 
     spec, users, stored = _task_adapter(ctx, how)
     model, tokenizer, merged_fp = load_merged_base(ctx.base_path, ctx.store, stored.name)
     per_user_spec = ctx.store_spec(spec, "oppu")
-    summary = fit_users_banked(model, tokenizer, per_user_spec, users, ctx.hp, ctx.store, base_fp=merged_fp)
+    with tqdm(total=len(users), desc=f"oppu{'+' + how if how else ''} per user", unit="user",
+              disable=not ctx.progress) as bar:
+        summary = fit_users_banked(model, tokenizer, per_user_spec, users, ctx.hp, ctx.store, base_fp=merged_fp,
+                                   on_progress=lambda done: bar.update(len(done.fitted)))
     if summary.failed:
         ctx.log(f"oppu: {len(summary.failed)} users could not be fitted: {sorted(summary.failed)}")
     for uid in summary.skipped:
