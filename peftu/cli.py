@@ -326,7 +326,8 @@ def cmd_bench_quality(args: argparse.Namespace) -> None:
         spec, users, report = load_quality_data(args.task, users=args.users, seed=hp.seed, data=args.data,
                                                 lamp=args.lamp, lamp_outputs=args.lamp_outputs)
         console.print(f"{spec.name}: {report}")
-        ctx = QualityContext(spec, users, _base_path(args), _store(args), hp, k=args.k, log=console.print)
+        ctx = QualityContext(spec, users, _base_path(args), _store(args), hp, store_uri=_store_uri(args),
+                             endpoint_url=args.endpoint_url, k=args.k, log=console.print)
         merged = [run_quality(ctx, names).full()]
         record = f"quality/{spec.name}/{time.strftime('%Y%m%d-%H%M%S')}"
         if args.out:
@@ -634,7 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks")
     bsub = bench.add_subparsers(dest="bench_command", required=True)
     p = bsub.add_parser("quality", help="personalization methods side by side on one task "
-                        "(base, global, majority, retrieval, profile, OPPU, IA3, prompt and prefix tuning)")
+                        "(base, global, majority, retrieval, profile, OPPU, IA3, prompt and prefix tuning, PPlug)")
     p.add_argument("--task", default="synth-cls",
                    help=f"{', '.join(sorted(TASKS))} (generated) or tweeteval (default %(default)s)")
     p.add_argument("--data", help="tweeteval: the annotations CSV (default ../shared/data/peft-u/tweeteval/"

@@ -25,6 +25,9 @@ What each row is:
   or profile-augmented prompts.
 - `ia3`, `prompt-tuning`, `prefix-tuning`: one module per user through plain
   PEFT (`peftu.peft_methods`).
+- `pplug`: PPlug's plug (`peftu.pplug`, fitted once on all training users with
+  Ray Train, its own defaults and one epoch) giving the frozen base personal
+  soft tokens; `pplug+oppu`: the same plug over each user's OPPU adapter.
 
 Adapters of a run go to the store under task names of their own
 (`quality.<task>...`), so a benchmark never replaces a user's real adapters;
@@ -59,6 +62,9 @@ class QualityContext:
     base_path: str
     store: AdapterStore
     hp: LoraHParams
+    store_uri: str = ""
+    """The store's URI, for Ray Train workers (PPlug's fit) that open it themselves."""
+    endpoint_url: str | None = None
     k: int = 4
     progress: bool = True
     log: Callable[[str], None] = print
@@ -206,8 +212,49 @@ def _peft_method(name: str) -> Method:
 for _name in ("ia3", "prompt-tuning", "prefix-tuning"):
     method(_name)(_peft_method(_name))
 
+
+# --- PPlug ------------------------------------------------------------------------------------
+
+
+def _fitted_plug(ctx: QualityContext, spec: TaskSpec):
+    """The benchmark's plug of the task, fitted once on all training users with Ray Train (reused when current)."""
+    from .base import base_fingerprint
+    from .pplug import HistoryEncoder, PPlugConfig, PPlugJobConfig, load_plug, run_pplug_job
+
+    cfg = PPlugConfig(seed=ctx.hp.seed, max_len=ctx.hp.max_len)
+    run_pplug_job(PPlugJobConfig(store=ctx.store_uri, base=ctx.base_path, plug=cfg.model_dump(),
+                                 endpoint_url=ctx.endpoint_url), spec, ctx.users)
+    encoder = HistoryEncoder()
+    plug, _ = load_plug(ctx.store, spec.name, base_fp=base_fingerprint(ctx.base_path),
+                        encoder_fp=encoder.fingerprint)
+    return plug, encoder
+
+
+@method("pplug")
+def _pplug(ctx: QualityContext) -> PerUser:
+    from .pplug.evaluate import evaluate_pplug
+
+    spec = ctx.store_spec(ctx.spec)
+    plug, encoder = _fitted_plug(ctx, spec)
+    model, tokenizer = ctx.base()
+    return evaluate_pplug(model, tokenizer, spec, ctx.users, plug, encoder, ctx.store, progress=ctx.progress)
+
+
+@method("pplug+oppu")
+def _pplug_oppu(ctx: QualityContext) -> PerUser:
+    """The plug's soft tokens on the merged task adapter with each user's OPPU adapter (fitted if missing)."""
+    from .oppu import load_merged_base
+    from .pplug.evaluate import evaluate_pplug
+
+    spec = ctx.store_spec(ctx.spec)
+    plug, encoder = _fitted_plug(ctx, spec)
+    oppu_scores(ctx, None)
+    model, tokenizer, merged_fp = load_merged_base(ctx.base_path, ctx.store, spec.name)
+    return evaluate_pplug(model, tokenizer, spec, ctx.users, plug, encoder, ctx.store, progress=ctx.progress,
+                          adapters_task=ctx.store_spec(ctx.spec, "oppu").name, base_fp=merged_fp)
+
 ORDER = ["base", "global", "majority", "retrieval", "profile", "oppu", "oppu+retrieval", "oppu+profile",
-         "ia3", "prompt-tuning", "prefix-tuning"]
+         "ia3", "prompt-tuning", "prefix-tuning", "pplug", "pplug+oppu"]
 """The table's rows, in the order they read best; methods registered later follow."""
 
 

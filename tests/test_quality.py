@@ -56,10 +56,20 @@ def assert_every_method_has_a_row(summary: dict, full: dict, users: int) -> None
         assert len(full["per_user"][name]) == users, name
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """PPlug's plug is fitted with Ray Train: a Ray of this test process, never another test's cluster."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
 # --- through the command ---------------------------------------------------------------------
 
 
-def test_every_method_on_a_generated_task(tmp_path, tiny_base, capsys):
+def test_every_method_on_a_generated_task(tmp_path, tiny_base, capsys, local_ray):
     # In two runs of half the methods each, put together by --report as a long run split up would be.
     names = method_names()
     half = len(names) // 2
@@ -88,7 +98,7 @@ def test_every_method_on_a_generated_task(tmp_path, tiny_base, capsys):
 
 
 @pytest.mark.skipif(not TWEETEVAL.exists(), reason=f"{TWEETEVAL} is not there")
-def test_every_method_on_tweeteval(tmp_path, tiny_base, capsys):
+def test_every_method_on_tweeteval(tmp_path, tiny_base, capsys, local_ray):
     from peftu.data.loaders import load_peftu_annotations
 
     # Two annotators of 160 training tweets each; short prompts and larger batches keep it lean.
