@@ -55,6 +55,10 @@ class BaseBuildConfig:
     lr: float = 3e-3
     max_steps: int = 600
     max_minutes: float = 3.0
+    min_steps: int = 300
+    """The time budget ends pre-training only after this many steps: on a busy machine
+    the build takes longer instead of giving a base that knows too little (70 steps
+    under load gave the demo a base near chance, which no per-user adapter could mend)."""
     seed: int = 1234
 
 
@@ -155,7 +159,7 @@ def build_base(out: Path, cfg: BaseBuildConfig = BaseBuildConfig(),
 
 
 def _pretrain(model: LlamaForCausalLM, blocks: torch.Tensor, cfg: BaseBuildConfig, log) -> int:
-    """Plain next-token training until the step or time budget is spent."""
+    """Plain next-token training until the step budget, or the time budget after `min_steps`, is spent."""
     from tqdm import tqdm
 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.95))
@@ -178,7 +182,7 @@ def _pretrain(model: LlamaForCausalLM, blocks: torch.Tensor, cfg: BaseBuildConfi
         opt.zero_grad(set_to_none=True)
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        if time.monotonic() > deadline:
+        if step + 1 >= cfg.min_steps and time.monotonic() > deadline:
             log(f"time budget of {cfg.max_minutes} min reached")
             break
     bar.close()
