@@ -110,6 +110,34 @@ class UserShards(DataConfig):
         return output
 
 
+def start_run(kind: str) -> str:
+    """Connect to Ray (the cluster this process was started on, or a local one) and name a new run."""
+    if not ray.is_initialized():
+        ray.init(log_to_driver=False)
+    return f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def users_trainer(loop, loop_config: dict, users: list[UserRecord], *, run_id: str, workers: int, use_gpu: bool,
+                  cpus_per_worker: float, split: bool, max_failures: int = 0):
+    """A `TorchTrainer` whose workers read `users` as a Ray Dataset (`UserShards(split)`),
+    with its run kept under `$PEFTU_HOME/ray-runs/<run_id>`."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .paths import peftu_home
+
+    return TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=RunConfig(name=run_id, storage_path=str(peftu_home() / "ray-runs"),
+                             failure_config=FailureConfig(max_failures=max_failures)),
+        datasets={"users": ray.data.from_items([u.to_row() for u in users])},
+        dataset_config=UserShards(split=split),
+    )
+
+
 def _summary_statuses(summary: FitSummary) -> dict[str, str]:
     return ({u: "fitted" for u in summary.fitted} | {u: "skipped" for u in summary.skipped}
             | {u: "failed" for u in summary.failed})
@@ -229,9 +257,6 @@ def _run_by_bucket(job: FitJobConfig, spec: TaskSpec, users: list[UserRecord]) -
 
 def run_fit_job(job: FitJobConfig, loaded: tuple[TaskSpec, list[UserRecord]] | None = None) -> FitRunResult:
     """Fit every user of `job.data` (or of `loaded`) on the Ray cluster this process is connected to (or a local one)."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from .data.io import load_task
     from .paths import peftu_home
     from .store import AdapterStore
@@ -243,9 +268,7 @@ def run_fit_job(job: FitJobConfig, loaded: tuple[TaskSpec, list[UserRecord]] | N
     LoraHParams(**job.hparams)  # fail here, not on every worker
     ds = _deepspeed_config(job) if job.deepspeed else None
     store = AdapterStore.open(job.store, endpoint_url=job.endpoint_url)
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False)
-    run_id = f"fit-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    run_id = start_run("fit")
     progress_name = f"peftu-progress-{run_id}"
     progress = FitProgress.options(name=progress_name).remote(len(users))
     loop_config = {"job": asdict(job), "spec": spec.model_dump(), "progress_actor": progress_name}
@@ -258,16 +281,9 @@ def run_fit_job(job: FitJobConfig, loaded: tuple[TaskSpec, list[UserRecord]] | N
     if job.oppu:
         _task_adapter_stage(job, spec, users)
 
-    trainer = TorchTrainer(
-        _worker_loop,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=job.use_gpu,
-                                     resources_per_worker={"CPU": job.cpus_per_worker}),
-        run_config=RunConfig(name=run_id, storage_path=str(peftu_home() / "ray-runs"),
-                             failure_config=FailureConfig(max_failures=job.max_failures)),
-        datasets={"users": ray.data.from_items([u.to_row() for u in users])},
-        dataset_config=UserShards(split=not job.deepspeed),
-    )
+    trainer = users_trainer(_worker_loop, loop_config, users, run_id=run_id, workers=job.workers,
+                            use_gpu=job.use_gpu, cpus_per_worker=job.cpus_per_worker, split=not job.deepspeed,
+                            max_failures=job.max_failures)
     log.info("fitting %d users of %s on %d worker(s), %d at a time per bank", len(users), spec.name,
              job.workers, job.pack_size)
     started = time.monotonic()

@@ -26,7 +26,6 @@ import logging
 import math
 import random
 import time
-import uuid
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -342,22 +341,19 @@ def check_search(space: SearchSpace, opts: TuneOptions) -> None:
 def run_tune(data: str, base: str, store_uri: str, space: SearchSpace, opts: TuneOptions,
              endpoint_url: str | None = None) -> TuneRun:
     """Search the data set's task on the connected Ray cluster (or a local one); save to the store."""
-    import ray
-
     from .data.io import load_task
+    from .distributed import start_run
     from .store import AdapterStore
 
     check_search(space, opts)
     spec, users = load_task(data)
     store = AdapterStore.open(store_uri, endpoint_url=endpoint_url)
-    run_id = f"tune-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     buckets = [name for name, _ in ACTIVITY_BUCKETS] if opts.by_activity else [ALL]
     samples = {b: sample_users(users, opts.users, opts.seed, b) for b in buckets}
     samples = {b: s for b, s in samples.items() if s}
     if not samples:
         raise PeftuError(f"no user of {data} has both training and validation examples to tune on")
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False)
+    run_id = start_run("tune")
     started = time.monotonic()
     # each bucket draws its own configs (seed + i): more of the space is seen across buckets
     results = {b: search_bucket(spec, s, base, space, replace(opts, seed=opts.seed + i), f"{run_id}-{b}", b)

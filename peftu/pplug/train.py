@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -170,14 +169,9 @@ def _worker_loop(config: dict) -> None:
 
 def run_pplug_job(job: PPlugJobConfig, spec: TaskSpec, users: list[UserRecord]) -> tuple[Manifest, bool]:
     """The task's plug in the store: fitted on Ray Train unless a current one exists; and whether it was reused."""
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from ..base import base_fingerprint
-    from ..distributed import UserShards
+    from ..distributed import start_run, users_trainer
     from ..fit import is_current
-    from ..paths import peftu_home
     from .encoder import default_encoder_path
 
     cfg = PPlugConfig(**job.plug)  # fail here, not on every worker
@@ -187,19 +181,11 @@ def run_pplug_job(job: PPlugJobConfig, spec: TaskSpec, users: list[UserRecord]) 
     if is_current(store, key, PLUG_USER, base_fp=base_fingerprint(job.base), data_fp=data_fp, hp=cfg):
         log.info("the PPlug of %s is current, reusing it", spec.name)
         return store.manifest(key, PLUG_USER), True
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False)
-    run_id = f"pplug-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    trainer = TorchTrainer(
-        _worker_loop,
-        train_loop_config={"job": asdict(job) | {"plug": cfg.model_dump()}, "spec": spec.model_dump(),
-                           "data_fingerprint": data_fp},
-        scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=job.use_gpu,
-                                     resources_per_worker={"CPU": job.cpus_per_worker}),
-        run_config=RunConfig(name=run_id, storage_path=str(peftu_home() / "ray-runs")),
-        datasets={"users": ray.data.from_items([u.to_row() for u in users])},
-        dataset_config=UserShards(split=False),  # every worker needs every user's history
-    )
+    loop_config = {"job": asdict(job) | {"plug": cfg.model_dump()}, "spec": spec.model_dump(),
+                   "data_fingerprint": data_fp}
+    trainer = users_trainer(_worker_loop, loop_config, users, run_id=start_run("pplug"), workers=job.workers,
+                            use_gpu=job.use_gpu, cpus_per_worker=job.cpus_per_worker,
+                            split=False)  # every worker needs every user's history
     log.info("fitting the PPlug of %s on %d users (%d examples), %d worker(s)", spec.name, len(users),
              len(training_rows(users)), job.workers)
     trainer.fit()
