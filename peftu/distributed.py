@@ -23,6 +23,7 @@ import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import ray
 from ray.train import DataConfig
@@ -30,6 +31,9 @@ from ray.train import DataConfig
 from .data.schema import ACTIVITY_BUCKETS, TaskSpec, UserRecord
 from .errors import PeftuError
 from .fit import FitSummary, LoraHParams
+
+if TYPE_CHECKING:
+    from .store import AdapterStore
 
 log = logging.getLogger("peftu.fit")
 
@@ -255,6 +259,17 @@ def _run_by_bucket(job: FitJobConfig, spec: TaskSpec, users: list[UserRecord]) -
     return FitRunResult(run_id="+".join(run_ids), summary=summary, seconds=seconds)
 
 
+def _sweep_partial(store: AdapterStore, task: str, users: list[UserRecord]) -> None:
+    """This run's workers are all done or dead: what a killed one half-wrote can go."""
+    try:
+        swept = store.sweep_partial(task, [u.user_id for u in users], before_ns=time.time_ns())
+    except PeftuError as e:  # the adapters are safe either way; only the clean-up failed
+        log.warning("could not sweep half-written versions of %s: %s", task, e)
+        return
+    if swept:
+        log.info("removed %d half-written version(s) left by killed workers", len(swept))
+
+
 def run_fit_job(job: FitJobConfig, loaded: tuple[TaskSpec, list[UserRecord]] | None = None) -> FitRunResult:
     """Fit every user of `job.data` (or of `loaded`) on the Ray cluster this process is connected to (or a local one)."""
     from .data.io import load_task
@@ -300,6 +315,7 @@ def run_fit_job(job: FitJobConfig, loaded: tuple[TaskSpec, list[UserRecord]] | N
         stop.set()
         ticker.join()
     seconds = time.monotonic() - started
+    _sweep_partial(store, spec.name, users)
     snap = ray.get(progress.snapshot.remote())
     ray.kill(progress)
     status, reasons = snap["status"], snap["reasons"]

@@ -15,7 +15,10 @@ file), then the `LATEST` pointer, in that order, each object written atomically.
 A version therefore counts as existing only once its manifest is there, and as
 published only once the pointer names it: a crash or an unreachable store before
 the pointer leaves readers on the previous version, and the partial version is
-deleted where the store still allows it. A failed pointer write deletes
+deleted where the store still allows it. A publisher killed mid-write cannot
+clean up after itself: `sweep_partial` removes such manifest-less versions once
+no publisher can still be writing them (the fit job sweeps its users when its
+workers are done). A failed pointer write deletes
 nothing: the write may have landed, and the version it names is complete.
 The pointer only moves forward: a
 publisher that finds it already naming a newer version leaves it alone. That
@@ -41,7 +44,7 @@ import tempfile
 import time
 import unicodedata
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
 from pathlib import Path
@@ -582,6 +585,7 @@ class AdapterStore:
             for name, data in files.items():
                 self.backend.put(f"{version_key}/{name}", data)
             self.backend.put(f"{version_key}/{MANIFEST}", manifest.model_dump_json(indent=2).encode())
+            self._check_landed(version_key, files)
         except Exception:
             self._discard(version_key)
             raise
@@ -589,6 +593,33 @@ class AdapterStore:
         # version it would name is complete.
         self._advance_pointer(task, user_id, version)
         return manifest
+
+    def _check_landed(self, version_key: str, files: dict[str, bytes]) -> None:
+        """Before the pointer may name a version, every file it lists must be there: a sweep
+        run by someone who took this publisher for dead must not leave the pointer on a hole."""
+        missing = set(files) - {key.rsplit("/", 1)[-1] for key in self.backend.list(version_key)}
+        if missing:
+            raise StoreError(f"{version_key}: {sorted(missing)} vanished while publishing (swept as partial?)")
+
+    def sweep_partial(self, task: str, users: Iterable[str] | None = None, *, before_ns: int) -> list[str]:
+        """Delete the versions (of `users`, default all) that have no manifest and were started
+        before `before_ns` (time.time_ns()): what a publisher killed mid-write leaves. Only call it
+        with a time by which every publisher of those users has finished or died. Returns the
+        version keys removed."""
+        task_key = self._task_key(task)
+        wanted = None if users is None else {validate_id(u, "user id") for u in users}
+        files: dict[str, set[str]] = {}
+        for key in self.backend.list(task_key):
+            parts = key[len(task_key) + 1:].split("/")
+            if len(parts) == 4 and parts[1] == "versions" and (wanted is None or parts[0] in wanted):
+                files.setdefault(f"{task_key}/{parts[0]}/versions/{parts[2]}", set()).add(parts[3])
+        swept = []
+        for version_key, names in sorted(files.items()):
+            started = version_key.rsplit("/", 1)[-1].split("-", 1)[0]
+            if MANIFEST not in names and started.isdigit() and int(started) < before_ns:
+                self.backend.delete_prefix(version_key)
+                swept.append(version_key)
+        return swept
 
     def _discard(self, version_key: str) -> None:
         """Best effort: remove an unpublished version, manifest first so it stops being listed."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 
 import pytest
 import ray
@@ -42,9 +43,13 @@ def test_every_user_is_published_once_and_a_rerun_skips_all(local_ray, tiny_base
     assert all(len(store.list_versions("synth-cls", u)) == 1 for u in users)
     assert "test_accuracy" in store.manifest("synth-cls", users[0]).metrics
 
+    # A worker killed mid-publish (before its manifest) leaves files the next run sweeps away.
+    half = f"adapters/synth-cls/{users[0]}/versions/{time.time_ns():020d}-deadbeef"
+    store.backend.put(f"{half}/adapter_model.safetensors", b"half-written")
     again = run_fit_job(job)
     assert again.summary.fitted == [] and sorted(again.summary.skipped) == users
     assert all(len(store.list_versions("synth-cls", u)) == 1 for u in users)
+    assert store.backend.list(half) == []
     record = store.get_json(f"runs/synth-cls/{again.run_id}")
     assert record["skipped"] == users and record["error"] is None
 

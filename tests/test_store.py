@@ -8,6 +8,7 @@ import json
 import math
 import os
 import stat
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -284,6 +285,46 @@ def test_crash_after_files_before_pointer(store: AdapterStore, tmp_path: Path) -
     assert store.latest_version(TASK, "alice") == v1
     _, m = store.fetch(TASK, "alice", dest=tmp_path / "out")
     assert m.version == v1
+
+
+def test_sweep_removes_only_what_killed_publishers_left(store: AdapterStore, tmp_path: Path) -> None:
+    v1 = publish(store, "alice", seed=1).version
+    publish(store, "bob", seed=1)
+    # Publishers killed after writing files but before the manifest: one of alice, one of bob.
+    half = {user: f"{time.time_ns():020d}-0000000{i}" for i, user in enumerate(["alice", "bob"])}
+    for user, version in half.items():
+        store.backend.put(version_key(TASK, user, version, "adapter_model.safetensors"), b"half")
+    cut = time.time_ns()
+    later = f"{cut + 10**12:020d}-00000009"  # a publisher still writing: started after the cut
+    store.backend.put(version_key(TASK, "alice", later, "adapter_config.json"), b"{}")
+
+    assert store.sweep_partial(TASK, ["alice"], before_ns=cut) == [
+        f"adapters/{TASK}/alice/versions/{half['alice']}"]
+    alice = {k.split("/")[4] for k in store.backend.list(f"adapters/{TASK}/alice/versions")}
+    assert alice == {v1, later}  # the complete version and the one still being written stay
+    assert store.latest_version(TASK, "alice") == v1
+    assert store.fetch_bytes(TASK, "alice")[1].version == v1
+    assert store.sweep_partial(TASK, before_ns=cut) == [f"adapters/{TASK}/bob/versions/{half['bob']}"]
+    assert store.sweep_partial(TASK, before_ns=cut) == []
+
+
+def test_publish_whose_files_were_swept_is_not_pointed_at(store: AdapterStore,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Someone sweeps a slow publisher's version as partial: its publish fails, the pointer stays."""
+    v1 = publish(store, "alice", seed=1).version
+    real_put = store.backend.put
+
+    def put(key: str, data: bytes) -> None:
+        if key.endswith("/manifest.json") and "/alice/" in key:
+            store.sweep_partial(TASK, ["alice"], before_ns=time.time_ns())
+        real_put(key, data)
+
+    monkeypatch.setattr(store.backend, "put", put)
+    with pytest.raises(StoreError, match="vanished while publishing"):
+        publish(store, "alice", seed=2)
+    monkeypatch.setattr(store.backend, "put", real_put)
+    assert store.latest_version(TASK, "alice") == v1
+    assert store.list_versions(TASK, "alice") == [v1]
 
 
 def test_local_full_disk(local_store: AdapterStore, monkeypatch: pytest.MonkeyPatch) -> None:
