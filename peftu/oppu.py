@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .data.schema import TaskSpec, UserRecord
+from .errors import NotFoundError
 from .fit import LoraHParams, data_fingerprint, folder_files, is_current
 from .store import AdapterStore, Manifest, fingerprint
 
@@ -72,8 +73,12 @@ def load_merged_base(base_path: str, store: AdapterStore, task: str, dtype: torc
     base_fp = base_fingerprint(base_path)
     model, tokenizer = load_base(base_path, dtype)
     with tempfile.TemporaryDirectory() as folder:
-        _, manifest = store.fetch(task_adapter_task(task), TASK_ADAPTER_USER, dest=Path(folder),
-                                  expect_base=base_fp)
+        try:
+            _, manifest = store.fetch(task_adapter_task(task), TASK_ADAPTER_USER, dest=Path(folder),
+                                      expect_base=base_fp)
+        except NotFoundError:
+            raise NotFoundError(f"{store} has no OPPU task adapter for task {task!r} "
+                                f"(`peftu fit --oppu` fits one)") from None
         model = PeftModel.from_pretrained(model, folder).merge_and_unload()
     return model, tokenizer, merged_fingerprint(base_fp, manifest)
 

@@ -215,3 +215,45 @@ def test_fetch_bytes_verifies_every_file(tmp_path):
     store.backend.put(f"adapters/t/u/versions/{m.version}/adapter_model.safetensors", b"tampered")
     with pytest.raises(CorruptAdapterError, match="does not match"):
         store.fetch_bytes("t", "u")
+
+
+# --- an OPPU replica ------------------------------------------------------------------------
+
+
+def test_oppu_replica_merges_the_task_adapter_and_serves_users_fitted_on_it(tiny_base, tmp_path):
+    from peftu.bank.train import fit_users_banked
+    from peftu.data.synthetic import generate
+    from peftu.errors import NotFoundError
+    from peftu.fit import LoraHParams
+    from peftu.oppu import ensure_task_adapter, load_merged_base
+    from peftu.serving.config import ServeConfig
+    from peftu.serving.engine import Engine
+    from peftu.store import AdapterStore
+
+    spec, users, _ = generate("synth-cls", 3, seed=4)
+    store = AdapterStore.open(str(tmp_path / "store"))
+    args = {"base": tiny_base, "store": str(tmp_path / "store"), "task": spec.name, "max_adapters": 2}
+    with pytest.raises(NotFoundError, match="no OPPU task adapter for task 'synth-cls'"):
+        Engine(ServeConfig(**args, oppu=True))
+    hp = LoraHParams(epochs=1, r=4)
+    ensure_task_adapter(tiny_base, spec, users, hp, store)
+    merged, tok, merged_fp = load_merged_base(tiny_base, store, spec.name)
+    fit_users_banked(merged, tok, spec, users[:1], hp, store, base_fp=merged_fp)
+    user, text = users[0].user_id, users[0].test[0].input
+
+    async def ask(engine: Engine) -> list:
+        """(scores, lease) for the user and for no user, on the engine's one event loop."""
+        return [await engine.score(who, text, spec.labels) for who in (user, None)]
+
+    oppu, plain = Engine(ServeConfig(**args, oppu=True)), Engine(ServeConfig(**args))
+    (personal, lease), (task_only, no_user) = asyncio.run(ask(oppu))
+    assert lease.version == store.latest_version(spec.name, user) and no_user.version is None
+    folder, _ = store.fetch(spec.name, user, dest=tmp_path / "adapter")
+    reference = PeftModel.from_pretrained(merged, str(folder))
+    encoded = [encode(tok, oppu.score_spec(spec.labels), text, label, 448) for label in spec.labels]
+    assert personal == pytest.approx(score_batch(reference, None, tok, [ScoreRow(encoded, 0)])[0], abs=1e-4)
+    reference.unload()
+    assert task_only == pytest.approx(score_batch(merged, None, tok, [ScoreRow(encoded, 0)])[0], abs=1e-4)
+    # A plain replica refuses the adapter (fitted on another base) and answers with the bare base.
+    (refused, plain_lease), (bare, _) = asyncio.run(ask(plain))
+    assert plain_lease.version is None and refused == bare and bare != pytest.approx(task_only, abs=1e-4)

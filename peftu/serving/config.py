@@ -38,6 +38,9 @@ class ServeConfig(BaseModel):
     """Bytes of adapter weights held in memory per replica."""
     version_ttl_s: float = Field(5.0, ge=0)
     """How long a loaded version is trusted before the store's pointer is read again."""
+    oppu: bool = False
+    """The users' adapters are OPPU's (`peftu fit --oppu`): load `task`'s task adapter from the store
+    and merge it into the base, which then also answers users who have no adapter."""
     pplug: bool = False
     """Answer users who have no adapter but cached history embeddings with PPlug's soft tokens
     (the plug of `task` from the store, fitted on this base by `peftu pplug fit`)."""

@@ -23,6 +23,7 @@ from ..data.schema import TaskSpec
 from ..data.synthetic import TASKS
 from ..encode import encode
 from ..paths import peftu_home
+from ..oppu import load_merged_base
 from ..store import AdapterStore
 from .adapters import AdapterManager, Lease
 from .batcher import Batcher, Job, Kind
@@ -53,7 +54,12 @@ class Engine:
             torch.set_num_threads(cfg.torch_threads)
         base = cfg.base or str(ensure_base(log=log.info))
         self.model_name = cfg.model_name or Path(base.rstrip("/")).name
-        self.model, self.tokenizer = load_base(base, dtype=getattr(torch, cfg.dtype))
+        store = AdapterStore.open(cfg.store or str(peftu_home() / "store"), endpoint_url=cfg.endpoint_url)
+        if cfg.oppu:  # users' adapters were fitted on the base with the task adapter merged in
+            self.model, self.tokenizer, base_fp = load_merged_base(base, store, cfg.task, getattr(torch, cfg.dtype))
+        else:
+            self.model, self.tokenizer = load_base(base, dtype=getattr(torch, cfg.dtype))
+            base_fp = base_fingerprint(base)
         self.model.to(cfg.device)
         self.spec: TaskSpec | None = TASKS.get(cfg.task)
         lora = LoraConfig(r=cfg.max_rank, lora_alpha=cfg.max_rank, target_modules=list(cfg.target_modules))
@@ -65,8 +71,6 @@ class Engine:
             raise ValueError(f"max_adapter_bytes={cfg.max_adapter_bytes} holds no adapter "
                              f"(one slot takes {per_slot} bytes)")
         self.bank = AdapterBank(self.model, capacity + 1, lora)
-        store = AdapterStore.open(cfg.store or str(peftu_home() / "store"), endpoint_url=cfg.endpoint_url)
-        base_fp = base_fingerprint(base)
         self.adapters = AdapterManager(self.bank, store, cfg.task, base_fp,
                                        max_bytes=cfg.max_adapter_bytes, ttl_s=cfg.version_ttl_s,
                                        metrics=self.metrics)
@@ -74,9 +78,9 @@ class Engine:
             if cfg.pplug else None
         self.batcher = Batcher(self._run, max_batch=cfg.max_batch, wait_s=cfg.batch_wait_ms / 1000,
                                mode=cfg.batching, on_batch=self._count_batch)
-        log.info("serving %s with %d adapter slots of %d bytes from %s (task %s, %s batches%s)",
-                 self.model_name, capacity, per_slot, store, cfg.task, cfg.batching,
-                 f", PPlug {self.plug.version}" if self.plug else "")
+        log.info("serving %s%s with %d adapter slots of %d bytes from %s (task %s, %s batches%s)",
+                 self.model_name, " + OPPU task adapter" if cfg.oppu else "", capacity, per_slot, store,
+                 cfg.task, cfg.batching, f", PPlug {self.plug.version}" if self.plug else "")
 
     # --- the batch worker (runs in the batcher's thread) -------------------------
 
