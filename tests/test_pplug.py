@@ -15,12 +15,14 @@ import torch
 from peftu.data.synthetic import generate
 from peftu.pplug import (PLUG_USER, HistoryEncoder, PersonaPlug, PPlugConfig, PPlugJobConfig, cached_embeddings,
                          fit_plug, load_plug, plug_task, run_pplug_job, user_embeddings)
-from peftu.pplug.model import plug_files
+from peftu.pplug.model import fit_epochs, plug_files
 from peftu.pplug.train import embed_users, mean_loss, plug_data_fingerprint
 from peftu.store import AdapterStore
 
 TASK = "synth-cls"
-CFG = PPlugConfig(projector_hidden=64, batch_size=8, lr=1e-2, epochs=2)
+CFG = PPlugConfig(projector_hidden=64, batch_size=8, lr=1e-2, epochs=2, min_steps=12)
+STEPS = 12
+"""4 users x 8 training rows = 4 steps an epoch: 2 epochs are too few for min_steps, 3 are taken."""
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +96,8 @@ def test_fit_trains_only_the_plug_lowers_the_loss_and_reloads_identically(tiny_b
     loss_before = mean_loss(base, untrained, tokenizer, encoder, spec, members, histories, CFG)
 
     plug, losses = fit_plug(base, tokenizer, encoder, spec, members, histories, CFG)
-    assert len(losses) == CFG.epochs * 4
+    assert len(losses) == STEPS and fit_epochs(CFG, 32) == 3 and fit_epochs(CFG, 32, world=2) == 6
+    assert fit_epochs(CFG.model_copy(update={"min_steps": 0}), 32) == CFG.epochs
     assert all(torch.equal(v, base_before[k]) for k, v in base.state_dict().items())
     assert all(not torch.equal(p, q) for p, q in zip(plug.parameters(), untrained.parameters()))
     loss_after = mean_loss(base, plug, tokenizer, encoder, spec, members, histories, CFG)
@@ -141,7 +144,7 @@ def test_ray_train_fit_publishes_the_plug_and_a_rerun_reuses_it(fitted, users, e
     uri, job, manifest = fitted
     spec, members = users
     store = AdapterStore.open(uri)
-    assert manifest.metrics["steps"] == CFG.epochs * 4 and manifest.extra["users"] == 4
+    assert manifest.metrics["steps"] == STEPS and manifest.metrics["epochs"] == 3 and manifest.extra["users"] == 4
     assert manifest.extra["encoder_fingerprint"] == encoder.fingerprint
     assert set(store.list_users(f"{TASK}.pplug-embeddings")) == {u.user_id for u in members}
     again, reused = run_pplug_job(job, spec, members)

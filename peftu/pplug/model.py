@@ -62,11 +62,21 @@ class PPlugConfig(BaseModel):
     """The most recent history items the attention looks at."""
     lr: float = Field(1e-2, gt=0)
     epochs: int = Field(1, ge=1)
+    min_steps: int = Field(300, ge=0)
+    """Epochs are added until the fit takes at least this many steps: the untrained plug's soft
+    tokens first throw the base off (its answer loss starts several times the base's own), and
+    a small task's one epoch is a few dozen steps, too few to recover (docs/pplug.md)."""
     batch_size: int = Field(16, ge=1)
     """Rows per optimizer step on each Ray Train worker."""
     max_grad_norm: float = Field(1.0, ge=0)
     max_len: int = Field(256, ge=8)
     seed: int = 0
+
+
+def fit_epochs(cfg: PPlugConfig, rows: int, world: int = 1) -> int:
+    """`cfg.epochs`, or more where that many would take fewer than `cfg.min_steps` steps."""
+    per_epoch = math.ceil(rows / (cfg.batch_size * world))
+    return max(cfg.epochs, math.ceil(cfg.min_steps / per_epoch)) if per_epoch else cfg.epochs
 
 
 class PersonaPlug(nn.Module):

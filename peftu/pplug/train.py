@@ -22,8 +22,8 @@ from ..data.schema import Example, TaskSpec, UserRecord
 from ..encode import encode, epoch_order
 from ..store import AdapterStore, Manifest, fingerprint
 from .encoder import HistoryEmbeddings, HistoryEncoder, item_text, user_embeddings
-from .model import (PLUG_USER, PersonaPlug, PPlugConfig, answer_loss, history_batch, plug_files, plug_task,
-                    plugged_forward)
+from .model import (PLUG_USER, PersonaPlug, PPlugConfig, answer_loss, fit_epochs, history_batch, plug_files,
+                    plug_task, plugged_forward)
 
 log = logging.getLogger("peftu.pplug")
 
@@ -79,7 +79,7 @@ def fit_plug(base, tokenizer, encoder: HistoryEncoder, spec: TaskSpec, users: li
     opt = torch.optim.AdamW(params, lr=cfg.lr)
     losses = []
     model.train()
-    for step in step_rows(len(rows), cfg.batch_size, cfg.seed, cfg.epochs, rank, world):
+    for step in step_rows(len(rows), cfg.batch_size, cfg.seed, fit_epochs(cfg, len(rows), world), rank, world):
         loss = batch_loss(base, model, tokenizer, encoder, spec, [rows[i] for i in step], histories, cfg)
         loss.backward()
         if cfg.max_grad_norm > 0:
@@ -156,9 +156,10 @@ def _worker_loop(config: dict) -> None:
     started = time.monotonic()
     plug, losses = fit_plug(base, tokenizer, encoder, spec, users, histories, cfg, rank=rank, world=world,
                             wrap=ray.train.torch.prepare_model)
-    per_epoch = max(1, len(losses) // cfg.epochs)
+    epochs = fit_epochs(cfg, len(training_rows(users)), world)
+    per_epoch = max(1, len(losses) // epochs)
     metrics = {"first_loss": losses[0], "final_epoch_loss": sum(losses[-per_epoch:]) / per_epoch,
-               "steps": len(losses), "seconds": time.monotonic() - started}
+               "steps": len(losses), "epochs": epochs, "seconds": time.monotonic() - started}
     if rank == 0:
         store.publish(plug_task(spec.name), PLUG_USER, plug_files(plug), base_fingerprint=base_fingerprint(job.base),
                       data_fingerprint=config["data_fingerprint"], hparams=cfg.model_dump(), metrics=metrics,
