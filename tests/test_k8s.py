@@ -21,13 +21,27 @@ from cluster.validate import errors, serve_config_errors, strict_schema
 
 REPO = Path(__file__).resolve().parent.parent
 OVERLAYS = ["cpu", "gpu"]
+"""The stack (k8s/base); `<overlay>-tune` is the tune RayJob (k8s/tune), applied on its own."""
 SECRETS = REPO / "k8s" / "secrets.example.yaml"
 RAY_KINDS = ("RayCluster", "RayJob", "RayService")
 
 
 @pytest.fixture(scope="module")
-def rendered() -> dict[str, list[dict]]:
-    return {name: build(REPO / "k8s" / "overlays" / name) for name in OVERLAYS}
+def rendered_all() -> dict[str, list[dict]]:
+    """Every overlay folder rendered: the stacks and the tune jobs."""
+    return {name: build(REPO / "k8s" / "overlays" / name) for o in OVERLAYS for name in (o, f"{o}-tune")}
+
+
+@pytest.fixture(scope="module")
+def rendered(rendered_all) -> dict[str, list[dict]]:
+    """The stacks alone: what `kubectl apply -k k8s/overlays/<overlay>` creates."""
+    return {name: rendered_all[name] for name in OVERLAYS}
+
+
+@pytest.fixture(scope="module")
+def everything(rendered_all) -> dict[str, list[dict]]:
+    """Per overlay, the stack and its tune job: all the objects that run on one cluster."""
+    return {name: rendered_all[name] + rendered_all[f"{name}-tune"] for name in OVERLAYS}
 
 
 def _by_kind(objects: list[dict], kind: str) -> list[dict]:
@@ -50,20 +64,20 @@ def _containers(spec: dict) -> list[dict]:
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with its kustomize) is not installed")
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_the_python_renderer_agrees_with_kubectl_kustomize(overlay: str, rendered) -> None:
+@pytest.mark.parametrize("overlay", [name for o in OVERLAYS for name in (o, f"{o}-tune")])
+def test_the_python_renderer_agrees_with_kubectl_kustomize(overlay: str, rendered_all) -> None:
     out = subprocess.run(["kubectl", "kustomize", str(REPO / "k8s" / "overlays" / overlay)],
                          capture_output=True, text=True, timeout=60, check=True).stdout
     key = lambda o: (o["kind"], o["metadata"]["name"])  # noqa: E731
-    assert sorted(rendered[overlay], key=key) == sorted(yaml.safe_load_all(out), key=key)
+    assert sorted(rendered_all[overlay], key=key) == sorted(yaml.safe_load_all(out), key=key)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_every_object_is_valid_against_the_crds_and_kubernetes(overlay: str, rendered) -> None:
-    objects = rendered[overlay]
-    assert sorted(o["kind"] for o in objects) == ["ConfigMap", "RayCluster", "RayJob", "RayJob", "RayService",
-                                                  "ServiceAccount"]
-    assert {e for o in objects for e in errors(o)} == set()
+def test_every_object_is_valid_against_the_crds_and_kubernetes(overlay: str, rendered_all) -> None:
+    stack, tune = rendered_all[overlay], rendered_all[f"{overlay}-tune"]
+    assert sorted(o["kind"] for o in stack) == ["ConfigMap", "RayCluster", "RayJob", "RayService", "ServiceAccount"]
+    assert [(o["kind"], o["metadata"]["name"]) for o in tune] == [("RayJob", "peftu-tune")]
+    assert {e for o in stack + tune for e in errors(o)} == set()
 
 
 def test_the_secret_template_is_valid_and_holds_no_key() -> None:
@@ -134,8 +148,8 @@ def test_the_renderer_refuses_what_it_does_not_implement(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_clusters_head_autoscaling_auth_and_resources(overlay: str, rendered) -> None:
-    specs = _cluster_specs(rendered[overlay])
+def test_clusters_head_autoscaling_auth_and_resources(overlay: str, everything) -> None:
+    specs = _cluster_specs(everything[overlay])
     assert len(specs) == 4  # the RayCluster, the fit and tune RayJobs, the RayService
     for spec in specs:
         assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
@@ -151,14 +165,15 @@ def test_clusters_head_autoscaling_auth_and_resources(overlay: str, rendered) ->
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_every_secret_and_config_map_reference_exists(overlay: str, rendered) -> None:
+def test_every_secret_and_config_map_reference_exists(overlay: str, rendered, everything) -> None:
+    """Also the tune job's: it runs on the stack's ServiceAccount, ConfigMap and Secrets."""
     serve = _by_kind(rendered[overlay], "RayService")[0]["spec"]["rayClusterConfig"]
     serve_env = {e["name"] for c in _containers(serve) for e in c["env"]}
     assert {"PEFTU_ADMIN_KEY", "PEFTU_TOKEN_SECRET"} <= serve_env  # the serving app's secrets
     secrets = {s["metadata"]["name"]: set(s["stringData"]) for s in yaml.safe_load_all(SECRETS.read_text())}
     config_maps = {c["metadata"]["name"] for c in _by_kind(rendered[overlay], "ConfigMap")}
     accounts = {a["metadata"]["name"] for a in _by_kind(rendered[overlay], "ServiceAccount")}
-    for spec in _cluster_specs(rendered[overlay]):
+    for spec in _cluster_specs(everything[overlay]):
         assert spec["authOptions"]["secretName"] in secrets and "auth_token" in secrets["peftu-ray-auth"]
         groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
         assert {g["template"]["spec"]["serviceAccountName"] for g in groups} <= accounts
@@ -170,7 +185,7 @@ def test_every_secret_and_config_map_reference_exists(overlay: str, rendered) ->
             assert {e["configMapRef"]["name"] for e in container["envFrom"]} <= config_maps
 
 
-def test_ray_version_and_images_are_pinned_like_pyproject(rendered) -> None:
+def test_ray_version_and_images_are_pinned_like_pyproject(everything) -> None:
     pins = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     [ray_pin] = [p for p in pins if p.startswith("ray[")]
     minor = re.fullmatch(r"ray\[[a-z,]+\]==(\d+\.\d+)\.\*", ray_pin).group(1)
@@ -179,7 +194,7 @@ def test_ray_version_and_images_are_pinned_like_pyproject(rendered) -> None:
     torch = re.search(r"^ARG TORCH=(\S+)$", dockerfile, re.M).group(1)
     assert f"torch=={torch}" in (REPO / "Makefile").read_text()
     assert base_image == f"{minor}.0-py311"
-    for overlay, objects in rendered.items():
+    for overlay, objects in everything.items():
         for spec in _cluster_specs(objects):
             assert spec["rayVersion"] == f"{minor}.0"
             assert {c["image"] for c in _containers(spec)} == {f"peftu:0.1.0-ray{minor}.0-py311-{overlay}"}
@@ -193,13 +208,16 @@ def _job_entrypoints(objects: list[dict]) -> list[list[str]]:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_rayjob_entrypoints_are_jobs_in_the_repo_and_their_arguments_parse(overlay: str, rendered) -> None:
-    """`python -m jobs.X args`: jobs/X.py exists and `peftu X` (what it runs) accepts the arguments."""
+def test_rayjob_entrypoints_are_jobs_in_the_repo_and_their_arguments_parse(overlay: str, rendered,
+                                                                          everything) -> None:
+    """`python -m jobs.X args`: jobs/X.py exists and `peftu X` (what it runs) accepts the arguments.
+    Applying the stack starts the fit alone: a search beside it would race it for the workers."""
     from ray.runtime_env import RuntimeEnv, RuntimeEnvConfig
 
     from peftu.cli import build_parser
 
-    entrypoints = _job_entrypoints(rendered[overlay])
+    assert [module for _, _, module, *_ in _job_entrypoints(rendered[overlay])] == ["jobs.fit"]
+    entrypoints = _job_entrypoints(everything[overlay])
     assert sorted(module for _, _, module, *_ in entrypoints) == ["jobs.fit", "jobs.tune"]
     for python, dash_m, module, *args in entrypoints:
         assert (python, dash_m) == ("python", "-m") and module.startswith("jobs.")
@@ -209,7 +227,7 @@ def test_rayjob_entrypoints_are_jobs_in_the_repo_and_their_arguments_parse(overl
         assert parsed.data.startswith("s3://") and parsed.store.startswith("s3://")
         on_gpu = parsed.gpu if command == "fit" else parsed.gpus_per_trial > 0
         assert on_gpu == (overlay == "gpu")
-    for job in _by_kind(rendered[overlay], "RayJob"):
+    for job in _by_kind(everything[overlay], "RayJob"):
         spec = job["spec"]
         assert spec["shutdownAfterJobFinishes"] is True
         assert spec["ttlSecondsAfterFinished"] > 0 and spec["activeDeadlineSeconds"] > 0
