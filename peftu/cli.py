@@ -327,7 +327,8 @@ def cmd_bench_quality(args: argparse.Namespace) -> None:
                                                 lamp=args.lamp, lamp_outputs=args.lamp_outputs)
         console.print(f"{spec.name}: {report}")
         ctx = QualityContext(spec, users, _base_path(args), _store(args), hp, store_uri=_store_uri(args),
-                             endpoint_url=args.endpoint_url, k=args.k, log=console.print)
+                             endpoint_url=args.endpoint_url, k=args.k, pplug_steps=args.pplug_steps,
+                             log=console.print)
         merged = [run_quality(ctx, names).full()]
         record = f"quality/{spec.name}/{time.strftime('%Y%m%d-%H%M%S')}"
         if args.out:
@@ -645,6 +646,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
     p.add_argument("--users", type=int, help="at most N users (generated tasks: N users, default 100)")
     p.add_argument("--k", type=int, default=4, help="history items retrieved into a prompt (default %(default)s)")
+    p.add_argument("--pplug-steps", type=int, default=300,
+                   help="the fewest steps PPlug's plug is fitted for (its min_steps; default %(default)s)")
     p.add_argument("--out", help="write the full results JSON here (default: a record in the store)")
     p.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
     p.add_argument("--report", nargs="+", metavar="RESULTS",

@@ -66,6 +66,8 @@ class QualityContext:
     """The store's URI, for Ray Train workers (PPlug's fit) that open it themselves."""
     endpoint_url: str | None = None
     k: int = 4
+    pplug_steps: int = 300
+    """PPlug's `min_steps`: the fewest steps its plug is fitted for."""
     progress: bool = True
     log: Callable[[str], None] = print
     _base: tuple | None = field(default=None, repr=False)
@@ -221,7 +223,7 @@ def _fitted_plug(ctx: QualityContext, spec: TaskSpec):
     from .base import base_fingerprint
     from .pplug import HistoryEncoder, PPlugConfig, PPlugJobConfig, load_plug, run_pplug_job
 
-    cfg = PPlugConfig(seed=ctx.hp.seed, max_len=ctx.hp.max_len)
+    cfg = PPlugConfig(seed=ctx.hp.seed, max_len=ctx.hp.max_len, min_steps=ctx.pplug_steps)
     run_pplug_job(PPlugJobConfig(store=ctx.store_uri, base=ctx.base_path, plug=cfg.model_dump(),
                                  endpoint_url=ctx.endpoint_url), spec, ctx.users)
     encoder = HistoryEncoder()
@@ -356,7 +358,7 @@ def run_quality(ctx: QualityContext, names: list[str]) -> QualityResult:
     if not any(u.test for u in ctx.users):
         raise PeftuError(f"no user of {ctx.spec.name} has test examples to score")
     result = QualityResult(ctx.spec, ctx.users, settings={
-        "k": ctx.k, "hparams": ctx.hp.model_dump(), "methods": names})
+        "k": ctx.k, "pplug_steps": ctx.pplug_steps, "hparams": ctx.hp.model_dump(), "methods": names})
     for name in names:
         ctx.log(f"[{ctx.spec.name}] {name}")
         start = time.perf_counter()

@@ -11,7 +11,9 @@ import pytest
 from peftu.data.schema import Example, HistoryItem, TaskSpec, UserRecord
 from peftu.data.synthetic import TASKS, generate
 from peftu.personalize import augment_users, bm25_top_k, profile_text
+from peftu.pplug import PLUG_USER, plug_task
 from peftu.quality import majority_answer, merge_reports, method_names
+from peftu.store import AdapterStore
 from tests.lamp_data import lamp3_from_generated
 from tests.test_cli import TWEETEVAL
 
@@ -41,8 +43,8 @@ def peftu(capsys, *args: str) -> tuple[int, str, str]:
 
 def bench(capsys, *args: str, tmp_path, base: str, out: str = "results.json") -> tuple[dict, dict]:
     """Run the command with --json; the last line's summary and the full results file."""
-    code, stdout, stderr = peftu(capsys, "bench", "quality", *args, "--epochs", "1", "--base", base,
-                                 "--store", str(tmp_path / "store"), "--out", str(tmp_path / out), "--json")
+    code, stdout, stderr = peftu(capsys, "bench", "quality", *args, "--epochs", "1", "--pplug-steps", "20",
+                                 "--base", base, "--store", str(tmp_path / "store"), "--out", str(tmp_path / out), "--json")
     assert code == 0, stderr[-3000:]
     return json.loads(stdout.strip().splitlines()[-1]), json.loads((tmp_path / out).read_text())
 
@@ -95,6 +97,10 @@ def test_every_method_on_a_generated_task(tmp_path, tiny_base, capsys, local_ray
     stored = {p.name for p in (tmp_path / "store").rglob("*") if p.is_dir()}
     assert {"quality.synth-rating.oppu", "quality.synth-rating.retrieval.oppu"} <= stored
     assert "synth-rating" not in stored
+    # The plug was fitted for --pplug-steps steps: 3 users' few rows make one epoch a step or two.
+    plug = AdapterStore.open(str(tmp_path / "store")).manifest(plug_task("quality.synth-rating"), PLUG_USER)
+    steps, per_epoch = plug.metrics["steps"], plug.metrics["steps"] // plug.metrics["epochs"]
+    assert full["settings"]["pplug_steps"] == 20 and steps - per_epoch < 20 <= steps
 
 
 @pytest.mark.skipif(not TWEETEVAL.exists(), reason=f"{TWEETEVAL} is not there")
