@@ -22,8 +22,8 @@ from ..base import base_fingerprint, ensure_base, load_base
 from ..data.schema import TaskSpec
 from ..data.synthetic import TASKS
 from ..encode import encode
-from ..paths import peftu_home
 from ..oppu import load_merged_base
+from ..paths import peftu_home
 from ..store import AdapterStore
 from .adapters import AdapterManager, Lease
 from .batcher import Batcher, Job, Kind
