@@ -217,6 +217,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=2))
 
 
+def cmd_store_sweep(args: argparse.Namespace) -> None:
+    swept = _store(args).sweep_partial(args.task, before_ns=time.time_ns() - int(args.older_than * 60e9))
+    for key in swept:
+        print(key)
+    print(f"removed {len(swept)} half-written version(s) of {args.task} started over {args.older_than:g} min ago")
+
+
 # --- tune ----------------------------------------------------------------------------
 
 
@@ -622,6 +629,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_store(p)
     _add_hparams(p)
     p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("store", help="look after the adapter store")
+    ssub = p.add_subparsers(dest="store_command", required=True)
+    p = ssub.add_parser("sweep", help="delete half-written versions (files, no manifest) that publishers "
+                        "killed mid-write left; readers never see them, they only take space")
+    p.add_argument("--task", required=True)
+    p.add_argument("--older-than", type=float, default=60.0, metavar="MINUTES",
+                   help="only versions started this long ago, so no live publisher loses its files "
+                        "(default %(default)s; a fit job sweeps its own users when it ends)")
+    _add_store(p)
+    p.set_defaults(func=cmd_store_sweep)
 
     p = sub.add_parser("eval", help="score users' adapters from the store against the base")
     p.add_argument("--data", required=True)

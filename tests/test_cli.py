@@ -22,7 +22,7 @@ def peftu(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("command", [
     [], ["data"], ["data", "generate"], ["data", "import"], ["data", "stats"], ["base", "build"],
-    ["fit"], ["eval"], ["bench", "quality"], ["bench", "fit"]])
+    ["fit"], ["eval"], ["store", "sweep"], ["bench", "quality"], ["bench", "fit"]])
 def test_every_subcommand_has_help(command):
     result = peftu(*command, "--help")
     assert result.returncode == 0, result.stderr
@@ -76,6 +76,22 @@ def test_fit_then_eval_through_the_cli(tmp_path, tiny_base):
     report = json.loads(result.stdout)
     assert report["users_without_adapter"] == 0
     assert report["per_user"]["all"]["n"] == 3 and "mae" in report["base"]["all"]
+
+
+def test_store_sweep_removes_only_old_half_written_versions(tmp_path):
+    import time
+
+    from peftu.store import AdapterStore
+
+    store = AdapterStore.open(str(tmp_path / "store"))
+    hour_ago, now = time.time_ns() - 3600 * 10**9, time.time_ns()
+    old, live = (f"adapters/t/alice/versions/{t:020d}-0000000{i}" for i, t in enumerate((hour_ago, now)))
+    for version in (old, live):
+        store.backend.put(f"{version}/adapter_model.safetensors", b"half")
+    result = peftu("store", "sweep", "--task", "t", "--store", str(tmp_path / "store"), "--older-than", "30")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [old, "removed 1 half-written version(s) of t started over 30 min ago"]
+    assert store.backend.list(old) == [] and store.backend.list(live) != []
 
 
 def test_missing_data_is_a_clear_error(tmp_path, tiny_base):
