@@ -186,10 +186,48 @@ def _worker_loop(config: dict) -> None:
     report(FitSummary(skipped=summary.skipped, failed=summary.failed))
 
 
+def _on_head_node():
+    """Where the run's progress actor lives: on the head node (the cluster dies with it anyway),
+    so that a worker node's death cannot take the run's bookkeeping with it. Without a head
+    marker (not a Ray cluster as we know it), the driver's node."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    heads = [n["NodeID"] for n in ray.nodes() if n["Alive"] and "node:__internal_head__" in n["Resources"]]
+    if heads:  # hard: Ray's scheduler passes over a soft affinity to a head with no CPUs
+        return NodeAffinitySchedulingStrategy(heads[0], soft=False)
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+
+
+def _final_status(progress, store: AdapterStore, task: str, users: list[UserRecord], started_ns: int
+                  ) -> tuple[dict[str, str], dict[str, str]]:
+    """Each user's status and failure reason as the progress actor has them; if the actor was lost,
+    what the store shows: a version published since the run started is a fit, and nothing else is
+    claimed (a re-run fits or skips the rest)."""
+    try:
+        snap = ray.get(progress.snapshot.remote())
+        ray.kill(progress)
+        return snap["status"], snap["reasons"]
+    except ray.exceptions.RayActorError as e:
+        log.warning("lost the run's progress actor (%s); counting the users published since the run started", e)
+    status, reasons = {}, {}
+    for user in users:
+        latest = store.latest_version(task, user.user_id)
+        if latest is not None and int(latest.split("-", 1)[0]) >= started_ns:
+            status[user.user_id] = "fitted"
+        else:
+            status[user.user_id] = "failed"
+            reasons[user.user_id] = "unknown: the run's progress actor was lost; a re-run fits or skips this user"
+    return status, reasons
+
+
 def _log_progress(progress, started: float, stop: threading.Event, interval: float) -> None:
     """Every `interval` seconds: users done / total, users per hour, ETA."""
     while not stop.wait(interval):
-        snap = ray.get(progress.snapshot.remote())
+        try:
+            snap = ray.get(progress.snapshot.remote())
+        except ray.exceptions.RayActorError:
+            log.warning("lost the run's progress actor: no more progress lines in this run")
+            return
         done = len(snap["status"])
         fitted = sum(s == "fitted" for s in snap["status"].values())
         hours = (time.monotonic() - started) / 3600
@@ -285,7 +323,7 @@ def run_fit_job(job: FitJobConfig, loaded: tuple[TaskSpec, list[UserRecord]] | N
     store = AdapterStore.open(job.store, endpoint_url=job.endpoint_url)
     run_id = start_run("fit")
     progress_name = f"peftu-progress-{run_id}"
-    progress = FitProgress.options(name=progress_name).remote(len(users))
+    progress = FitProgress.options(name=progress_name, scheduling_strategy=_on_head_node()).remote(len(users))
     loop_config = {"job": asdict(job), "spec": spec.model_dump(), "progress_actor": progress_name}
     if ds:
         loop_config["deepspeed"] = ds
@@ -301,7 +339,7 @@ def run_fit_job(job: FitJobConfig, loaded: tuple[TaskSpec, list[UserRecord]] | N
                             max_failures=job.max_failures)
     log.info("fitting %d users of %s on %d worker(s), %d at a time per bank", len(users), spec.name,
              job.workers, job.pack_size)
-    started = time.monotonic()
+    started, started_ns = time.monotonic(), time.time_ns()
     stop = threading.Event()
     ticker = threading.Thread(target=_log_progress, args=(progress, started, stop, job.progress_interval_s),
                               daemon=True)
@@ -316,9 +354,7 @@ def run_fit_job(job: FitJobConfig, loaded: tuple[TaskSpec, list[UserRecord]] | N
         ticker.join()
     seconds = time.monotonic() - started
     _sweep_partial(store, spec.name, users)
-    snap = ray.get(progress.snapshot.remote())
-    ray.kill(progress)
-    status, reasons = snap["status"], snap["reasons"]
+    status, reasons = _final_status(progress, store, spec.name, users, started_ns)
     for user in users:
         if user.user_id not in status:
             status[user.user_id] = "failed"

@@ -27,15 +27,21 @@ from peftu.store import AdapterStore
 from tests.faults import assert_store_whole, wait_for
 
 
+def _titles(port: int, node: str) -> list[str]:
+    """The command lines (Ray's process titles) of one node's processes."""
+    titles = []
+    for proc in node_processes(port, node):
+        try:
+            titles.append(" ".join(proc.cmdline()))
+        except psutil.Error:
+            continue
+    return titles
+
+
 def _training_node(port: int, workers: int) -> str | None:
     """A worker node running a Ray Train worker and none of the run's controllers."""
     for i in range(1, workers + 1):
-        titles = []
-        for proc in node_processes(port, f"worker-{i}"):
-            try:
-                titles.append(" ".join(proc.cmdline()))
-            except psutil.Error:
-                continue
+        titles = _titles(port, f"worker-{i}")
         if any("RayTrainWorker" in t for t in titles) and not any("Controller" in t for t in titles):
             return f"worker-{i}"
     return None
@@ -57,6 +63,8 @@ def test_a_worker_node_dies_mid_fit_and_nothing_is_lost_or_doubled(tiny_base, tm
         wait_for(lambda: store.list_users("synth-cls") or driver.poll() is not None, "a first published adapter",
                  deadline_s=600)
         node = wait_for(lambda: _training_node(info.dashboard_port, 3), "a node with a training worker")
+        # The run's progress actor lives on the head, never on a worker node that may die.
+        assert any("FitProgress" in t for t in _titles(info.dashboard_port, "head"))
         killed = node_processes(info.dashboard_port, node)
         for proc in killed:
             try:

@@ -189,3 +189,25 @@ def test_a_thousand_users_on_the_cluster_then_a_rerun_skips_all(ray_cluster, tin
     assert again.succeeded and "fitted 0, skipped 1000" in again.logs
     assert all(len(store.list_versions("synth-cls", u)) == 1 for u in published)
     print([line for line in first.logs.splitlines() if "users/hour over" in line][-1])  # for the docs
+
+
+def test_a_lost_progress_actor_leaves_the_store_as_the_record(local_ray, tmp_path):
+    """The driver's summary without its progress actor: only users published during the run count as fitted."""
+    from peftu.distributed import FitProgress, _final_status
+    from tests.test_store import publish
+
+    store = AdapterStore.open(str(tmp_path / "store"))
+    users = generate("synth-cls", 3, seed=2)[1]
+    publish(store, users[0].user_id, task="synth-cls")  # before the run: not this run's work
+    started_ns = time.time_ns()
+    publish(store, users[1].user_id, task="synth-cls")
+    live = FitProgress.remote(3)
+    ray.get(live.record.remote({users[2].user_id: "skipped"}, {}))
+    assert _final_status(live, store, "synth-cls", users, started_ns) == ({users[2].user_id: "skipped"}, {})
+
+    lost = FitProgress.remote(3)
+    ray.kill(lost)
+    status, reasons = _final_status(lost, store, "synth-cls", users, started_ns)
+    assert status == {users[0].user_id: "failed", users[1].user_id: "fitted", users[2].user_id: "failed"}
+    assert set(reasons) == {users[0].user_id, users[2].user_id}
+    assert all("progress actor was lost" in r for r in reasons.values())
