@@ -156,10 +156,9 @@ def cmd_fit(args: argparse.Namespace) -> None:
 
 def _fit_reference(args: argparse.Namespace):
     """The plain PEFT loop, one user after another in this process (the baseline)."""
-    from .base import base_fingerprint, load_base
     from .data.io import load_task
     from .fit import fit_users
-    from .oppu import ensure_task_adapter, load_merged_base
+    from .oppu import ensure_task_adapter, load_users_base
 
     tuned = _tuned(args)
     if set(tuned) - {"all"}:
@@ -169,9 +168,7 @@ def _fit_reference(args: argparse.Namespace):
     base_path, hp, store = _base_path(args), _hparams(args, tuned.get("all")), _store(args)
     if args.oppu:
         ensure_task_adapter(base_path, spec, users, hp, store, epochs=args.task_epochs)
-        base, tokenizer, base_fp = load_merged_base(base_path, store, spec.name)
-    else:
-        (base, tokenizer), base_fp = load_base(base_path), base_fingerprint(base_path)
+    base, tokenizer, base_fp = load_users_base(base_path, store, spec.name, oppu=args.oppu)
     return fit_users(base, tokenizer, spec, users, hp, store, base_fp=base_fp)
 
 

@@ -157,8 +157,7 @@ def _worker_loop(config: dict) -> None:
     import torch
 
     from .bank.train import fit_users_banked
-    from .base import base_fingerprint, load_base
-    from .oppu import load_merged_base
+    from .oppu import load_users_base
     from .store import AdapterStore
 
     spec = TaskSpec(**config["spec"])
@@ -166,10 +165,7 @@ def _worker_loop(config: dict) -> None:
     users = [UserRecord.from_row(row) for row in ray.train.get_dataset_shard("users").iter_rows()]
     device = ray.train.torch.get_device() if job.use_gpu else torch.device("cpu")
     store = AdapterStore.open(job.store, endpoint_url=job.endpoint_url)
-    if job.oppu:
-        base, tokenizer, base_fp = load_merged_base(job.base, store, spec.name)
-    else:
-        (base, tokenizer), base_fp = load_base(job.base), base_fingerprint(job.base)
+    base, tokenizer, base_fp = load_users_base(job.base, store, spec.name, oppu=job.oppu)
     base.to(device)
 
     def report(done: FitSummary) -> None:
@@ -203,6 +199,8 @@ def _final_status(progress, store: AdapterStore, task: str, users: list[UserReco
     """Each user's status and failure reason as the progress actor has them; if the actor was lost,
     what the store shows: a version published since the run started is a fit, and nothing else is
     claimed (a re-run fits or skips the rest)."""
+    from .store import version_started_ns
+
     try:
         snap = ray.get(progress.snapshot.remote())
         ray.kill(progress)
@@ -212,7 +210,7 @@ def _final_status(progress, store: AdapterStore, task: str, users: list[UserReco
     status, reasons = {}, {}
     for user in users:
         latest = store.latest_version(task, user.user_id)
-        if latest is not None and int(latest.split("-", 1)[0]) >= started_ns:
+        if latest is not None and (version_started_ns(latest) or 0) >= started_ns:
             status[user.user_id] = "fitted"
         else:
             status[user.user_id] = "failed"

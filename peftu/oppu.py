@@ -64,6 +64,17 @@ def ensure_task_adapter(base_path: str, spec: TaskSpec, users: list[UserRecord],
                              metrics={"first_loss": losses[0], "final_loss": losses[-1]})
 
 
+def load_users_base(base_path: str, store: AdapterStore, task: str, *, oppu: bool,
+                    dtype: torch.dtype = torch.float32):
+    """The base users' adapters of `task` belong to: with OPPU the merged one, else the plain base.
+    (model, tokenizer, fingerprint), the fingerprint being what their manifests must carry."""
+    if oppu:
+        return load_merged_base(base_path, store, task, dtype)
+    from .base import base_fingerprint, load_base
+
+    return *load_base(base_path, dtype), base_fingerprint(base_path)
+
+
 def load_merged_base(base_path: str, store: AdapterStore, task: str, dtype: torch.dtype = torch.float32):
     """The base with the task's adapter merged in: (model, tokenizer, fingerprint of the merged base)."""
     from peft import PeftModel

@@ -533,6 +533,12 @@ def _new_version() -> str:
     return f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
 
 
+def version_started_ns(version: str) -> int | None:
+    """When a version's publish started (time.time_ns()), read from its name; None if not ours."""
+    started = version.split("-", 1)[0]
+    return int(started) if started.isdigit() else None
+
+
 # ---------------------------------------------------------------- the store
 
 class AdapterStore:
@@ -615,8 +621,8 @@ class AdapterStore:
                 files.setdefault(f"{task_key}/{parts[0]}/versions/{parts[2]}", set()).add(parts[3])
         swept = []
         for version_key, names in sorted(files.items()):
-            started = version_key.rsplit("/", 1)[-1].split("-", 1)[0]
-            if MANIFEST not in names and started.isdigit() and int(started) < before_ns:
+            started = version_started_ns(version_key.rsplit("/", 1)[-1])
+            if MANIFEST not in names and started is not None and started < before_ns:
                 self.backend.delete_prefix(version_key)
                 swept.append(version_key)
         return swept

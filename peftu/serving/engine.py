@@ -18,11 +18,11 @@ import torch
 from peft import LoraConfig
 
 from ..bank import AdapterBank
-from ..base import base_fingerprint, ensure_base, load_base
+from ..base import ensure_base
 from ..data.schema import TaskSpec
 from ..data.synthetic import TASKS
 from ..encode import encode
-from ..oppu import load_merged_base
+from ..oppu import load_users_base
 from ..paths import peftu_home
 from ..store import AdapterStore
 from .adapters import AdapterManager, Lease
@@ -55,11 +55,8 @@ class Engine:
         base = cfg.base or str(ensure_base(log=log.info))
         self.model_name = cfg.model_name or Path(base.rstrip("/")).name
         store = AdapterStore.open(cfg.store or str(peftu_home() / "store"), endpoint_url=cfg.endpoint_url)
-        if cfg.oppu:  # users' adapters were fitted on the base with the task adapter merged in
-            self.model, self.tokenizer, base_fp = load_merged_base(base, store, cfg.task, getattr(torch, cfg.dtype))
-        else:
-            self.model, self.tokenizer = load_base(base, dtype=getattr(torch, cfg.dtype))
-            base_fp = base_fingerprint(base)
+        self.model, self.tokenizer, base_fp = load_users_base(base, store, cfg.task, oppu=cfg.oppu,
+                                                              dtype=getattr(torch, cfg.dtype))
         self.model.to(cfg.device)
         self.spec: TaskSpec | None = TASKS.get(cfg.task)
         lora = LoraConfig(r=cfg.max_rank, lora_alpha=cfg.max_rank, target_modules=list(cfg.target_modules))
