@@ -23,7 +23,7 @@ import requests
 T = TypeVar("T")
 
 
-def wait_for(condition: Callable[[], T], what: str, deadline_s: float = 30.0, poll_s: float = 0.2) -> T:
+def wait_for(condition: Callable[[], T], what: str, deadline_s: float = 60.0, poll_s: float = 0.2) -> T:
     """Poll `condition` until it returns something truthy; fail naming `what` after the deadline."""
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:

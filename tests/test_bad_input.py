@@ -22,7 +22,7 @@ from peftu.data.io import load_task
 from peftu.data.loaders import LAMP_TASKS, load_lamp, load_peftu_annotations, load_peftu_user_data
 from peftu.errors import DataError
 
-FUZZ = settings(max_examples=80, deadline=10_000,
+FUZZ = settings(max_examples=80, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 json_values = st.recursive(

@@ -8,7 +8,6 @@ eviction, new versions and deletion all show within a few requests.
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,7 +18,7 @@ import requests
 from peftu.serving.auth import make_token
 from peftu.serving.fake_adapters import publish_random_adapters
 from peftu.store import AdapterStore
-from tests.faults import FAKE_AWS, fake_aws_env
+from tests.faults import FAKE_AWS, fake_aws_env, metric, wait_for
 
 TASK = "synth-cls"
 SECRET, ADMIN = "test-token-secret", "test-admin-key"
@@ -74,22 +73,6 @@ def complete(url: str, user: str | None, prompt: str = PROMPT, **options) -> req
 def text(response: requests.Response) -> str:
     assert response.status_code == 200, response.text
     return response.json()["choices"][0]["text"]
-
-
-def metric(url: str, name: str) -> float:
-    """Sum of a metric's samples in /metrics (0 when absent)."""
-    lines = requests.get(f"{url}/metrics", timeout=10).text.splitlines()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name))
-
-
-def wait_for(condition, what: str, deadline_s: float = 30.0):
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # --- answers -----------------------------------------------------------------------------

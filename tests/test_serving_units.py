@@ -217,6 +217,43 @@ def test_fetch_bytes_verifies_every_file(tmp_path):
         store.fetch_bytes("t", "u")
 
 
+def test_a_bad_adapter_is_fetched_once_until_its_pointer_moves(tiny_base, tmp_path):
+    """After the TTL only the pointer is re-read: the same bad version is neither fetched nor
+    counted again (a hot user would re-download it every TTL); a new version is loaded at once."""
+    from peftu.base import base_fingerprint
+    from peftu.serving.config import ServeConfig
+    from peftu.serving.engine import Engine
+    from peftu.serving.fake_adapters import publish_random_adapters
+    from peftu.store import AdapterStore
+
+    store = AdapterStore.open(str(tmp_path / "store"))
+    publish_random_adapters(store, "t", ["u"], tiny_base, std=0.2)
+    files, _ = store.fetch_bytes("t", "u")
+    bad = store.publish("t", "u", {**files, "adapter_config.json": b'{"peft_type": "IA3", "r": 8}'},
+                        base_fingerprint=base_fingerprint(tiny_base), data_fingerprint="bad", hparams={})
+    engine = Engine(ServeConfig(base=tiny_base, store=str(tmp_path / "store"), task="t", max_adapters=2,
+                                version_ttl_s=0))
+    fetched = []
+    fetch_bytes = engine.adapters.store.fetch_bytes
+    engine.adapters.store.fetch_bytes = lambda *a, **k: fetched.append(a) or fetch_bytes(*a, **k)
+
+    def errors() -> float:
+        return sum(s.value for m in engine.metrics.registry.collect() if m.name == "peftu_adapter_errors"
+                   for s in m.samples if s.name.endswith("_total"))
+
+    async def refused_then_republished():  # one event loop: the engine binds to it
+        refused = [await engine.adapters.acquire("u") for _ in range(3)]
+        assert [(x.version, x.fallback) for x in refused] == [(None, "incompatible")] * 3
+        assert len(fetched) == 1 and errors() == 1
+        good = store.publish("t", "u", files, base_fingerprint=base_fingerprint(tiny_base),
+                             data_fingerprint="good", hparams={})
+        return good, await engine.adapters.acquire("u")
+
+    good, loaded = asyncio.run(refused_then_republished())
+    assert good.version != bad.version and loaded.version == good.version and loaded.fallback is None
+    assert len(fetched) == 2 and errors() == 1
+
+
 # --- an OPPU replica ------------------------------------------------------------------------
 
 

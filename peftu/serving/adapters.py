@@ -6,7 +6,8 @@ store's version pointer is re-read once a loaded version is older than the TTL,
 so a newly published version is picked up without a restart. Loads of
 different users run concurrently in threads; loads of one user are coalesced.
 A corrupt, foreign or incompatible adapter is logged and counted, and its user
-is answered by the base model (the store is asked again after the TTL).
+is answered by the base model. After the TTL only the pointer is re-read: the
+same bad version is not fetched, logged or counted again; a new one is loaded.
 """
 
 from __future__ import annotations
@@ -48,6 +49,17 @@ class Lease:
     """Why the base answers a user who has an adapter: "store-unavailable", "corrupt", "foreign", "incompatible"."""
 
 
+@dataclass
+class _Absent:
+    """A user found to have no usable adapter: answered by the base until `seen` + TTL."""
+
+    seen: float
+    fallback: str | None = None
+    """None: no adapter at all; else why the one there is unusable (the Lease's fallback)."""
+    version: str | None = None
+    """The unusable version: while the pointer still names it, it is not fetched again."""
+
+
 class AdapterManager:
     """The bank's slots 1..n hold users' adapters; slot 0 stays zero (the base)."""
 
@@ -58,7 +70,7 @@ class AdapterManager:
         bank.clear_slot(BASE_SLOT)
         self.slot_bytes = bank.slot_bytes()
         self.cache = SlotCache(list(range(1, bank.n_slots)), max_bytes)
-        self._absent: OrderedDict[str, tuple[float, str | None]] = OrderedDict()  # when, and why (fallback)
+        self._absent: OrderedDict[str, _Absent] = OrderedDict()
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._freed = asyncio.Condition()
         self._refreshing: set[str] = set()
@@ -113,11 +125,12 @@ class AdapterManager:
         entry = self.cache.get(user)
         if entry is not None and now - entry.checked_at < self.ttl_s:
             return self._lease(entry)
-        if entry is None:
-            seen, why = self._absent.get(user, (-float("inf"), None))
-            if now - seen < self.ttl_s:
-                return Lease(BASE_SLOT, None, fallback=why)
-            return await self._load(user, None)  # the pointer, manifest and files in one trip
+        absent = self._absent.get(user) if entry is None else None
+        if absent is not None and now - absent.seen < self.ttl_s:
+            return Lease(BASE_SLOT, None, fallback=absent.fallback)
+        known = entry.version if entry is not None else absent.version if absent is not None else None
+        if known is None:
+            return await self._load(user, None)
         try:
             latest = await asyncio.to_thread(self.store.latest_version, self.task, user)
         except (StoreError, OSError) as e:
@@ -126,10 +139,13 @@ class AdapterManager:
             self.cache.remove(user)
             self._remember_absent(user)
             return Lease(BASE_SLOT, None)
-        if entry.version == latest:
-            entry.checked_at = now
-            return self._lease(entry)
-        return await self._load(user, latest)
+        if latest != known:
+            return await self._load(user, latest)
+        if entry is None:  # still the version that failed
+            self._remember_absent(user, absent.fallback, known)
+            return Lease(BASE_SLOT, None, fallback=absent.fallback)
+        entry.checked_at = now
+        return self._lease(entry)
 
     def _lease(self, entry: Entry) -> Lease:
         self.cache.pin(entry)
@@ -141,9 +157,9 @@ class AdapterManager:
         log.warning("cannot check the adapter version of user %r: %s", user, error)
         return self._lease(entry) if entry is not None else Lease(BASE_SLOT, None, fallback="store-unavailable")
 
-    def _remember_absent(self, user: str, why: str | None = None) -> None:
+    def _remember_absent(self, user: str, why: str | None = None, version: str | None = None) -> None:
         """The user has no usable adapter: answer with the base without asking the store for a TTL."""
-        self._absent[user] = (time.monotonic(), why)
+        self._absent[user] = _Absent(time.monotonic(), why, version)
         self._absent.move_to_end(user)
         while len(self._absent) > _MAX_REMEMBERED:
             self._absent.popitem(last=False)
@@ -152,7 +168,11 @@ class AdapterManager:
         """Fetch, verify and read `version` (None: the latest), then fill a slot."""
         start = time.monotonic()
         try:
-            state, scale, version = await asyncio.to_thread(self._read, user, version)
+            if version is None:  # named first, so that a failure below knows which version failed
+                version = await asyncio.to_thread(self.store.latest_version, self.task, user)
+                if version is None:
+                    raise NotFoundError(f"no adapter for user {user!r}")
+            state, scale = await asyncio.to_thread(self._read, user, version)
             slot = await self._reserve()
         except NotFoundError:
             self.cache.remove(user)
@@ -176,11 +196,10 @@ class AdapterManager:
         self.cache.pin(entry)
         return Lease(slot, version, entry, loaded_ms=elapsed * 1000)
 
-    def _read(self, user: str, version: str | None) -> tuple[dict, float, str]:
-        files, manifest = self.store.fetch_bytes(self.task, user, version, expect_base=self.base_fp)
-        state, scale = parse_adapter(files["adapter_config.json"], files["adapter_model.safetensors"],
-                                     self.bank.config.r, f"adapter of user {user!r} ({manifest.version})")
-        return state, scale, manifest.version
+    def _read(self, user: str, version: str) -> tuple[dict, float]:
+        files, _ = self.store.fetch_bytes(self.task, user, version, expect_base=self.base_fp)
+        return parse_adapter(files["adapter_config.json"], files["adapter_model.safetensors"],
+                             self.bank.config.r, f"adapter of user {user!r} ({version})")
 
     async def _reserve(self) -> int:
         """A slot for one more adapter, waiting while running batches pin every slot."""
@@ -203,7 +222,7 @@ class AdapterManager:
                   user, version or "latest", reason, error)
         self.cache.remove(user)
         if reason != "store":  # a store outage is retried on the next request
-            self._remember_absent(user, fallback)
+            self._remember_absent(user, fallback, version)
         return Lease(BASE_SLOT, None, fallback=fallback)
 
     def invalidate(self, user: str) -> bool:
