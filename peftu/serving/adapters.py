@@ -125,11 +125,10 @@ class AdapterManager:
         entry = self.cache.get(user)
         if entry is not None and now - entry.checked_at < self.ttl_s:
             return self._lease(entry)
-        absent = self._absent.get(user) if entry is None else None
-        if absent is not None and now - absent.seen < self.ttl_s:
-            return Lease(BASE_SLOT, None, fallback=absent.fallback)
-        known = entry.version if entry is not None else absent.version if absent is not None else None
-        if known is None:
+        if entry is None:
+            absent = self._absent.get(user)
+            if absent is not None and now - absent.seen < self.ttl_s:
+                return Lease(BASE_SLOT, None, fallback=absent.fallback)
             return await self._load(user, None)
         try:
             latest = await asyncio.to_thread(self.store.latest_version, self.task, user)
@@ -139,13 +138,10 @@ class AdapterManager:
             self.cache.remove(user)
             self._remember_absent(user)
             return Lease(BASE_SLOT, None)
-        if latest != known:
-            return await self._load(user, latest)
-        if entry is None:  # still the version that failed
-            self._remember_absent(user, absent.fallback, known)
-            return Lease(BASE_SLOT, None, fallback=absent.fallback)
-        entry.checked_at = now
-        return self._lease(entry)
+        if entry.version == latest:
+            entry.checked_at = now
+            return self._lease(entry)
+        return await self._load(user, latest)
 
     def _lease(self, entry: Entry) -> Lease:
         self.cache.pin(entry)
@@ -172,6 +168,10 @@ class AdapterManager:
                 version = await asyncio.to_thread(self.store.latest_version, self.task, user)
                 if version is None:
                     raise NotFoundError(f"no adapter for user {user!r}")
+                failed = self._absent.get(user)
+                if failed is not None and failed.version == version:  # still the bad one: not fetched again
+                    self._remember_absent(user, failed.fallback, version)
+                    return Lease(BASE_SLOT, None, fallback=failed.fallback)
             state, scale = await asyncio.to_thread(self._read, user, version)
             slot = await self._reserve()
         except NotFoundError:
