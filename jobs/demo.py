@@ -18,13 +18,13 @@ import time
 
 from rich.console import Console
 
-from peftu.base import ensure_base
 from peftu.compare import compare, render_table
+from peftu.config import FitJobConfig, LoraHParams
 from peftu.data.io import save_task
 from peftu.data.synthetic import TASKS, generate
-from peftu.distributed import FitJobConfig, run_fit_job
-from peftu.eval import better
-from peftu.fit import LoraHParams
+from peftu.evaluation.metrics import better
+from peftu.fitting.job import run_fit_job
+from peftu.model.build import ensure_base
 from peftu.paths import peftu_home
 from peftu.serving.local import ask_users
 from peftu.store import AdapterStore

@@ -1,5 +1,5 @@
 """`python -m peftu`: the same as the `peftu` command."""
 
-from .cli import main
+from peftu.cli import main
 
 main()

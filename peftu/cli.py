@@ -13,14 +13,14 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from .errors import PeftuError
+from peftu.errors import PeftuError
 
 # --- shared options ------------------------------------------------------------
 
 
 def _add_hparams(parser: argparse.ArgumentParser) -> None:
     """One option per LoRA / training hyper-parameter, from `LoraHParams` itself."""
-    from .fit import LoraHParams
+    from peftu.config import LoraHParams
 
     group = parser.add_argument_group("LoRA and training hyper-parameters")
     for name, info in LoraHParams.model_fields.items():
@@ -34,7 +34,7 @@ def _add_hparams(parser: argparse.ArgumentParser) -> None:
 
 def _hparams(args: argparse.Namespace, under: dict | None = None):
     """The hyper-parameters given as flags, over `under` (a tuned config) and the defaults."""
-    from .fit import LoraHParams
+    from peftu.config import LoraHParams
 
     given = {k: getattr(args, k) for k in LoraHParams.model_fields if getattr(args, k, None) is not None}
     return LoraHParams(**(under or {}) | given)
@@ -46,7 +46,7 @@ def _add_base(parser: argparse.ArgumentParser) -> None:
 
 
 def _base_path(args: argparse.Namespace) -> str:
-    from .base import ensure_base
+    from peftu.model.build import ensure_base
 
     return args.base or str(ensure_base())
 
@@ -59,13 +59,13 @@ def _add_store(parser: argparse.ArgumentParser) -> None:
 
 
 def _store_uri(args: argparse.Namespace) -> str:
-    from .paths import peftu_home
+    from peftu.paths import peftu_home
 
     return args.store or str(peftu_home() / "store")
 
 
 def _store(args: argparse.Namespace):
-    from .store import AdapterStore
+    from peftu.store import AdapterStore
 
     return AdapterStore.open(_store_uri(args), endpoint_url=args.endpoint_url)
 
@@ -78,8 +78,8 @@ def _select_users(users, limit: int | None):
 
 
 def cmd_data_generate(args: argparse.Namespace) -> None:
-    from .data.io import save_task
-    from .data.synthetic import generate
+    from peftu.data.io import save_task
+    from peftu.data.synthetic import generate
 
     spec, users, report = generate(args.task, args.users, seed=args.seed, min_samples=args.min_samples)
     print(report)
@@ -88,8 +88,8 @@ def cmd_data_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_data_import(args: argparse.Namespace) -> None:
-    from .data import loaders
-    from .data.io import save_task
+    from peftu.data import loaders
+    from peftu.data.io import save_task
 
     if args.format == "peft-u-csv":
         spec, users, report = loaders.load_peftu_annotations(
@@ -105,7 +105,7 @@ def cmd_data_import(args: argparse.Namespace) -> None:
 
 
 def cmd_data_stats(args: argparse.Namespace) -> None:
-    from .data.io import load_task
+    from peftu.data.io import load_task
 
     spec, users = load_task(args.path)
     sizes = sorted(len(u.history) for u in users)
@@ -124,8 +124,10 @@ def cmd_data_stats(args: argparse.Namespace) -> None:
 
 
 def cmd_base_build(args: argparse.Namespace) -> None:
-    from .base import BaseBuildConfig, build_base, default_base_dir
-    from .data.io import load_task
+    from peftu.config import BaseBuildConfig
+    from peftu.data.io import load_task
+    from peftu.model.base import default_base_dir
+    from peftu.model.build import build_base
 
     cfg = BaseBuildConfig()
     if args.minutes is not None:
@@ -156,9 +158,10 @@ def cmd_fit(args: argparse.Namespace) -> None:
 
 def _fit_reference(args: argparse.Namespace):
     """The plain PEFT loop, one user after another in this process (the baseline)."""
-    from .data.io import load_task
-    from .fit import fit_users
-    from .oppu import ensure_task_adapter, load_users_base
+    from peftu.data.io import load_task
+    from peftu.fitting.oppu import ensure_task_adapter
+    from peftu.fitting.reference import fit_users
+    from peftu.model.bases import load_users_base
 
     tuned = _tuned(args)
     if set(tuned) - {"all"}:
@@ -176,8 +179,9 @@ def _fit_on_ray(args: argparse.Namespace):
     """The banked fit on Ray Train workers: the cluster of RAY_ADDRESS or of `ray start`, else a local Ray."""
     import logging
 
-    from .data.io import load_spec
-    from .distributed import FitJobConfig, run_fit_job
+    from peftu.config import FitJobConfig
+    from peftu.data.io import load_spec
+    from peftu.fitting.job import run_fit_job
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     load_spec(args.data)  # a wrong --data fails now, not after building a base
@@ -197,9 +201,10 @@ def _fit_on_ray(args: argparse.Namespace):
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from .base import base_fingerprint, load_base
-    from .data.io import load_task
-    from .eval import evaluate_adapters, evaluate_users, macro_average
+    from peftu.data.io import load_task
+    from peftu.evaluation.evaluate import evaluate_adapters, evaluate_users
+    from peftu.evaluation.metrics import macro_average
+    from peftu.model.base import base_fingerprint, load_base
 
     spec, users = load_task(args.data)
     users = _select_users(users, args.users)
@@ -228,8 +233,8 @@ def _tuned(args: argparse.Namespace) -> dict[str, dict]:
     """`peftu fit --config NAME`: the tuned configs by activity bucket ({} without --config)."""
     if not args.config:
         return {}
-    from .data.io import load_spec
-    from .tune import load_tuned
+    from peftu.data.io import load_spec
+    from peftu.tuning.search import load_tuned
 
     return load_tuned(_store(args), load_spec(args.data).name, args.config)
 
@@ -239,8 +244,9 @@ def cmd_tune(args: argparse.Namespace) -> None:
 
     from rich.console import Console
 
-    from .data.io import load_spec
-    from .tune import SearchSpace, TuneOptions, check_search, plot_search, render_best, render_trials, run_tune
+    from peftu.config import SearchSpace, TuneOptions
+    from peftu.data.io import load_spec
+    from peftu.tuning.search import check_search, plot_search, render_best, render_trials, run_tune
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     fixed = {k: v for k, v in {"batch_size": args.batch_size, "max_len": args.max_len, "seed": args.seed,
@@ -267,7 +273,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
 
 
 def _add_tune_parser(sub) -> None:
-    from .tune import SearchSpace, TuneOptions
+    from peftu.config import SearchSpace, TuneOptions
 
     def numbers(kind):
         return lambda s: [kind(x) for x in s.split(",") if x]
@@ -313,8 +319,16 @@ def cmd_bench_quality(args: argparse.Namespace) -> None:
 
     from rich.console import Console
 
-    from .quality import QualityContext, load_quality_data, merge_reports, parse_methods, plot_results, \
-        render_markdown, render_table, run_quality
+    from peftu.quality import (
+        QualityContext,
+        load_quality_data,
+        merge_reports,
+        parse_methods,
+        plot_results,
+        render_markdown,
+        render_table,
+        run_quality,
+    )
 
     logging.basicConfig(level=logging.WARNING)
     console = Console(width=160)
@@ -360,7 +374,7 @@ def _read_report(path: str) -> dict:
 def cmd_bench_fit(args: argparse.Namespace) -> None:
     from rich.console import Console
 
-    from .benchmarks import bench_fit, plot_fit, render_fit_table
+    from peftu.bench.fit import bench_fit, plot_fit, render_fit_table
 
     result = bench_fit(_base_path(args), args.task, args.users, args.epochs, args.pack_size, args.seed,
                        args.sweep, args.threads, args.repeat)
@@ -395,7 +409,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from pydantic import ValidationError
     from ray import serve
 
-    from .serving.server import build_app
+    from peftu.serving.server import build_app
 
     try:
         app = build_app(_serve_args(args))
@@ -411,8 +425,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_serve_token(args: argparse.Namespace) -> None:
     import os
 
-    from .serving.auth import make_token
-    from .store import validate_id
+    from peftu.serving.auth import make_token
+    from peftu.store import validate_id
 
     secret = os.environ.get(args.secret_env)
     if not secret:
@@ -423,7 +437,7 @@ def cmd_serve_token(args: argparse.Namespace) -> None:
 def cmd_bench_serve(args: argparse.Namespace) -> None:
     from rich.console import Console
 
-    from .serving.bench import bench_serve, plot_serve, render_serve_table
+    from peftu.bench.serve import bench_serve, plot_serve, render_serve_table
 
     result = bench_serve(_base_path(args), users=args.users, clients=args.clients, requests=args.requests,
                          max_tokens=args.max_tokens, cache_size=args.cache_size, seed=args.seed, port=args.port)
@@ -470,8 +484,8 @@ def _add_serving_commands(sub, bench_sub) -> None:
 
 def _pplug_data(args: argparse.Namespace):
     """The task's users: a saved data set (--data) or generated ones (--task, --users, --data-seed)."""
-    from .data.io import load_task
-    from .data.synthetic import generate
+    from peftu.data.io import load_task
+    from peftu.data.synthetic import generate
 
     if args.data:
         spec, users = load_task(args.data)
@@ -484,7 +498,8 @@ def cmd_pplug_fit(args: argparse.Namespace) -> None:
     """Fit the task's plug once on every training user with Ray Train (reused when current)."""
     import logging
 
-    from .pplug import PPlugConfig, PPlugJobConfig, run_pplug_job
+    from peftu.config import PPlugConfig, PPlugJobConfig
+    from peftu.pplug import run_pplug_job
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     plug = {k: getattr(args, k) for k in PPlugConfig.model_fields if getattr(args, k, None) is not None}
@@ -500,10 +515,11 @@ def cmd_pplug_fit(args: argparse.Namespace) -> None:
 
 def cmd_pplug_eval(args: argparse.Namespace) -> None:
     """Macro metrics of the base and of PPlug (and PPlug on users' adapters, where the store has them)."""
-    from .base import base_fingerprint, load_base
-    from .eval import evaluate_users, macro_average
-    from .pplug import HistoryEncoder, load_plug
-    from .pplug.evaluate import evaluate_pplug
+    from peftu.evaluation.evaluate import evaluate_users
+    from peftu.evaluation.metrics import macro_average
+    from peftu.model.base import base_fingerprint, load_base
+    from peftu.pplug import HistoryEncoder, load_plug
+    from peftu.pplug.evaluate import evaluate_pplug
 
     spec, users = _pplug_data(args)
     base_path, store = _base_path(args), _store(args)
@@ -524,8 +540,8 @@ def cmd_pplug_eval(args: argparse.Namespace) -> None:
 
 
 def _add_pplug_commands(sub) -> None:
-    from .data.synthetic import TASKS
-    from .pplug import PPlugConfig
+    from peftu.config import PPlugConfig
+    from peftu.data.synthetic import TASKS
 
     pplug = sub.add_parser("pplug", help="PPlug: one plug trained on all users, personal soft tokens")
     psub = pplug.add_subparsers(dest="pplug_command", required=True)
@@ -555,7 +571,7 @@ def _add_pplug_commands(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .data.synthetic import TASKS
+    from peftu.data.synthetic import TASKS
 
     parser = argparse.ArgumentParser(prog="peftu", description="One personal adapter per user, "
                                      "trained and served on Ray.")

@@ -11,11 +11,13 @@ from dataclasses import dataclass
 
 from rich.table import Table
 
-from .base import base_fingerprint, load_base
-from .data.schema import TaskSpec, UserRecord
-from .eval import evaluate_adapters, evaluate_users, macro_average
-from .fit import LoraHParams, fit_global
-from .store import AdapterStore
+from peftu.config import LoraHParams
+from peftu.data.schema import TaskSpec, UserRecord
+from peftu.evaluation.evaluate import evaluate_adapters, evaluate_users
+from peftu.evaluation.metrics import macro_average
+from peftu.fitting.reference import fit_global
+from peftu.model.base import base_fingerprint, load_base
+from peftu.store import AdapterStore
 
 
 @dataclass

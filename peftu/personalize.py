@@ -19,7 +19,7 @@ import re
 from collections import Counter
 from dataclasses import replace
 
-from .data.schema import Example, HistoryItem, TaskSpec, UserRecord
+from peftu.data.schema import Example, HistoryItem, TaskSpec, UserRecord
 
 AUGMENTATIONS = ("retrieval", "profile")
 _WORD = re.compile(r"[a-z0-9']+")

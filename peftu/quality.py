@@ -43,11 +43,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .data.schema import LOWER_IS_BETTER, TaskSpec, UserRecord
-from .errors import PeftuError
-from .eval import better, evaluate_users, macro_average, task_metrics
-from .fit import LoraHParams, fit_global, release
-from .store import AdapterStore
+from peftu.config import LoraHParams
+from peftu.data.schema import LOWER_IS_BETTER, TaskSpec, UserRecord
+from peftu.errors import PeftuError
+from peftu.evaluation.evaluate import evaluate_users
+from peftu.evaluation.metrics import better, macro_average, task_metrics
+from peftu.fitting.reference import fit_global, release
+from peftu.store import AdapterStore
 
 PerUser = dict[str, dict[str, float]]
 BUCKETS = ("all", "few", "some", "many")
@@ -75,7 +77,7 @@ class QualityContext:
     def base(self) -> tuple[torch.nn.Module, object]:
         """The plain base and its tokenizer, loaded once (methods hand it back unchanged)."""
         if self._base is None:
-            from .base import load_base
+            from peftu.model.base import load_base
 
             self._base = load_base(self.base_path)
         return self._base
@@ -108,7 +110,7 @@ def _base(ctx: QualityContext) -> PerUser:
 
 @method("global")
 def _global(ctx: QualityContext) -> PerUser:
-    from .compare import global_hparams
+    from peftu.compare import global_hparams
 
     model, tokenizer = ctx.base()
     fitted = fit_global(model, tokenizer, ctx.spec, ctx.users, global_hparams(ctx.hp))
@@ -123,7 +125,7 @@ def _global(ctx: QualityContext) -> PerUser:
 
 def majority_answer(spec: TaskSpec, user: UserRecord, query: str) -> str:
     """The user's own baseline answer to `query` from their history (see the module doc)."""
-    from .personalize import bm25_top_k
+    from peftu.personalize import bm25_top_k
 
     answered = [h.output for h in user.history if h.output.strip()]
     if spec.kind == "classification":
@@ -149,8 +151,8 @@ def _majority(ctx: QualityContext) -> PerUser:
 
 def _task_adapter(ctx: QualityContext, how: str | None) -> tuple[TaskSpec, list[UserRecord], TaskSpec]:
     """The (augmented) task and users, fitted a task adapter; returns them and the store spec of the task."""
-    from .oppu import ensure_task_adapter
-    from .personalize import augment_users
+    from peftu.fitting.oppu import ensure_task_adapter
+    from peftu.personalize import augment_users
 
     spec, users = augment_users(ctx.spec, ctx.users, how, ctx.k) if how else (ctx.spec, ctx.users)
     stored = ctx.store_spec(spec)
@@ -160,7 +162,7 @@ def _task_adapter(ctx: QualityContext, how: str | None) -> tuple[TaskSpec, list[
 
 def augmented_task_adapter_scores(ctx: QualityContext, how: str) -> PerUser:
     """The task adapter trained on augmented prompts, scored on the users' augmented test prompts."""
-    from .oppu import load_merged_base
+    from peftu.model.bases import load_merged_base
 
     spec, users, stored = _task_adapter(ctx, how)
     model, tokenizer, _ = load_merged_base(ctx.base_path, ctx.store, stored.name)
@@ -175,8 +177,8 @@ def oppu_scores(ctx: QualityContext, how: str | None) -> PerUser:
     """
     from tqdm import tqdm
 
-    from .bank.train import fit_users_banked
-    from .oppu import load_merged_base
+    from peftu.fitting.banked import fit_users_banked
+    from peftu.model.bases import load_merged_base
 
     spec, users, stored = _task_adapter(ctx, how)
     model, tokenizer, merged_fp = load_merged_base(ctx.base_path, ctx.store, stored.name)
@@ -204,7 +206,7 @@ method("oppu")(lambda ctx: oppu_scores(ctx, None))
 
 def _peft_method(name: str) -> Method:
     def run(ctx: QualityContext) -> PerUser:
-        from .peft_methods import fit_and_score_users
+        from peftu.fitting.peft_methods import fit_and_score_users
 
         model, tokenizer = ctx.base()
         return fit_and_score_users(model, tokenizer, ctx.spec, ctx.users, ctx.hp, name, progress=ctx.progress)
@@ -220,8 +222,9 @@ for _name in ("ia3", "prompt-tuning", "prefix-tuning"):
 
 def _fitted_plug(ctx: QualityContext, spec: TaskSpec):
     """The benchmark's plug of the task, fitted once on all training users with Ray Train (reused when current)."""
-    from .base import base_fingerprint
-    from .pplug import HistoryEncoder, PPlugConfig, PPlugJobConfig, load_plug, run_pplug_job
+    from peftu.config import PPlugConfig, PPlugJobConfig
+    from peftu.model.base import base_fingerprint
+    from peftu.pplug import HistoryEncoder, load_plug, run_pplug_job
 
     cfg = PPlugConfig(seed=ctx.hp.seed, max_len=ctx.hp.max_len, min_steps=ctx.pplug_steps)
     run_pplug_job(PPlugJobConfig(store=ctx.store_uri, base=ctx.base_path, plug=cfg.model_dump(),
@@ -234,7 +237,7 @@ def _fitted_plug(ctx: QualityContext, spec: TaskSpec):
 
 @method("pplug")
 def _pplug(ctx: QualityContext) -> PerUser:
-    from .pplug.evaluate import evaluate_pplug
+    from peftu.pplug.evaluate import evaluate_pplug
 
     spec = ctx.store_spec(ctx.spec)
     plug, encoder = _fitted_plug(ctx, spec)
@@ -245,8 +248,8 @@ def _pplug(ctx: QualityContext) -> PerUser:
 @method("pplug+oppu")
 def _pplug_oppu(ctx: QualityContext) -> PerUser:
     """The plug's soft tokens on the merged task adapter with each user's OPPU adapter (fitted if missing)."""
-    from .oppu import load_merged_base
-    from .pplug.evaluate import evaluate_pplug
+    from peftu.model.bases import load_merged_base
+    from peftu.pplug.evaluate import evaluate_pplug
 
     spec = ctx.store_spec(ctx.spec)
     plug, encoder = _fitted_plug(ctx, spec)
@@ -293,9 +296,9 @@ def load_quality_data(task: str | None, *, users: int | None = None, seed: int =
     """
     from pathlib import Path
 
-    from .data import loaders
-    from .data.io import load_task
-    from .data.synthetic import TASKS, generate
+    from peftu.data import loaders
+    from peftu.data.io import load_task
+    from peftu.data.synthetic import TASKS, generate
 
     if lamp:
         if not lamp_outputs:

@@ -91,7 +91,8 @@ def tiny_base(tmp_path_factory) -> str:
 
     Bound by steps, not time, so it is the same model however busy the machine is.
     """
-    from peftu.base import BaseBuildConfig, build_base
+    from peftu.config import BaseBuildConfig
+    from peftu.model.build import build_base
 
     path = tmp_path_factory.mktemp("base") / "tiny-test"
     cfg = BaseBuildConfig(hidden_size=128, intermediate_size=344, num_layers=2, num_heads=4,

@@ -145,7 +145,7 @@ def test_a_saved_task_with_junk_cells(tmp_path, users, spec):
 def good_state(tiny_base):
     from peft import LoraConfig
 
-    from peftu.base import load_base
+    from peftu.model.base import load_base
 
     model, _ = load_base(tiny_base)
     bank = AdapterBank(model, 2, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))

@@ -15,13 +15,14 @@ import torch
 from peft import PeftModel, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from peftu.bank import (AdapterBank, PackTrainer, SlotAdamW, fit_pack, fit_stream, largest_first,
-                        peft_initial_state, slot_count)
-from peftu.base import load_base
+from peftu.bank import AdapterBank, SlotAdamW, peft_initial_state
+from peftu.config import LoraHParams
 from peftu.data.schema import Example, UserRecord
 from peftu.data.synthetic import TASKS, generate
-from peftu.encode import collate, encode
-from peftu.fit import LoraHParams, fit_adapter
+from peftu.fitting.banked import PackTrainer, fit_pack, fit_stream, largest_first, slot_count
+from peftu.fitting.reference import fit_adapter
+from peftu.model.base import load_base
+from peftu.model.encode import collate, encode
 
 RATING = TASKS["synth-rating"]
 ALL_LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -9,7 +9,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from peftu.base import BUILD_INFO, base_fingerprint, load_base
+from peftu.model.base import BUILD_INFO, base_fingerprint, load_base
 
 
 def test_pretraining_lowers_validation_perplexity(tiny_base):

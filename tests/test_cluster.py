@@ -15,8 +15,18 @@ from pathlib import Path
 import pytest
 import requests
 
-from cluster.local import (HEAD_RESOURCE, RAY_BIN, ClusterError, ClusterInfo, list_alive_nodes, processes,
-                           resolve_auth, start_cluster, status, stop_cluster)
+from cluster.local import (
+    HEAD_RESOURCE,
+    RAY_BIN,
+    ClusterError,
+    ClusterInfo,
+    list_alive_nodes,
+    processes,
+    resolve_auth,
+    start_cluster,
+    status,
+    stop_cluster,
+)
 from cluster.submit import SubmitError, connect, submit
 
 REPO = Path(__file__).resolve().parent.parent

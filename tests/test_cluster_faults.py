@@ -20,9 +20,9 @@ import psutil
 import pytest
 
 from cluster.local import node_processes, start_cluster, stop_cluster
-from peftu.base import base_fingerprint
 from peftu.data.io import save_task
 from peftu.data.synthetic import generate
+from peftu.model.base import base_fingerprint
 from peftu.store import AdapterStore
 from tests.faults import assert_store_whole, wait_for
 

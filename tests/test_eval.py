@@ -7,7 +7,7 @@ import math
 import pytest
 
 from peftu.data.schema import Example, HistoryItem, TaskSpec, UserRecord
-from peftu.eval import accuracy, better, macro_average, macro_f1, mae, rmse, rouge, task_metrics
+from peftu.evaluation.metrics import accuracy, better, macro_average, macro_f1, mae, rmse, rouge, task_metrics
 
 
 def test_accuracy():

@@ -9,12 +9,15 @@ import pytest
 import torch
 from peft import PeftModel
 
-from peftu.base import base_fingerprint, load_base
+from peftu.config import LoraHParams
 from peftu.data.schema import Example, UserRecord
 from peftu.data.synthetic import TASKS, generate
-from peftu.encode import IGNORE, collate, encode, minibatches
-from peftu.eval import evaluate_adapters, evaluate_users, macro_average, score_labels
-from peftu.fit import LoraHParams, adapter_files, fit_adapter, fit_users
+from peftu.evaluation.evaluate import evaluate_adapters, evaluate_users
+from peftu.evaluation.metrics import macro_average
+from peftu.fitting.reference import adapter_files, fit_adapter, fit_users
+from peftu.inference.predict import score_labels
+from peftu.model.base import base_fingerprint, load_base
+from peftu.model.encode import IGNORE, collate, encode, minibatches
 from peftu.store import AdapterStore
 
 CLS = TASKS["synth-cls"]

@@ -13,10 +13,10 @@ import uuid
 
 import pytest
 
-from peftu.bank.train import fit_users_banked
-from peftu.base import base_fingerprint, load_base
+from peftu.config import LoraHParams
 from peftu.data.synthetic import generate
-from peftu.fit import LoraHParams
+from peftu.fitting.banked import fit_users_banked
+from peftu.model.base import base_fingerprint, load_base
 from peftu.store import AdapterStore, S3Backend
 from tests.faults import S3Endpoint, assert_store_whole
 

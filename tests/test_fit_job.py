@@ -10,11 +10,11 @@ import time
 import pytest
 import ray
 
-from peftu.base import base_fingerprint
+from peftu.config import FitJobConfig, LoraHParams
 from peftu.data.io import save_task
 from peftu.data.synthetic import generate
-from peftu.distributed import FitJobConfig, run_fit_job
-from peftu.fit import LoraHParams
+from peftu.fitting.job import run_fit_job
+from peftu.model.base import base_fingerprint
 from peftu.store import AdapterStore
 from tests.faults import assert_store_whole
 
@@ -87,8 +87,9 @@ def test_pack_parallel_deepspeed_gives_the_user_parallel_adapters(local_ray, tin
 
 
 def test_oppu_two_stages_fit_users_on_the_merged_task_adapter(local_ray, tiny_base, tmp_path):
-    from peftu.base import base_fingerprint
-    from peftu.oppu import TASK_ADAPTER_USER, merged_fingerprint, task_adapter_task
+    from peftu.model.base import base_fingerprint
+    from peftu.model.bases import merged_fingerprint
+    from peftu.store.kinds import TASK_ADAPTER_USER, task_adapter_task
 
     job = _job(tmp_path, tiny_base, 4, workers=1, pack_size=4, oppu=True)
     first = run_fit_job(job)
@@ -196,7 +197,7 @@ def test_a_thousand_users_on_the_cluster_then_a_rerun_skips_all(ray_cluster, tin
 
 def test_a_lost_progress_actor_leaves_the_store_as_the_record(local_ray, tmp_path):
     """The driver's summary without its progress actor: only users published during the run count as fitted."""
-    from peftu.distributed import FitProgress, _final_status
+    from peftu.fitting.job import FitProgress, _final_status
     from tests.test_store import publish
 
     store = AdapterStore.open(str(tmp_path / "store"))

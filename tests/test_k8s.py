@@ -10,10 +10,10 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
 from cluster.kustomize import KustomizeError, build
@@ -280,7 +280,7 @@ def _without_cluster_settings(config: dict) -> dict:
 
 def test_serve_config_v2_is_serve_config_yaml_with_the_clusters_store_and_scaling(rendered) -> None:
     """The RayService runs what `serve deploy serve/config.yaml` runs, on the store the fit RayJob fills."""
-    from peftu.serving.config import ServeConfig
+    from peftu.config import ServeConfig
 
     local = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
     cluster = _serve_configs(rendered)["cpu"]

@@ -10,8 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from peftu.data.loaders import (LAMP_TASKS, load_lamp, load_peftu_annotations,
-                                load_peftu_user_data)
+from peftu.data.loaders import LAMP_TASKS, load_lamp, load_peftu_annotations, load_peftu_user_data
 from peftu.errors import DataError
 from tests.lamp_data import lamp3, write_json
 

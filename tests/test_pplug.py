@@ -12,12 +12,21 @@ import pytest
 import requests
 import torch
 
+from peftu.config import PPlugConfig, PPlugJobConfig
 from peftu.data.synthetic import generate
-from peftu.pplug import (PLUG_USER, HistoryEncoder, PersonaPlug, PPlugConfig, PPlugJobConfig, cached_embeddings,
-                         fit_plug, load_plug, plug_task, run_pplug_job, user_embeddings)
+from peftu.pplug import (
+    HistoryEncoder,
+    PersonaPlug,
+    cached_embeddings,
+    fit_plug,
+    load_plug,
+    run_pplug_job,
+    user_embeddings,
+)
 from peftu.pplug.model import fit_epochs, plug_files
 from peftu.pplug.train import embed_users, mean_loss, plug_data_fingerprint
 from peftu.store import AdapterStore
+from peftu.store.kinds import PLUG_USER, plug_task
 
 TASK = "synth-cls"
 CFG = PPlugConfig(projector_hidden=64, batch_size=8, lr=1e-2, epochs=2, min_steps=12)
@@ -84,7 +93,7 @@ def test_embeddings_are_cached_and_a_changed_history_embeds_again(encoder, users
 
 
 def test_fit_trains_only_the_plug_lowers_the_loss_and_reloads_identically(tiny_base, encoder, users, tmp_path):
-    from peftu.base import base_fingerprint, load_base
+    from peftu.model.base import base_fingerprint, load_base
 
     spec, members = users
     base, tokenizer = load_base(tiny_base)
@@ -158,7 +167,7 @@ def test_ray_train_fit_publishes_the_plug_and_a_rerun_reuses_it(fitted, users, e
 def test_served_user_with_history_but_no_adapter_gets_pplug(fitted, users, tiny_base):
     from ray import serve
 
-    from peftu.serving.fake_adapters import publish_random_adapters
+    from peftu.bench.fake_adapters import publish_random_adapters
     from peftu.serving.local import free_port
     from peftu.serving.server import PeftuServer
 

@@ -11,9 +11,9 @@ import pytest
 from peftu.data.schema import Example, HistoryItem, TaskSpec, UserRecord
 from peftu.data.synthetic import TASKS, generate
 from peftu.personalize import augment_users, bm25_top_k, profile_text
-from peftu.pplug import PLUG_USER, plug_task
 from peftu.quality import majority_answer, merge_reports, method_names
 from peftu.store import AdapterStore
+from peftu.store.kinds import PLUG_USER, plug_task
 from tests.lamp_data import lamp3_from_generated
 from tests.test_cli import TWEETEVAL
 
@@ -171,7 +171,7 @@ def test_bm25_picks_the_users_own_most_similar_items_never_anothers_nor_the_item
 def test_augmented_prompt_too_long_loses_its_context_not_the_query(tiny_base):
     from transformers import AutoTokenizer
 
-    from peftu.encode import encode
+    from peftu.model.encode import encode
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_base)
     history = [(f"the striker scored goal number {i} in the match", "like") for i in range(30)]
@@ -213,9 +213,9 @@ def test_majority_is_the_hand_count():
 def test_peft_methods_hand_the_base_back_unchanged(tiny_base):
     import torch
 
-    from peftu.base import load_base
-    from peftu.fit import LoraHParams
-    from peftu.peft_methods import PEFT_METHODS, fit_and_score_users
+    from peftu.config import LoraHParams
+    from peftu.fitting.peft_methods import PEFT_METHODS, fit_and_score_users
+    from peftu.model.base import load_base
 
     model, tokenizer = load_base(tiny_base)
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -15,8 +15,8 @@ import boto3
 import pytest
 import requests
 
+from peftu.bench.fake_adapters import publish_random_adapters
 from peftu.serving.auth import make_token
-from peftu.serving.fake_adapters import publish_random_adapters
 from peftu.store import AdapterStore
 from tests.faults import FAKE_AWS, fake_aws_env, metric, wait_for
 

@@ -24,11 +24,19 @@ from safetensors.torch import save
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
-from peftu.base import base_fingerprint
-from peftu.serving.fake_adapters import publish_random_adapters
+from peftu.bench.fake_adapters import publish_random_adapters
+from peftu.model.base import base_fingerprint
 from peftu.store import AdapterStore
-from tests.faults import (S3Endpoint, assert_bank_bounds, fake_aws_env, kill_one, metric, processes_titled, soak,
-                          wait_for)
+from tests.faults import (
+    S3Endpoint,
+    assert_bank_bounds,
+    fake_aws_env,
+    kill_one,
+    metric,
+    processes_titled,
+    soak,
+    wait_for,
+)
 
 TASK = "synth-cls"
 PROMPT = "Review: the lamp was great. Sentiment:"

@@ -11,13 +11,13 @@ import torch
 from peft import LoraConfig, PeftModel
 
 from peftu.bank import AdapterBank
-from peftu.base import load_base
 from peftu.data.synthetic import TASKS
-from peftu.encode import encode
+from peftu.inference.generate import BASE_SLOT, GenRow, Sampling, ScoreRow, generate_batch, score_batch
+from peftu.model.base import load_base
+from peftu.model.encode import encode
 from peftu.serving.auth import bearer, make_token, token_user
 from peftu.serving.batcher import Batcher
 from peftu.serving.cache import SlotCache
-from peftu.serving.generate import BASE_SLOT, GenRow, Sampling, ScoreRow, generate_batch, score_batch
 
 # --- the slot cache --------------------------------------------------------------
 
@@ -220,10 +220,10 @@ def test_fetch_bytes_verifies_every_file(tmp_path):
 def test_a_bad_adapter_is_fetched_once_until_its_pointer_moves(tiny_base, tmp_path):
     """After the TTL only the pointer is re-read: the same bad version is neither fetched nor
     counted again (a hot user would re-download it every TTL); a new version is loaded at once."""
-    from peftu.base import base_fingerprint
-    from peftu.serving.config import ServeConfig
+    from peftu.bench.fake_adapters import publish_random_adapters
+    from peftu.config import ServeConfig
+    from peftu.model.base import base_fingerprint
     from peftu.serving.engine import Engine
-    from peftu.serving.fake_adapters import publish_random_adapters
     from peftu.store import AdapterStore
 
     store = AdapterStore.open(str(tmp_path / "store"))
@@ -258,12 +258,12 @@ def test_a_bad_adapter_is_fetched_once_until_its_pointer_moves(tiny_base, tmp_pa
 
 
 def test_oppu_replica_merges_the_task_adapter_and_serves_users_fitted_on_it(tiny_base, tmp_path):
-    from peftu.bank.train import fit_users_banked
+    from peftu.config import LoraHParams, ServeConfig
     from peftu.data.synthetic import generate
     from peftu.errors import NotFoundError
-    from peftu.fit import LoraHParams
-    from peftu.oppu import ensure_task_adapter, load_merged_base
-    from peftu.serving.config import ServeConfig
+    from peftu.fitting.banked import fit_users_banked
+    from peftu.fitting.oppu import ensure_task_adapter
+    from peftu.model.bases import load_merged_base
     from peftu.serving.engine import Engine
     from peftu.store import AdapterStore
 

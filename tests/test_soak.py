@@ -12,7 +12,7 @@ import tempfile
 
 import pytest
 
-from peftu.serving.fake_adapters import publish_random_adapters
+from peftu.bench.fake_adapters import publish_random_adapters
 from peftu.serving.local import local_app
 from peftu.store import AdapterStore
 from tests.faults import assert_bank_bounds, metrics, processes_titled, soak

@@ -18,11 +18,16 @@ import pytest
 import torch
 from safetensors.torch import load, save
 
-import peftu.store as store_module
-from peftu.errors import (CorruptAdapterError, ForeignAdapterError, InvalidIdError, NotFoundError,
-                          StoreError, StoreUnavailableError)
-from peftu.store import (AdapterStore, LocalBackend, Manifest, S3Backend, fingerprint, open_backend,
-                         validate_id)
+import peftu.store.adapter_store as store_module
+from peftu.errors import (
+    CorruptAdapterError,
+    ForeignAdapterError,
+    InvalidIdError,
+    NotFoundError,
+    StoreError,
+    StoreUnavailableError,
+)
+from peftu.store import AdapterStore, LocalBackend, Manifest, S3Backend, fingerprint, open_backend, validate_id
 
 TASK = "summarize"
 BASE = fingerprint({"base": "tiny-llama", "revision": "abc"})

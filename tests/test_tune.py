@@ -8,11 +8,12 @@ import pytest
 import ray
 
 from peftu.cli import main
+from peftu.config import SearchSpace, TuneOptions
 from peftu.data.io import save_task
 from peftu.data.synthetic import generate
-from peftu.eval import better
+from peftu.evaluation.metrics import better
 from peftu.store import AdapterStore
-from peftu.tune import SearchSpace, TuneOptions, plot_search, run_tune
+from peftu.tuning.search import plot_search, run_tune
 
 DRAWN = ("r", "alpha", "lr", "epochs")
 

@@ -15,11 +15,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from peftu.bank import fit_pack, peft_initial_state
-from peftu.base import load_base
+from peftu.bank import peft_initial_state
+from peftu.config import LoraHParams
 from peftu.data.schema import UserRecord
 from peftu.data.synthetic import TASKS, generate
-from peftu.fit import LoraHParams
+from peftu.fitting.banked import fit_pack
+from peftu.model.base import load_base
 
 RATING = TASKS["synth-rating"]
 HP = LoraHParams(r=4, alpha=8, epochs=2, batch_size=4, lr=2e-2, weight_decay=0.05, max_grad_norm=0.3,
@@ -39,7 +40,7 @@ def _rank(rank: int, world: int, port: int, base: str, out: str, offload: bool) 
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     import torch.distributed as dist
 
-    from peftu.bank.zero import ZeroPackTrainer, ds_config, form_groups
+    from peftu.fitting.zero import ZeroPackTrainer, ds_config, form_groups
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:

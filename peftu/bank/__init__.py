@@ -5,10 +5,18 @@
 `train` the banked fit loop.
 """
 
-from .layer import BankedLoraLinear, SlotContext
-from .model import AdapterBank, peft_initial_state
-from .optim import SlotAdamW
-from .train import PackFit, PackTrainer, answer_token_loss, fit_pack, fit_stream, largest_first, slot_count
+from peftu.bank.layer import BankedLoraLinear, SlotContext
+from peftu.bank.model import AdapterBank, peft_initial_state
+from peftu.bank.optim import SlotAdamW
+from peftu.fitting.banked import (
+           PackFit,
+           PackTrainer,
+           answer_token_loss,
+           fit_pack,
+           fit_stream,
+           largest_first,
+           slot_count,
+)
 
 __all__ = ["AdapterBank", "BankedLoraLinear", "PackFit", "PackTrainer", "SlotAdamW", "SlotContext",
            "answer_token_loss", "fit_pack", "fit_stream", "largest_first", "peft_initial_state", "slot_count"]

@@ -25,7 +25,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import nn
 
-from .layer import BankedLoraLinear, SlotContext
+from peftu.bank.layer import BankedLoraLinear, SlotContext
 
 PEFT_PREFIX = "base_model.model."
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import datasets
 from pydantic import ValidationError
 
-from ..errors import DataError, NotFoundError
-from .schema import TaskSpec, UserRecord
+from peftu.data.schema import TaskSpec, UserRecord
+from peftu.errors import DataError, NotFoundError
 
 datasets.disable_progress_bars()  # one Parquet file per task: its bars are noise
 
@@ -54,7 +54,7 @@ def save_task(uri: str | Path, spec: TaskSpec, users: list[UserRecord]) -> None:
         dup = next(i for i in ids if ids.count(i) > 1)
         raise DataError("duplicate user id", record=dup, field="user_id")
     if _is_s3(str(uri)):
-        from ..store import open_backend
+        from peftu.store import open_backend
         backend = open_backend(str(uri))
         with tempfile.TemporaryDirectory() as tmp:
             _write_local(Path(tmp), spec, users)
@@ -91,7 +91,7 @@ def _parse_spec(text: str | bytes, source: str) -> TaskSpec:
 def load_spec(uri: str | Path) -> TaskSpec:
     """Only the task of a saved data set: a cheap check that `uri` is one before long work starts."""
     if _is_s3(str(uri)):
-        from ..store import open_backend
+        from peftu.store import open_backend
         try:
             text = open_backend(str(uri)).get(TASK_FILE).decode()
         except NotFoundError:
@@ -107,7 +107,7 @@ def load_spec(uri: str | Path) -> TaskSpec:
 def load_task(uri: str | Path) -> tuple[TaskSpec, list[UserRecord]]:
     """Load a task saved by `save_task` (folder or `s3://` prefix)."""
     if _is_s3(str(uri)):
-        from ..store import open_backend
+        from peftu.store import open_backend
         backend = open_backend(str(uri))
         with tempfile.TemporaryDirectory() as tmp:
             for name in (TASK_FILE, USERS_FILE):

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError
-from .schema import SPLITS, Example, HistoryItem, TaskSpec, UserRecord
-from .split import SplitReport, split_users
+from peftu.data.schema import SPLITS, Example, HistoryItem, TaskSpec, UserRecord
+from peftu.data.split import SplitReport, split_users
+from peftu.errors import DataError
 
 CLASSIFY_PROMPT = "Text: {input}\nLabel:"
 LAMP_PROMPT = "{input}\nAnswer:"

@@ -13,7 +13,7 @@ import hashlib
 import random
 from dataclasses import dataclass
 
-from .schema import Example, HistoryItem, UserRecord
+from peftu.data.schema import Example, HistoryItem, UserRecord
 
 
 @dataclass

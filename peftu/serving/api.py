@@ -15,12 +15,12 @@ from typing import Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException
 
-from ..errors import InvalidIdError
-from ..store import validate_id
-from .generate import Sampling
+from peftu.errors import InvalidIdError
+from peftu.inference.generate import Sampling
+from peftu.store import validate_id
 
 MAX_PROMPT_CHARS = 64_000
 MAX_STOPS = 4

@@ -17,20 +17,20 @@ from pathlib import Path
 import torch
 from peft import LoraConfig
 
-from ..bank import AdapterBank
-from ..base import ensure_base
-from ..data.schema import TaskSpec
-from ..data.synthetic import TASKS
-from ..encode import encode
-from ..oppu import load_users_base
-from ..paths import peftu_home
-from ..store import AdapterStore
-from .adapters import AdapterManager, Lease
-from .batcher import Batcher, Job, Kind
-from .config import ServeConfig
-from .generate import GenResult, GenRow, Sampling, ScoreRow, generate_batch, score_batch
-from .metrics import Metrics
-from .pplug import PlugServer
+from peftu.bank import AdapterBank
+from peftu.config import ServeConfig
+from peftu.data.schema import TaskSpec
+from peftu.data.synthetic import TASKS
+from peftu.inference.generate import GenResult, GenRow, Sampling, ScoreRow, generate_batch, score_batch
+from peftu.model.bases import load_users_base
+from peftu.model.build import ensure_base
+from peftu.model.encode import encode
+from peftu.paths import peftu_home
+from peftu.serving.adapters import AdapterManager, Lease
+from peftu.serving.batcher import Batcher, Job, Kind
+from peftu.serving.metrics import Metrics
+from peftu.serving.pplug import PlugServer
+from peftu.store import AdapterStore
 
 log = logging.getLogger("peftu.serving")
 

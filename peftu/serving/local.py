@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import requests
 
-from ..data.schema import TaskSpec
+from peftu.data.schema import TaskSpec
 
 
 def free_port() -> int:
@@ -29,7 +29,7 @@ def local_app(config: dict, port: int = 0) -> Iterator[str]:
     import ray
     from ray import serve
 
-    from .server import PeftuServer
+    from peftu.serving.server import PeftuServer
 
     started_ray = not ray.is_initialized()
     if started_ray:

@@ -19,10 +19,10 @@ from collections import OrderedDict
 
 import torch
 
-from ..errors import NotFoundError, StoreError
-from ..pplug.encoder import HistoryEmbeddings, HistoryEncoder, cached_embeddings
-from ..pplug.model import load_plug, soft_tokens
-from ..store import AdapterStore
+from peftu.errors import NotFoundError, StoreError
+from peftu.pplug.encoder import HistoryEmbeddings, HistoryEncoder, cached_embeddings
+from peftu.pplug.model import load_plug, soft_tokens
+from peftu.store import AdapterStore
 
 log = logging.getLogger("peftu.serving")
 

@@ -20,15 +20,26 @@ from fastapi import FastAPI, Header, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from ..errors import InvalidIdError, NotFoundError, StoreError
-from ..store import validate_id
-from .adapters import Lease
-from .api import (ApiError, ChatRequest, CompletionRequest, SamplingFields, ScoreRequest, chat_body,
-                  chat_prompt, completion_body, error_body, install_error_handlers, resolve_user,
-                  stream_chunk)
-from .auth import bearer, same_secret, token_user
-from .config import ServeConfig
-from .engine import Engine
+from peftu.config import ServeConfig
+from peftu.errors import InvalidIdError, NotFoundError, StoreError
+from peftu.serving.adapters import Lease
+from peftu.serving.api import (
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    SamplingFields,
+    ScoreRequest,
+    chat_body,
+    chat_prompt,
+    completion_body,
+    error_body,
+    install_error_handlers,
+    resolve_user,
+    stream_chunk,
+)
+from peftu.serving.auth import bearer, same_secret, token_user
+from peftu.serving.engine import Engine
+from peftu.store import validate_id
 
 log = logging.getLogger("peftu.serving")
 

@@ -11,55 +11,24 @@ only through `from_pretrained(path_or_id)`, so a real model id works unchanged.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
-                          PreTrainedTokenizerFast)
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from .data.schema import TaskSpec, UserRecord
-from .data.synthetic import TASKS, generate
-from .paths import peftu_home
+from peftu.config import BaseBuildConfig
+from peftu.data.schema import TaskSpec, UserRecord
+from peftu.data.synthetic import TASKS, generate
+from peftu.model.base import BUILD_INFO, default_base_dir
 
 EOS, PAD = "<|eos|>", "<|pad|>"
-BUILD_INFO = "peftu_base.json"
-
-
-def default_base_dir() -> Path:
-    """Where `peftu base build` puts the tiny base unless told otherwise."""
-    return peftu_home() / "base" / "tiny-llama"
-
-
-@dataclass
-class BaseBuildConfig:
-    """Shape and pre-training budget of the tiny base."""
-
-    vocab_size: int = 2048
-    hidden_size: int = 256
-    intermediate_size: int = 688
-    num_layers: int = 4
-    num_heads: int = 8
-    num_kv_heads: int = 4
-    max_positions: int = 512
-    users_per_task: int = 800
-    block_size: int = 128
-    batch_size: int = 32
-    lr: float = 3e-3
-    max_steps: int = 600
-    max_minutes: float = 3.0
-    min_steps: int = 300
-    """The time budget ends pre-training only after this many steps: on a busy machine
-    the build takes longer instead of giving a base that knows too little (70 steps
-    under load gave the demo a base near chance, which no per-user adapter could mend)."""
-    seed: int = 1234
 
 
 def task_text(spec: TaskSpec, text: str, output: str) -> str:
@@ -187,38 +156,6 @@ def _pretrain(model: LlamaForCausalLM, blocks: torch.Tensor, cfg: BaseBuildConfi
             break
     bar.close()
     return step + 1
-
-
-def load_base(path_or_id: str | Path, dtype: torch.dtype = torch.float32):
-    """Load a base causal LM and its tokenizer (any `from_pretrained` id or path)."""
-    tokenizer = AutoTokenizer.from_pretrained(str(path_or_id))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(str(path_or_id), dtype=dtype)
-    model.eval()
-    return model, tokenizer
-
-
-def base_fingerprint(path_or_id: str | Path) -> str:
-    """A stable id of the base's weights, config and tokenizer.
-
-    Adapters record it; the store refuses to load an adapter onto another base.
-    A local folder is hashed file by file; a hub id is its name and revision.
-    """
-    path = Path(path_or_id)
-    h = hashlib.sha256()
-    if path.is_dir():
-        for f in sorted(path.iterdir()):
-            if f.suffix in (".json", ".safetensors") and f.name != BUILD_INFO:
-                h.update(f.name.encode())
-                with open(f, "rb") as fh:
-                    for chunk in iter(lambda: fh.read(1 << 20), b""):
-                        h.update(chunk)
-    else:
-        from transformers import AutoConfig
-        revision = getattr(AutoConfig.from_pretrained(str(path_or_id)), "_commit_hash", "")
-        h.update(f"{path_or_id}@{revision}".encode())
-    return h.hexdigest()
 
 
 def ensure_base(path: Path | None = None, log=print) -> Path:

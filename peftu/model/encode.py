@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .data.schema import TaskSpec
+from peftu.data.schema import TaskSpec
 
 IGNORE = -100
 

@@ -13,10 +13,10 @@ import tempfile
 import torch
 from peft import LoraConfig
 
-from ..bank import AdapterBank
-from ..base import base_fingerprint, load_base
-from ..fit import folder_files
-from ..store import AdapterStore
+from peftu.bank import AdapterBank
+from peftu.model.base import base_fingerprint, load_base
+from peftu.store import AdapterStore
+from peftu.store.current import folder_files
 
 
 def publish_random_adapters(store: AdapterStore, task: str, users: list[str], base: str, *, r: int = 8,

@@ -30,11 +30,13 @@ import torch
 from rich.table import Table
 from tqdm import tqdm
 
-from .bank import PackTrainer, answer_token_loss, fit_stream, largest_first, peft_initial_state
-from .base import load_base
-from .data.schema import TaskSpec, UserRecord
-from .data.synthetic import generate
-from .fit import LoraHParams, fit_adapter
+from peftu.bank import peft_initial_state
+from peftu.config import LoraHParams
+from peftu.data.schema import TaskSpec, UserRecord
+from peftu.data.synthetic import generate
+from peftu.fitting.banked import PackTrainer, answer_token_loss, fit_stream, largest_first
+from peftu.fitting.reference import fit_adapter
+from peftu.model.base import load_base
 
 
 @dataclass

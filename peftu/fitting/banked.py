@@ -29,15 +29,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..data.schema import TaskSpec, UserRecord
-from ..encode import IGNORE, collate, encode, minibatches
-from ..errors import StoreError
-from ..fit import (FitResult, FitSummary, LoraHParams, data_fingerprint, evaluate_user, folder_files,
-                   is_current, lr_lambda, publish_adapter, split_current)
-from ..store import AdapterStore
-from .model import AdapterBank, peft_initial_state
-from .optim import SlotAdamW
-
+from peftu.bank.model import AdapterBank, peft_initial_state
+from peftu.bank.optim import SlotAdamW
+from peftu.config import LoraHParams
+from peftu.data.schema import TaskSpec, UserRecord
+from peftu.errors import StoreError
+from peftu.evaluation.evaluate import evaluate_user
+from peftu.fitting.reference import FitResult, FitSummary, lr_lambda
+from peftu.model.encode import IGNORE, collate, encode, minibatches
+from peftu.store import AdapterStore
+from peftu.store.current import data_fingerprint, folder_files, is_current, publish_adapter, split_current
 
 MICRO_BATCH_MIN_TOKENS = 512
 """A micro-batch smaller than this takes in longer rows: a tiny forward costs more

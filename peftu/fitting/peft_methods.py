@@ -13,9 +13,10 @@ from collections.abc import Callable
 import torch
 from peft import IA3Config, PeftConfig, PrefixTuningConfig, PromptTuningConfig
 
-from .data.schema import TaskSpec, UserRecord
-from .eval import evaluate_examples
-from .fit import LoraHParams, fit_adapter, release
+from peftu.config import LoraHParams
+from peftu.data.schema import TaskSpec, UserRecord
+from peftu.evaluation.evaluate import evaluate_examples
+from peftu.fitting.reference import fit_adapter, release
 
 VIRTUAL_TOKENS = 8
 """Soft tokens of prompt and prefix tuning: PEFT-U's order of magnitude, short next to the tiny base's 256."""

@@ -26,47 +26,20 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from .data.schema import ACTIVITY_BUCKETS, LOWER_IS_BETTER, TaskSpec, UserRecord
-from .errors import PeftuError
-from .eval import better, evaluate_examples, macro_average
-from .fit import FitResult, LoraHParams
+from peftu.config import LoraHParams, SearchSpace, TuneOptions
+from peftu.data.schema import ACTIVITY_BUCKETS, LOWER_IS_BETTER, TaskSpec, UserRecord
+from peftu.errors import PeftuError
+from peftu.evaluation.evaluate import evaluate_examples
+from peftu.evaluation.metrics import better, macro_average
+from peftu.fitting.reference import FitResult
 
 log = logging.getLogger("peftu.tune")
 
 ALL = "all"
 """The bucket name of a search over every sampled user."""
-
-
-@dataclass
-class SearchSpace:
-    """What the search draws from; every other hyper-parameter stays at `fixed`."""
-
-    ranks: list[int] = field(default_factory=lambda: [2, 4, 8, 16, 32, 64])
-    lr_min: float = 3e-3
-    lr_max: float = 1e-1
-    """Log-uniform; the default LR of 2e-2 suits the tiny base, real bases want ~1e-4."""
-    alpha_ratios: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
-    """alpha = ratio * rank."""
-    epochs: list[int] = field(default_factory=lambda: [1, 2, 3])
-
-    def check(self) -> None:
-        problems = [what for bad, what in [
-            (not self.ranks or min(self.ranks) < 1, "ranks must be >= 1"),
-            (not 0 < self.lr_min <= self.lr_max, "need 0 < lr_min <= lr_max"),
-            (not self.alpha_ratios or min(self.alpha_ratios) <= 0, "alpha ratios must be > 0"),
-            (not self.epochs or min(self.epochs) < 1, "epochs must be >= 1"),
-        ] if bad]
-        if problems:
-            raise PeftuError(f"bad search space: {'; '.join(problems)}")
-
-    def param_space(self) -> dict:
-        from ray import tune
-
-        return {"r": tune.choice(self.ranks), "lr": tune.loguniform(self.lr_min, self.lr_max),
-                "alpha_ratio": tune.choice(self.alpha_ratios), "epochs": tune.choice(self.epochs)}
 
 
 def trial_hparams(config: dict, fixed: dict) -> LoraHParams:
@@ -121,9 +94,9 @@ def _trial(config: dict, *, base: str, spec: dict, users: list[dict], fixed: dic
     """One Tune trial: a banked fit of the sampled users, scored after every epoch."""
     from ray import tune
 
-    from .bank.model import peft_initial_state
-    from .bank.train import PackTrainer, fit_pack
-    from .base import load_base
+    from peftu.bank.model import peft_initial_state
+    from peftu.fitting.banked import PackTrainer, fit_pack
+    from peftu.model.base import load_base
 
     spec_, users_ = TaskSpec(**spec), [UserRecord.from_row(u) for u in users]
     hp = trial_hparams(config, fixed)
@@ -204,29 +177,6 @@ def sample_users(users: list[UserRecord], n: int, seed: int, bucket: str = ALL) 
     return random.Random(seed).sample(usable, min(n, len(usable)))
 
 
-@dataclass
-class TuneOptions:
-    """How a search runs (the space is `SearchSpace`)."""
-
-    trials: int = 16
-    users: int = 8
-    """Users sampled per search (per bucket with `by_activity`)."""
-    by_activity: bool = False
-    search: str = "random"
-    """random, or optuna (TPE; needs the `optuna` package)."""
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
-    max_concurrent: int = 0
-    """0: as many as the cluster's resources allow."""
-    grace_period: int = 1
-    reduction_factor: int = 2
-    seed: int = 0
-    fixed: dict = field(default_factory=dict)
-    """Hyper-parameters every trial shares (batch size, max length, ...)."""
-    points_to_evaluate: list[dict] = field(default_factory=list)
-    """Configs tried first, before the drawn ones."""
-
-
 def _search_alg(opts: TuneOptions, space: SearchSpace, metric: str):
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -269,7 +219,7 @@ def search_bucket(spec: TaskSpec, users: list[UserRecord], base: str, space: Sea
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from .paths import peftu_home
+    from peftu.paths import peftu_home
 
     metric = spec.metric
     trainable = tune.with_parameters(_trial, base=str(Path(base).resolve()) if Path(base).exists() else base,
@@ -341,9 +291,9 @@ def check_search(space: SearchSpace, opts: TuneOptions) -> None:
 def run_tune(data: str, base: str, store_uri: str, space: SearchSpace, opts: TuneOptions,
              endpoint_url: str | None = None) -> TuneRun:
     """Search the data set's task on the connected Ray cluster (or a local one); save to the store."""
-    from .data.io import load_task
-    from .distributed import start_run
-    from .store import AdapterStore
+    from peftu.data.io import load_task
+    from peftu.fitting.job import start_run
+    from peftu.store import AdapterStore
 
     check_search(space, opts)
     spec, users = load_task(data)
@@ -369,7 +319,7 @@ def run_tune(data: str, base: str, store_uri: str, space: SearchSpace, opts: Tun
 
 def load_tuned(store, task: str, name: str = "best") -> dict[str, dict]:
     """The tuned configs of a search, by bucket ("all", or few / some / many)."""
-    from .errors import NotFoundError
+    from peftu.errors import NotFoundError
 
     try:
         record = store.get_json(tune_record_key(task, name))

@@ -22,53 +22,23 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
 import ray
 from ray.train import DataConfig
 
-from .data.schema import ACTIVITY_BUCKETS, TaskSpec, UserRecord
-from .errors import PeftuError
-from .fit import FitSummary, LoraHParams
+from peftu.config import FitJobConfig, LoraHParams
+from peftu.data.schema import ACTIVITY_BUCKETS, TaskSpec, UserRecord
+from peftu.errors import PeftuError
+from peftu.fitting.reference import FitSummary
 
 if TYPE_CHECKING:
-    from .store import AdapterStore
+    from peftu.store import AdapterStore
 
 log = logging.getLogger("peftu.fit")
 
 STATUS_RANK = {"skipped": 0, "failed": 1, "fitted": 2}
-
-
-@dataclass
-class FitJobConfig:
-    """Everything a fit run needs; plain data so it travels to every worker."""
-
-    data: str
-    store: str
-    base: str
-    hparams: dict = field(default_factory=dict)
-    workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    pack_size: int = 16
-    token_budget: int = 0
-    endpoint_url: str | None = None
-    max_failures: int = 2
-    users_limit: int | None = None
-    progress_interval_s: float = 10.0
-    deepspeed: str | None = None
-    """None: user-parallel. "zero2"/"zero3": pack-parallel, the workers of a group train one bank together."""
-    group_size: int = 0
-    """Workers per pack-parallel group (0: all workers form one group)."""
-    offload: bool = False
-    """Pack-parallel: keep the optimizer state in CPU memory (DeepSpeed offload)."""
-    oppu: bool = False
-    """OPPU's two stages: a task adapter on all users first, merged into the base under users' adapters."""
-    task_epochs: int = 1
-    """Epochs of the task adapter (its other hyper-parameters are the users')."""
-    bucket_hparams: dict[str, dict] = field(default_factory=dict)
-    """Tuned hyper-parameters per activity bucket (`peftu tune --by-activity`); `hparams` for other buckets."""
 
 
 @ray.remote(num_cpus=0)
@@ -128,7 +98,7 @@ def users_trainer(loop, loop_config: dict, users: list[UserRecord], *, run_id: s
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from .paths import peftu_home
+    from peftu.paths import peftu_home
 
     return TorchTrainer(
         loop,
@@ -151,14 +121,14 @@ def _worker_loop(config: dict) -> None:
     """One Ray Train worker: fit and publish its shard of users, each as soon as it is done."""
     job = FitJobConfig(**config["job"])
     if job.deepspeed and not job.use_gpu:
-        from .bank.zero import use_cpu_accelerator
+        from peftu.fitting.zero import use_cpu_accelerator
         use_cpu_accelerator()  # before anything imports deepspeed
     import ray.train.torch
     import torch
 
-    from .bank.train import fit_users_banked
-    from .oppu import load_users_base
-    from .store import AdapterStore
+    from peftu.fitting.banked import fit_users_banked
+    from peftu.model.bases import load_users_base
+    from peftu.store import AdapterStore
 
     spec = TaskSpec(**config["spec"])
     progress = ray.get_actor(config["progress_actor"])
@@ -174,7 +144,7 @@ def _worker_loop(config: dict) -> None:
     common = dict(base_fp=base_fp, pack_size=job.pack_size, token_budget=job.token_budget,
                   on_progress=report)
     if job.deepspeed:
-        from .bank.zero import fit_users_zero
+        from peftu.fitting.zero import fit_users_zero
         summary = fit_users_zero(base, tokenizer, spec, users, LoraHParams(**job.hparams), store,
                                  config=config["deepspeed"], group_size=job.group_size, **common)
     else:
@@ -199,7 +169,7 @@ def _final_status(progress, store: AdapterStore, task: str, users: list[UserReco
     """Each user's status and failure reason as the progress actor has them; if the actor was lost,
     what the store shows: a version published since the run started is a fit, and nothing else is
     claimed (a re-run fits or skips the rest)."""
-    from .store import version_started_ns
+    from peftu.store import version_started_ns
 
     try:
         snap = ray.get(progress.snapshot.remote())
@@ -238,8 +208,8 @@ def _log_progress(progress, started: float, stop: threading.Event, interval: flo
 
 def _task_adapter_stage(job: FitJobConfig, spec: TaskSpec, users: list[UserRecord]) -> None:
     """OPPU's first stage, on a worker's resources (the driver may sit on a head with no CPUs)."""
-    from .oppu import ensure_task_adapter
-    from .store import AdapterStore
+    from peftu.fitting.oppu import ensure_task_adapter
+    from peftu.store import AdapterStore
 
     def stage() -> dict:
         logging.basicConfig(level=logging.INFO)
@@ -255,7 +225,7 @@ def _task_adapter_stage(job: FitJobConfig, spec: TaskSpec, users: list[UserRecor
 
 def _deepspeed_config(job: FitJobConfig) -> dict:
     """The run's DeepSpeed config, checked before any worker starts."""
-    from .bank.zero import ds_config
+    from peftu.fitting.zero import ds_config
 
     if job.group_size and job.workers % job.group_size:
         raise PeftuError(f"--group-size {job.group_size} does not divide --workers {job.workers}")
@@ -308,9 +278,9 @@ def _sweep_partial(store: AdapterStore, task: str, users: list[UserRecord]) -> N
 
 def run_fit_job(job: FitJobConfig, loaded: tuple[TaskSpec, list[UserRecord]] | None = None) -> FitRunResult:
     """Fit every user of `job.data` (or of `loaded`) on the Ray cluster this process is connected to (or a local one)."""
-    from .data.io import load_task
-    from .paths import peftu_home
-    from .store import AdapterStore
+    from peftu.data.io import load_task
+    from peftu.paths import peftu_home
+    from peftu.store import AdapterStore
 
     spec, users = loaded or load_task(job.data)
     users = users[: job.users_limit] if job.users_limit else users

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from ..bank import AdapterBank
-from ..encode import collate
-from ..eval import answer_logprobs
-from ..pplug.model import plugged_forward, soft_len, write_soft_tokens
+from peftu.bank import AdapterBank
+from peftu.inference.predict import answer_logprobs
+from peftu.inference.soft import plugged_forward, soft_len, write_soft_tokens
+from peftu.model.encode import collate
 
 BASE_SLOT = 0
 """The bank slot kept at zero: rows of users without an adapter."""

@@ -10,42 +10,17 @@ from __future__ import annotations
 
 import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
-from pydantic import BaseModel, ConfigDict, Field
+from peft import PeftConfig, PeftModel, get_peft_model
 
-from .data.schema import Example, TaskSpec, UserRecord
-from .encode import collate, encode, minibatches
-from .errors import StoreError
-from .eval import evaluate_examples
-from .store import REQUIRED_FILES, AdapterStore, fingerprint
-
-
-class LoraHParams(BaseModel):
-    """Everything that decides an adapter's weights (its fingerprint covers all of it)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    r: int = Field(8, ge=1)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = ["q_proj", "v_proj"]
-    lr: float = Field(2e-2, gt=0)
-    """Right for the tiny default base; real bases want ~1e-4 (`peftu tune` searches it)."""
-    epochs: int = Field(4, ge=1)
-    batch_size: int = Field(8, ge=1)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, ge=0)
-    """0 turns clipping off."""
-    schedule: str = Field("linear", pattern="^(linear|constant)$")
-    max_len: int = Field(256, ge=8)
-    seed: int = 0
-
-    def lora_config(self) -> LoraConfig:
-        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                          target_modules=list(self.target_modules), task_type="CAUSAL_LM")
+from peftu.config import LoraHParams
+from peftu.data.schema import Example, TaskSpec, UserRecord
+from peftu.errors import StoreError
+from peftu.evaluation.evaluate import evaluate_user
+from peftu.model.encode import collate, encode, minibatches
+from peftu.store import AdapterStore
+from peftu.store.current import folder_files, publish_adapter, split_current
 
 
 @dataclass
@@ -110,31 +85,11 @@ def release(model: PeftModel) -> torch.nn.Module:
     return model.unload()
 
 
-def folder_files(folder: str | Path) -> dict[str, bytes]:
-    """The standard PEFT pair from a saved adapter folder, as bytes for the store."""
-    return {name: (Path(folder) / name).read_bytes() for name in REQUIRED_FILES}
-
-
 def adapter_files(model: PeftModel) -> dict[str, bytes]:
     """A fitted PEFT model's adapter (PEFT's README.md stays behind)."""
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         return folder_files(tmp)
-
-
-def data_fingerprint(spec: TaskSpec, examples: list[Example]) -> str:
-    """What the adapter learned from: the prompt template and the training examples."""
-    return fingerprint({"prompt": spec.prompt, "train": [[e.id, e.input, e.output] for e in examples]})
-
-
-def is_current(store: AdapterStore, task: str, user_id: str, *, base_fp: str, data_fp: str,
-               hp: LoraHParams) -> bool:
-    """Has this user an adapter from the same base, data and hyper-parameters?"""
-    if not store.has_adapter(task, user_id):
-        return False
-    m = store.manifest(task, user_id)
-    return (m.base_fingerprint, m.data_fingerprint, m.hparams_fingerprint) == (
-        base_fp, data_fp, fingerprint(hp.model_dump()))
 
 
 @dataclass
@@ -152,37 +107,12 @@ class FitSummary:
         self.metrics |= other.metrics
 
 
-def split_current(store: AdapterStore, spec: TaskSpec, users: list[UserRecord], hp: LoraHParams,
-                  base_fp: str) -> tuple[list[UserRecord], list[str]]:
-    """Users that still need a fit, and the ids of those whose adapter is current."""
-    todo, current = [], []
-    for user in users:
-        fresh = is_current(store, spec.name, user.user_id, base_fp=base_fp,
-                           data_fp=data_fingerprint(spec, user.train), hp=hp)
-        (current.append(user.user_id) if fresh else todo.append(user))
-    return todo, current
-
-
 def evaluate_and_publish(model, tokenizer, spec: TaskSpec, user: UserRecord, files: dict[str, bytes],
                          hp: LoraHParams, store: AdapterStore, base_fp: str) -> dict[str, float]:
     """Score a fitted adapter on the user's val and test examples, then publish it with them."""
     metrics = evaluate_user(model, tokenizer, spec, user)
     publish_adapter(store, spec, user, files, hp, base_fp, metrics)
     return metrics
-
-
-def evaluate_user(model, tokenizer, spec: TaskSpec, user: UserRecord) -> dict[str, float]:
-    """The model's metrics on the user's val and test examples (`val_accuracy`, `test_mae`, ...)."""
-    metrics = {f"val_{k}": v for k, v in evaluate_examples(model, tokenizer, spec, user.val).items()}
-    return metrics | {f"test_{k}": v for k, v in evaluate_examples(model, tokenizer, spec, user.test).items()}
-
-
-def publish_adapter(store: AdapterStore, spec: TaskSpec, user: UserRecord, files: dict[str, bytes],
-                    hp: LoraHParams, base_fp: str, metrics: dict[str, float]) -> None:
-    """A user's fitted adapter into the store, with the fingerprints that make re-runs skip it."""
-    store.publish(spec.name, user.user_id, files, base_fingerprint=base_fp,
-                  data_fingerprint=data_fingerprint(spec, user.train), hparams=hp.model_dump(),
-                  metrics=metrics)
 
 
 def fit_users(base: torch.nn.Module, tokenizer, spec: TaskSpec, users: list[UserRecord],

@@ -34,12 +34,13 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from ..data.schema import TaskSpec, UserRecord
-from ..fit import FitSummary, LoraHParams
-from ..store import AdapterStore
-from .model import AdapterBank, peft_initial_state
-from .optim import SlotSchedule, adamw_update, clip_coefficients
-from .train import PackTrainer, plan_users, run_stream, slot_count
+from peftu.bank.model import AdapterBank, peft_initial_state
+from peftu.bank.optim import SlotSchedule, adamw_update, clip_coefficients
+from peftu.config import LoraHParams
+from peftu.data.schema import TaskSpec, UserRecord
+from peftu.fitting.banked import PackTrainer, plan_users, run_stream, slot_count
+from peftu.fitting.reference import FitSummary
+from peftu.store import AdapterStore
 
 STAGES = {"zero2": 2, "zero3": 3}
 

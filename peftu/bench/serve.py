@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 
 from rich.table import Table
 
-from ..data.synthetic import generate
-from ..store import AdapterStore
-from .fake_adapters import publish_random_adapters
-from .local import local_app
+from peftu.bench.fake_adapters import publish_random_adapters
+from peftu.data.synthetic import generate
+from peftu.serving.local import local_app
+from peftu.store import AdapterStore
 
 TASK = "synth-gen"
 """Headlines of ~10 tokens: answers long enough that decoding, not HTTP, dominates."""

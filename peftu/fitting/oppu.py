@@ -17,21 +17,13 @@ import logging
 import tempfile
 from pathlib import Path
 
-import torch
-
-from .data.schema import TaskSpec, UserRecord
-from .errors import NotFoundError
-from .fit import LoraHParams, data_fingerprint, folder_files, is_current
-from .store import AdapterStore, Manifest, fingerprint
+from peftu.config import LoraHParams
+from peftu.data.schema import TaskSpec, UserRecord
+from peftu.store import AdapterStore, Manifest
+from peftu.store.current import data_fingerprint, folder_files, is_current
+from peftu.store.kinds import TASK_ADAPTER_USER, task_adapter_task
 
 log = logging.getLogger("peftu.oppu")
-
-TASK_ADAPTER_USER = "all-users"
-
-
-def task_adapter_task(task: str) -> str:
-    """Where a task's adapter lives in the store (a task name of its own: it is no user's)."""
-    return f"{task}.task-adapter"
 
 
 def ensure_task_adapter(base_path: str, spec: TaskSpec, users: list[UserRecord], user_hp: LoraHParams,
@@ -41,8 +33,8 @@ def ensure_task_adapter(base_path: str, spec: TaskSpec, users: list[UserRecord],
     It takes the users' hyper-parameters but its own number of epochs: it sees
     every user's examples, so one pass is usually enough.
     """
-    from .bank import fit_pack
-    from .base import base_fingerprint, load_base
+    from peftu.fitting.banked import fit_pack
+    from peftu.model.base import base_fingerprint, load_base
 
     hp = user_hp.model_copy(update={"epochs": epochs})
     key, base_fp = task_adapter_task(spec.name), base_fingerprint(base_path)
@@ -64,36 +56,3 @@ def ensure_task_adapter(base_path: str, spec: TaskSpec, users: list[UserRecord],
                              metrics={"first_loss": losses[0], "final_loss": losses[-1]})
 
 
-def load_users_base(base_path: str, store: AdapterStore, task: str, *, oppu: bool,
-                    dtype: torch.dtype = torch.float32):
-    """The base users' adapters of `task` belong to: with OPPU the merged one, else the plain base.
-    (model, tokenizer, fingerprint), the fingerprint being what their manifests must carry."""
-    if oppu:
-        return load_merged_base(base_path, store, task, dtype)
-    from .base import base_fingerprint, load_base
-
-    return *load_base(base_path, dtype), base_fingerprint(base_path)
-
-
-def load_merged_base(base_path: str, store: AdapterStore, task: str, dtype: torch.dtype = torch.float32):
-    """The base with the task's adapter merged in: (model, tokenizer, fingerprint of the merged base)."""
-    from peft import PeftModel
-
-    from .base import base_fingerprint, load_base
-
-    base_fp = base_fingerprint(base_path)
-    model, tokenizer = load_base(base_path, dtype)
-    with tempfile.TemporaryDirectory() as folder:
-        try:
-            _, manifest = store.fetch(task_adapter_task(task), TASK_ADAPTER_USER, dest=Path(folder),
-                                      expect_base=base_fp)
-        except NotFoundError:
-            raise NotFoundError(f"{store} has no OPPU task adapter for task {task!r} "
-                                f"(`peftu fit --oppu` fits one)") from None
-        model = PeftModel.from_pretrained(model, folder).merge_and_unload()
-    return model, tokenizer, merged_fingerprint(base_fp, manifest)
-
-
-def merged_fingerprint(base_fp: str, task_adapter: Manifest) -> str:
-    """What users' adapters of an OPPU run are trained on: the base and the task adapter's weights."""
-    return fingerprint({"base": base_fp, "task_adapter": task_adapter.files})

@@ -1,0 +1,48 @@
+"""Is a user's adapter current, and publishing it with the fingerprints that make re-runs skip it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from peftu.config import LoraHParams
+from peftu.data.schema import Example, TaskSpec, UserRecord
+from peftu.store import REQUIRED_FILES, AdapterStore, fingerprint
+
+
+def folder_files(folder: str | Path) -> dict[str, bytes]:
+    """The standard PEFT pair from a saved adapter folder, as bytes for the store."""
+    return {name: (Path(folder) / name).read_bytes() for name in REQUIRED_FILES}
+
+
+def data_fingerprint(spec: TaskSpec, examples: list[Example]) -> str:
+    """What the adapter learned from: the prompt template and the training examples."""
+    return fingerprint({"prompt": spec.prompt, "train": [[e.id, e.input, e.output] for e in examples]})
+
+
+def is_current(store: AdapterStore, task: str, user_id: str, *, base_fp: str, data_fp: str,
+               hp: LoraHParams) -> bool:
+    """Has this user an adapter from the same base, data and hyper-parameters?"""
+    if not store.has_adapter(task, user_id):
+        return False
+    m = store.manifest(task, user_id)
+    return (m.base_fingerprint, m.data_fingerprint, m.hparams_fingerprint) == (
+        base_fp, data_fp, fingerprint(hp.model_dump()))
+
+
+def split_current(store: AdapterStore, spec: TaskSpec, users: list[UserRecord], hp: LoraHParams,
+                  base_fp: str) -> tuple[list[UserRecord], list[str]]:
+    """Users that still need a fit, and the ids of those whose adapter is current."""
+    todo, current = [], []
+    for user in users:
+        fresh = is_current(store, spec.name, user.user_id, base_fp=base_fp,
+                           data_fp=data_fingerprint(spec, user.train), hp=hp)
+        (current.append(user.user_id) if fresh else todo.append(user))
+    return todo, current
+
+
+def publish_adapter(store: AdapterStore, spec: TaskSpec, user: UserRecord, files: dict[str, bytes],
+                    hp: LoraHParams, base_fp: str, metrics: dict[str, float]) -> None:
+    """A user's fitted adapter into the store, with the fingerprints that make re-runs skip it."""
+    store.publish(spec.name, user.user_id, files, base_fingerprint=base_fp,
+                  data_fingerprint=data_fingerprint(spec, user.train), hparams=hp.model_dump(),
+                  metrics=metrics)
