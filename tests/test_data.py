@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import os
 import statistics
 
 import pytest
@@ -111,7 +112,7 @@ def test_save_replaces_whole_and_leaves_nothing_behind(tmp_path, monkeypatch):
     target = tmp_path / "ds"
     save_task(target, spec, users)
 
-    import peftu.data.io as io
+    from peftu.data import io
 
     def broken(folder, spec, users):
         (folder / "users.parquet").write_bytes(b"half")
@@ -145,15 +146,21 @@ def test_load_names_the_bad_file_and_field(tmp_path):
         load_task(tmp_path / "nowhere")
 
 
-def test_save_and_load_through_s3(s3_server, s3_store_uri, monkeypatch):
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+def test_save_and_load_through_s3_at_the_endpoint_given(s3_server, s3_store_uri):
+    """The endpoint is passed, as `--endpoint-url` passes it: none comes from the environment."""
+    import boto3
+
+    assert "AWS_ENDPOINT_URL" not in os.environ and "AWS_ENDPOINT_URL_S3" not in os.environ
     spec, users, _ = generate("synth-gen", 15, seed=4)
     uri = s3_store_uri + "/data/gen"
-    save_task(uri, spec, users)
-    spec2, users2 = load_task(uri)
+    save_task(uri, spec, users, endpoint_url=s3_server)
+    bucket, prefix = uri[len("s3://"):].split("/", 1)
+    listed = boto3.client("s3", endpoint_url=s3_server).list_objects_v2(Bucket=bucket, Prefix=prefix)
+    assert sorted(o["Key"] for o in listed["Contents"]) == [f"{prefix}/task.json", f"{prefix}/users.parquet"]
+    spec2, users2 = load_task(uri, endpoint_url=s3_server)
     assert (spec2, users2) == (spec, users)
-    assert load_spec(uri) == spec
+    assert load_spec(uri, endpoint_url=s3_server) == spec
     with pytest.raises(DataError, match="missing"):
-        load_task(s3_store_uri + "/data/none")
+        load_task(s3_store_uri + "/data/none", endpoint_url=s3_server)
     with pytest.raises(DataError, match="none/task.json: missing"):
-        load_spec(s3_store_uri + "/data/none")
+        load_spec(s3_store_uri + "/data/none", endpoint_url=s3_server)

@@ -5,6 +5,10 @@ A saved task is a folder (local or `s3://bucket/prefix`) holding
 `task.json` (the TaskSpec). `task.json` is written last and marks the data set
 as complete, so a reader never loads half a data set; locally the whole folder
 is built aside and renamed into place. Ray Data reads the same Parquet file.
+
+On S3, `endpoint_url` names an S3-compatible endpoint (MinIO, moto), as the
+commands' `--endpoint-url` does for the store; without it boto3 reads
+`AWS_ENDPOINT_URL` or talks to AWS.
 """
 
 from __future__ import annotations
@@ -12,12 +16,16 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import datasets
 from pydantic import ValidationError
 
 from peftu.data.schema import TaskSpec, UserRecord
 from peftu.errors import DataError, NotFoundError
+
+if TYPE_CHECKING:
+    from peftu.store import Backend
 
 datasets.disable_progress_bars()  # one Parquet file per task: its bars are noise
 
@@ -41,21 +49,26 @@ def _is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
 
 
+def _s3(uri: str | Path, endpoint_url: str | None) -> Backend:
+    from peftu.store import open_backend
+
+    return open_backend(str(uri), endpoint_url=endpoint_url)
+
+
 def _write_local(folder: Path, spec: TaskSpec, users: list[UserRecord]) -> None:
     datasets.Dataset.from_list([u.to_row() for u in users], features=FEATURES).to_parquet(
         str(folder / USERS_FILE))
     (folder / TASK_FILE).write_text(spec.model_dump_json(indent=2))
 
 
-def save_task(uri: str | Path, spec: TaskSpec, users: list[UserRecord]) -> None:
+def save_task(uri: str | Path, spec: TaskSpec, users: list[UserRecord], *, endpoint_url: str | None = None) -> None:
     """Save a task's users to a folder or an `s3://` prefix, all or nothing."""
     ids = [u.user_id for u in users]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise DataError("duplicate user id", record=dup, field="user_id")
     if _is_s3(str(uri)):
-        from peftu.store import open_backend
-        backend = open_backend(str(uri))
+        backend = _s3(uri, endpoint_url)
         with tempfile.TemporaryDirectory() as tmp:
             _write_local(Path(tmp), spec, users)
             backend.delete(TASK_FILE)  # unmark while the data changes
@@ -88,12 +101,11 @@ def _parse_spec(text: str | bytes, source: str) -> TaskSpec:
         raise DataError(err["msg"], source=source, field=field) from None
 
 
-def load_spec(uri: str | Path) -> TaskSpec:
+def load_spec(uri: str | Path, *, endpoint_url: str | None = None) -> TaskSpec:
     """Only the task of a saved data set: a cheap check that `uri` is one before long work starts."""
     if _is_s3(str(uri)):
-        from peftu.store import open_backend
         try:
-            text = open_backend(str(uri)).get(TASK_FILE).decode()
+            text = _s3(uri, endpoint_url).get(TASK_FILE).decode()
         except NotFoundError:
             raise DataError("missing; is this a data set saved by `peftu data`?",
                             source=f"{str(uri).rstrip('/')}/{TASK_FILE}") from None
@@ -104,11 +116,10 @@ def load_spec(uri: str | Path) -> TaskSpec:
     return _parse_spec(task_file.read_text(), f"{uri}/{TASK_FILE}")
 
 
-def load_task(uri: str | Path) -> tuple[TaskSpec, list[UserRecord]]:
+def load_task(uri: str | Path, *, endpoint_url: str | None = None) -> tuple[TaskSpec, list[UserRecord]]:
     """Load a task saved by `save_task` (folder or `s3://` prefix)."""
     if _is_s3(str(uri)):
-        from peftu.store import open_backend
-        backend = open_backend(str(uri))
+        backend = _s3(uri, endpoint_url)
         with tempfile.TemporaryDirectory() as tmp:
             for name in (TASK_FILE, USERS_FILE):
                 try:
@@ -129,11 +140,11 @@ def _load_local(folder: Path, display: str) -> tuple[TaskSpec, list[UserRecord]]
     source = f"{display}/{USERS_FILE}"
     try:
         table = datasets.Dataset.from_parquet(str(users_file), keep_in_memory=True)
-    except Exception as e:  # pyarrow raises many types for a bad file
+    except Exception as e:  # noqa: BLE001 - pyarrow raises many types for a bad file
         raise DataError(f"not a readable Parquet file ({e})", source=source) from None
     missing = set(FEATURES) - set(table.column_names)
     if missing:
-        raise DataError("column missing", source=source, field=sorted(missing)[0])
+        raise DataError("column missing", source=source, field=min(missing))
     try:
         table = table.select_columns(list(FEATURES)).cast(FEATURES)
     except Exception as e:  # noqa: BLE001 - pyarrow's cast errors: the columns hold the wrong types

@@ -53,7 +53,7 @@ class TaskSpec(BaseModel):
     description: str = ""
 
     @model_validator(mode="after")
-    def _check(self) -> "TaskSpec":
+    def _check(self) -> TaskSpec:
         if "{input}" not in self.prompt:
             raise ValueError("prompt must contain the placeholder {input}")
         if not self.metric:
@@ -122,7 +122,7 @@ class UserRecord:
         return asdict(self)
 
     @classmethod
-    def from_row(cls, row: dict) -> "UserRecord":
+    def from_row(cls, row: dict) -> UserRecord:
         return cls(
             user_id=row["user_id"],
             history=[HistoryItem(**h) for h in row["history"] or []],
