@@ -286,7 +286,7 @@ TWEETEVAL = "../shared/data/peft-u/tweeteval/annotations_g3.csv"
 
 
 def load_quality_data(task: str | None, *, users: int | None = None, seed: int = 0, data: str | None = None,
-                      lamp: str | None = None, lamp_outputs: str | None = None
+                      lamp: str | None = None, lamp_outputs: str | None = None, endpoint_url: str | None = None
                       ) -> tuple[TaskSpec, list[UserRecord], str]:
     """The task's spec and users (at most `users`), and a line saying what was read.
 
@@ -310,7 +310,7 @@ def load_quality_data(task: str | None, *, users: int | None = None, seed: int =
             raise PeftuError(f"tweeteval data not found at {path}; pass --data PATH to PEFT-U's annotations_g3.csv")
         spec, records, report = loaders.load_peftu_annotations(path, task_name="tweeteval", seed=seed)
     elif task in TASKS and data:
-        spec, records = load_task(data)
+        spec, records = load_task(data, endpoint_url=endpoint_url)
         report = f"{len(records)} users from {data}"
     elif task in TASKS:
         spec, records, report = generate(task, users or 100, seed=seed)
