@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -49,7 +50,7 @@ def test_arbitrary_bytes_in_every_loader(tmp_path, data, bom):
     for name, load in (("a.csv", load_peftu_annotations), ("user_data.json", load_peftu_user_data)):
         path = tmp_path / name
         path.write_bytes(raw)
-        loads_or_names_the_file(lambda: load(path, min_samples=0), path)
+        loads_or_names_the_file(partial(load, path, min_samples=0), path)
     questions = tmp_path / "questions.json"
     questions.write_bytes(raw)
     loads_or_names_the_file(lambda: load_lamp(questions, task="LaMP_7"), questions)

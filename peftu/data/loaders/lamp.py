@@ -75,6 +75,19 @@ def _lamp_value(value: Any, rating: bool, source: Path, record: str, field: str)
     return value
 
 
+def _with_id(value: Any, source: Path, record: str) -> tuple[dict, str]:
+    """A list entry (question, profile item, gold): a JSON object and its required id."""
+    obj = json_object(value, source, record, None)
+    return obj, id_field(obj, "id", source, record)
+
+
+def _claim(seen: set[str], value: str, problem: str, source: Path, record: str, field: str) -> None:
+    """Add `value` to the ids `seen` so far; one seen already is `problem`, a DataError."""
+    if value in seen:
+        raise DataError(problem, source=str(source), record=record, field=field)
+    seen.add(value)
+
+
 def _read_golds(path: Path, task: str | None) -> tuple[str, list[tuple[str, str, str]]]:
     """The task name and the (id, output, record) of each gold in a LaMP outputs file."""
     data = json_object(read_json(path), path, None, None)
@@ -93,8 +106,7 @@ def _read_golds(path: Path, task: str | None) -> tuple[str, list[tuple[str, str,
     out = []
     for i, gold in enumerate(golds):
         at = f"golds[{i}]"
-        gold = json_object(gold, path, at, None)
-        gold_id = id_field(gold, "id", path, at)
+        gold, gold_id = _with_id(gold, path, at)
         at = f"golds[{i}] (id {gold_id!r})"
         if "output" not in gold:
             raise DataError("missing", source=str(path), record=at, field="output")
@@ -141,19 +153,12 @@ def load_lamp(questions_path: str | Path, outputs_path: str | Path | None = None
     labels: set[str] = set(info.labels)
     for qi, question in enumerate(questions):
         where = f"question [{qi}]"
-        question = json_object(question, questions_path, where, None)
-        qid = id_field(question, "id", questions_path, where)
+        question, qid = _with_id(question, questions_path, where)
         where = f"question {qid!r}"
-        if qid in question_ids:
-            raise DataError("duplicate question id", source=str(questions_path),
-                            record=where, field="id")
-        question_ids.add(qid)
+        _claim(question_ids, qid, "duplicate question id", questions_path, where, "id")
         user_id = id_field(question, "user_id", questions_path, where) if "user_id" in question \
             else qid
-        if user_id in user_ids:
-            raise DataError(f"duplicate user id {user_id!r}", source=str(questions_path),
-                            record=where, field="user_id")
-        user_ids.add(user_id)
+        _claim(user_ids, user_id, f"duplicate user id {user_id!r}", questions_path, where, "user_id")
         text = text_field(question, "input", questions_path, where)
         if "profile" not in question:
             raise DataError("missing", source=str(questions_path), record=where,
@@ -167,13 +172,9 @@ def load_lamp(questions_path: str | Path, outputs_path: str | Path | None = None
         item_ids: set[str] = set()
         for pi, item in enumerate(profile):
             at = f"{where} / profile[{pi}]"
-            item = json_object(item, questions_path, at, None)
-            item_id = id_field(item, "id", questions_path, at)
+            item, item_id = _with_id(item, questions_path, at)
             at = f"{where} / profile[{pi}] (id {item_id!r})"
-            if item_id in item_ids:
-                raise DataError("duplicate profile item id", source=str(questions_path),
-                                record=at, field="id")
-            item_ids.add(item_id)
+            _claim(item_ids, item_id, "duplicate profile item id", questions_path, at, "id")
             item_text = _lamp_field(item, info.text_fields, False, questions_path, at)
             output = (_lamp_field(item, info.output_fields, rating, questions_path, at)
                       if info.output_fields else "")
