@@ -1,4 +1,4 @@
-"""The adapter store, on a local directory and on S3 (moto's server over HTTP on loopback)."""
+"""The store and its kinds of artifact, on a local directory and on S3 (moto's server over HTTP on loopback)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,15 @@ from peftu.errors import (
     StoreUnavailableError,
 )
 from peftu.store import AdapterStore, LocalBackend, Manifest, S3Backend, fingerprint, open_backend, validate_id
+from peftu.store.kinds import (
+    BEST,
+    EMBEDDINGS,
+    PLUG,
+    QUALITY_RESULTS,
+    RUN_SUMMARY,
+    TASK_ADAPTER,
+    TUNE_RESULTS,
+)
 
 TASK = "summarize"
 BASE = fingerprint({"base": "tiny-llama", "revision": "abc"})
@@ -475,6 +484,9 @@ def test_incomplete_or_malformed_adapter_refused(local_store: AdapterStore) -> N
     {"user_id": "mallory"},
     {"files": {"adapter_config.json": "0" * 64}},
     {"files": {"adapter_config.json": "0" * 64, "adapter_model.safetensors": "../../x"}},
+    {"kind": "task-adapter"},
+    {"name": "best"},
+    {"base_fingerprint": None},
 ])
 def test_forged_manifest_refused(store: AdapterStore, tmp_path: Path, forged: dict) -> None:
     m = publish(store, "alice")
@@ -505,7 +517,7 @@ def test_backend_refuses_escaping_keys(store: AdapterStore, key: str) -> None:
             call()
 
 
-# ---------------------------------------------------------------- backends, deletion, records
+# ---------------------------------------------------------------- backends, deletion
 
 def test_backend_basics(store: AdapterStore, tmp_path: Path) -> None:
     b = store.backend
@@ -566,16 +578,109 @@ def test_delete_user_unpublishes_first(store: AdapterStore, monkeypatch: pytest.
     assert store.list_users(TASK) == []
 
 
-def test_json_records(store: AdapterStore) -> None:
+# ---------------------------------------------------------------- the other kinds
+
+def plug_files() -> dict[str, bytes]:
+    return {"plug.json": b'{"enc_dim": 4}', "plug.safetensors": save({"w": torch.ones(2)})}
+
+
+def test_every_kind_has_its_own_folder_files_and_pointer(store: AdapterStore, tmp_path: Path) -> None:
+    user = publish(store, "alice")
+    task = store.publish_artifact(TASK_ADAPTER.of(TASK), adapter_files(1), base_fingerprint=BASE,
+                                  data_fingerprint="d", hparams=HPARAMS)
+    plug = store.publish_artifact(PLUG.of(TASK), plug_files(), base_fingerprint=BASE, encoder_fingerprint="e",
+                                  data_fingerprint="d", hparams={"lr": 1e-3})
+    emb = store.publish_artifact(EMBEDDINGS.of(TASK, "alice"), {
+        "embeddings.json": b'{"ids": ["h1"]}', "embeddings.safetensors": save({"vectors": torch.ones(1, 4)})},
+        encoder_fingerprint="e", data_fingerprint="h")
+    best = store.put_record(TUNE_RESULTS.of(TASK, BEST), {"best": {"all": {"r": 4}}})
+    keys = set(store.backend.list(""))
+    for prefix, m in ((f"adapters/{TASK}/alice", user), (f"task-adapters/{TASK}", task),
+                      (f"pplug/plugs/{TASK}", plug), (f"pplug/embeddings/{TASK}/alice", emb),
+                      (f"records/tune/{TASK}/best", best)):
+        assert {f"{prefix}/LATEST", f"{prefix}/versions/{m.version}/manifest.json"} <= keys, prefix
+        assert {f"{prefix}/versions/{m.version}/{name}" for name in m.files} <= keys, prefix
+    # A user's adapter is where it always was, its manifest as it was plus its kind.
+    raw = json.loads(store.backend.get(version_key(TASK, "alice", user.version, "manifest.json")))
+    assert set(raw) == {"kind", "task", "user_id", "version", "created_at", "base_fingerprint",
+                        "data_fingerprint", "hparams", "hparams_fingerprint", "metrics", "files", "extra"}
+    assert raw["kind"] == "adapter"
+    # Only real users' adapters are users: the task adapter is none of them.
+    assert store.list_users(TASK) == ["alice"] and store.list_tasks() == [TASK]
+    assert store.artifact_owners(EMBEDDINGS, TASK) == ["alice"]
+    folder, read = store.fetch_artifact(TASK_ADAPTER.of(TASK), dest=tmp_path / "task", expect_base=BASE)
+    assert read == task and (folder / "adapter_model.safetensors").read_bytes() == \
+        adapter_files(1)["adapter_model.safetensors"]
+    files, read = store.fetch_artifact_bytes(PLUG.of(TASK), expect_base=BASE, expect_encoder="e")
+    assert read == plug and files == plug_files()
+    with pytest.raises(ForeignAdapterError, match="history encoder"):
+        store.fetch_artifact_bytes(EMBEDDINGS.of(TASK, "alice"), expect_encoder="another")
+    assert store.get_record(TUNE_RESULTS.of(TASK, BEST)) == {"best": {"all": {"r": 4}}}
+
+
+def test_a_kind_needs_its_files_and_fields(local_store: AdapterStore) -> None:
+    with pytest.raises(StoreError, match="plug.safetensors is missing"):
+        local_store.publish_artifact(PLUG.of(TASK), {"plug.json": b"{}"}, base_fingerprint=BASE,
+                                     encoder_fingerprint="e", data_fingerprint="d", hparams={})
+    with pytest.raises(StoreError, match="needs encoder_fingerprint"):
+        local_store.publish_artifact(PLUG.of(TASK), plug_files(), base_fingerprint=BASE, data_fingerprint="d",
+                                     hparams={})
+    with pytest.raises(StoreError, match="plug.json must hold a JSON object"):
+        local_store.publish_artifact(PLUG.of(TASK), plug_files() | {"plug.json": b"[]"}, base_fingerprint=BASE,
+                                     encoder_fingerprint="e", data_fingerprint="d", hparams={})
+    with pytest.raises(StoreError, match="is not a record"):
+        local_store.put_record(PLUG.of(TASK), {})
+    with pytest.raises(StoreError, match="record.json must hold a JSON object"):
+        local_store.put_record(RUN_SUMMARY.of(TASK, "run-1"), [1, 2])  # type: ignore[arg-type]
+    assert local_store.backend.list("") == []
+
+
+@pytest.mark.parametrize("value", HOSTILE_IDS)
+def test_refs_check_their_ids(value: str) -> None:
+    with pytest.raises(InvalidIdError, match="record name"):
+        QUALITY_RESULTS.of(TASK, value)
+    with pytest.raises(InvalidIdError, match="task name"):
+        TASK_ADAPTER.of(value)
+
+
+def test_a_ref_has_an_owner_exactly_where_its_kind_does() -> None:
+    with pytest.raises(ValueError, match="belongs to a task"):
+        TASK_ADAPTER.of(TASK, "alice")
+    with pytest.raises(InvalidIdError, match="user id"):
+        EMBEDDINGS.of(TASK)
+    assert str(RUN_SUMMARY.of(TASK, "r1")) == f"run summary 'r1' of task {TASK!r}"
+
+
+def test_records_are_versioned_and_verified(store: AdapterStore) -> None:
+    ref = RUN_SUMMARY.of(TASK, "run-1")
+    with pytest.raises(NotFoundError, match="run summary 'run-1'"):
+        store.get_record(ref)
     record = {"users": ["alice", "josé"], "mean": 0.5, "nested": {"k": [1, 2]}}
-    store.put_json("runs/2024-01-01/summary.json", record)
-    assert store.get_json("runs/2024-01-01/summary.json") == record
-    assert store.backend.list("records") == ["records/runs/2024-01-01/summary.json"]
-    with pytest.raises(NotFoundError, match="runs/other"):
-        store.get_json("runs/other")
-    for bad in ("../x", "a//b", "a/\x1b[2J", ""):
-        with pytest.raises(InvalidIdError, match="record key"):
-            store.put_json(bad, {})
+    first = store.put_record(ref, record)
+    second = store.put_record(ref, record | {"mean": 0.75})
+    assert store.get_record(ref)["mean"] == 0.75
+    assert store.artifact_versions(ref) == [first.version, second.version]
+    assert store.artifact_manifest(ref).name == "run-1" and store.artifact_manifest(ref).user_id is None
+    key = f"records/runs/{TASK}/run-1/versions/{second.version}/record.json"
+    store.backend.put(key, store.backend.get(key).replace(b"0.75", b"0.99"))
+    with pytest.raises(CorruptAdapterError, match="record.json of the run summary 'run-1'"):
+        store.get_record(ref)
+    with pytest.raises(CorruptAdapterError, match="claims"):  # another record's manifest is not this one's
+        store.backend.put(f"records/runs/{TASK}/run-2/versions/{first.version}/manifest.json",
+                          store.backend.get(f"records/runs/{TASK}/run-1/versions/{first.version}/manifest.json"))
+        store.artifact_manifest(RUN_SUMMARY.of(TASK, "run-2"), first.version)
+
+
+def test_sweep_reaches_every_kind(store: AdapterStore) -> None:
+    task = store.publish_artifact(TASK_ADAPTER.of(TASK), adapter_files(), base_fingerprint=BASE,
+                                  data_fingerprint="d", hparams={}).version
+    half = f"{time.time_ns():020d}-00000001"
+    store.backend.put(f"task-adapters/{TASK}/versions/{half}/adapter_config.json", b"{}")
+    cut = time.time_ns()
+    assert store.sweep_partial(TASK, before_ns=cut) == []  # users' adapters only
+    assert store.sweep_partial(TASK, before_ns=cut, kind=TASK_ADAPTER) == [f"task-adapters/{TASK}/versions/{half}"]
+    assert store.artifact_versions(TASK_ADAPTER.of(TASK)) == [task]
+    assert store.latest_artifact(TASK_ADAPTER.of(TASK)) == task
 
 
 def test_open_backend(tmp_path: Path, s3_fake_credentials: None) -> None:

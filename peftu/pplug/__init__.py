@@ -9,8 +9,6 @@ from peftu.config import PPlugConfig, PPlugJobConfig
 from peftu.pplug.encoder import HistoryEmbeddings, HistoryEncoder, cached_embeddings, user_embeddings
 from peftu.pplug.model import PersonaPlug, load_plug
 from peftu.pplug.train import fit_plug, run_pplug_job
-from peftu.store.kinds import PLUG_USER, embeddings_task, plug_task
 
-__all__ = ["PLUG_USER", "HistoryEmbeddings", "HistoryEncoder", "PPlugConfig", "PPlugJobConfig", "PersonaPlug",
-           "cached_embeddings", "embeddings_task", "fit_plug", "load_plug", "plug_task",
-           "run_pplug_job", "user_embeddings"]
+__all__ = ["HistoryEmbeddings", "HistoryEncoder", "PPlugConfig", "PPlugJobConfig", "PersonaPlug",
+           "cached_embeddings", "fit_plug", "load_plug", "run_pplug_job", "user_embeddings"]

@@ -7,12 +7,12 @@ pooling over the tokens and L2 normalisation (what the model's
 sentence-transformers config asks for). Any folder holding a BERT-like encoder
 works the same way.
 
-A user's embeddings are published to the store under the task
-`<task>.pplug-embeddings`, one record per user, in the store's two-file format
-(`adapter_config.json` describes them, `adapter_model.safetensors` holds the
-`[items, dim]` matrix). The record's fingerprints are the encoder's and the
-history's, so a changed history or another encoder embeds again, and the
-server can read a user's embeddings without having their history.
+A user's embeddings are published to the store as an artifact of their own
+kind (`kinds.EMBEDDINGS`, one per user and task: `embeddings.json` holds the
+item ids, `embeddings.safetensors` the `[items, dim]` matrix). Its manifest
+carries the encoder's fingerprint and the history's, so a changed history or
+another encoder embeds again, and the server can read a user's embeddings
+without having their history.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from safetensors.torch import save as save_safetensors
 from peftu.data.schema import HistoryItem, UserRecord
 from peftu.errors import NotFoundError, PeftuError
 from peftu.store import AdapterStore, fingerprint
-from peftu.store.kinds import embeddings_task
+from peftu.store.kinds import EMBEDDINGS
 
 
 def default_encoder_path() -> Path:
@@ -100,8 +100,8 @@ def _history_fingerprint(encoder_fp: str, history: list[HistoryItem]) -> str:
 
 
 def _parse(files: dict[str, bytes]) -> HistoryEmbeddings:
-    meta = json.loads(files["adapter_config.json"])
-    return HistoryEmbeddings(list(meta["ids"]), load_safetensors(files["adapter_model.safetensors"])["vectors"])
+    meta = json.loads(files["embeddings.json"])
+    return HistoryEmbeddings(list(meta["ids"]), load_safetensors(files["embeddings.safetensors"])["vectors"])
 
 
 def user_embeddings(store: AdapterStore, encoder: HistoryEncoder, task: str, user: UserRecord
@@ -111,27 +111,27 @@ def user_embeddings(store: AdapterStore, encoder: HistoryEncoder, task: str, use
     Embedded and published when the store has none for this encoder and this
     exact history.
     """
-    key, data_fp = embeddings_task(task), _history_fingerprint(encoder.fingerprint, user.history)
-    if store.has_adapter(key, user.user_id):
-        m = store.manifest(key, user.user_id)
-        if (m.base_fingerprint, m.data_fingerprint) == (encoder.fingerprint, data_fp):
-            files, _ = store.fetch_bytes(key, user.user_id, m.version, expect_base=encoder.fingerprint)
+    ref, data_fp = EMBEDDINGS.of(task, user.user_id), _history_fingerprint(encoder.fingerprint, user.history)
+    version = store.latest_artifact(ref)
+    if version is not None:
+        m = store.artifact_manifest(ref, version)
+        if (m.encoder_fingerprint, m.data_fingerprint) == (encoder.fingerprint, data_fp):
+            files, _ = store.fetch_artifact_bytes(ref, m.version, expect_encoder=encoder.fingerprint)
             return _parse(files), True
     ids = [h.id for h in user.history]
     vectors = encoder.encode([item_text(h) for h in user.history])
-    meta = {"kind": "pplug-embeddings", "encoder": str(encoder.path.name), "dim": encoder.dim, "ids": ids}
-    store.publish(key, user.user_id, {
-        "adapter_config.json": json.dumps(meta).encode(),
-        "adapter_model.safetensors": save_safetensors({"vectors": vectors.contiguous()})},
-        base_fingerprint=encoder.fingerprint, data_fingerprint=data_fp,
-        hparams={"max_tokens": encoder.max_tokens})
+    meta = {"encoder": str(encoder.path.name), "dim": encoder.dim, "ids": ids}
+    store.publish_artifact(ref, {"embeddings.json": json.dumps(meta).encode(),
+                                 "embeddings.safetensors": save_safetensors({"vectors": vectors.contiguous()})},
+                           encoder_fingerprint=encoder.fingerprint, data_fingerprint=data_fp,
+                           hparams={"max_tokens": encoder.max_tokens})
     return HistoryEmbeddings(ids, vectors), False
 
 
 def cached_embeddings(store: AdapterStore, encoder_fp: str, task: str, user_id: str) -> HistoryEmbeddings | None:
     """A user's latest embeddings from the store (None if there are none); the server's source."""
     try:
-        files, _ = store.fetch_bytes(embeddings_task(task), user_id, expect_base=encoder_fp)
+        files, _ = store.fetch_artifact_bytes(EMBEDDINGS.of(task, user_id), expect_encoder=encoder_fp)
     except NotFoundError:
         return None
     return _parse(files)

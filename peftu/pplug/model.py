@@ -20,9 +20,9 @@ Right after the prompt, where the answer is predicted from, they are read.
 
 Only the plug's parameters train, once, on all training users; the LM (with or
 without a user's LoRA adapter) stays as it is. The plug is kept in the store
-under the task `<task>.pplug`, id `all-users`, in the store's two files
-(`adapter_config.json`: this config and the sizes; `adapter_model.safetensors`:
-the weights).
+as an artifact of its own kind (`kinds.PLUG`, one per task: `plug.json` holds
+this config and the sizes, `plug.safetensors` the weights), its manifest
+naming the base and the history encoder it was fitted for.
 """
 
 from __future__ import annotations
@@ -37,11 +37,10 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from peftu.config import PPlugConfig
-from peftu.errors import ForeignAdapterError
 from peftu.model.encode import IGNORE
 from peftu.pplug.encoder import HistoryEmbeddings, HistoryEncoder
 from peftu.store import AdapterStore, Manifest
-from peftu.store.kinds import PLUG_USER, plug_task
+from peftu.store.kinds import PLUG
 
 N_SOFT_TOKENS = 2
 """The instruction embedding and the personal embedding."""
@@ -119,21 +118,17 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def plug_files(plug: PersonaPlug) -> dict[str, bytes]:
-    """The plug as the store's two files."""
-    meta = {"kind": "pplug", "config": plug.cfg.model_dump(), "enc_dim": plug.enc_dim, "lm_dim": plug.lm_dim}
+    """The plug as the files of its kind in the store."""
+    meta = {"config": plug.cfg.model_dump(), "enc_dim": plug.enc_dim, "lm_dim": plug.lm_dim}
     state = {k: v.detach().cpu().contiguous() for k, v in plug.state_dict().items()}
-    return {"adapter_config.json": json.dumps(meta, indent=2).encode(),
-            "adapter_model.safetensors": save_safetensors(state)}
+    return {"plug.json": json.dumps(meta, indent=2).encode(), "plug.safetensors": save_safetensors(state)}
 
 
 def load_plug(store: AdapterStore, task: str, *, base_fp: str, encoder_fp: str
               ) -> tuple[PersonaPlug, Manifest]:
     """The task's latest plug, checked: fitted on this base and for this encoder."""
-    files, manifest = store.fetch_bytes(plug_task(task), PLUG_USER, expect_base=base_fp)
-    if manifest.extra.get("encoder_fingerprint") != encoder_fp:
-        raise ForeignAdapterError(f"the PPlug of task {task!r} (version {manifest.version}) was fitted "
-                                  f"with another history encoder than the one loaded")
-    meta = json.loads(files["adapter_config.json"])
+    files, manifest = store.fetch_artifact_bytes(PLUG.of(task), expect_base=base_fp, expect_encoder=encoder_fp)
+    meta = json.loads(files["plug.json"])
     plug = PersonaPlug(PPlugConfig(**meta["config"]), meta["enc_dim"], meta["lm_dim"])
-    plug.load_state_dict(load_safetensors(files["adapter_model.safetensors"]))
+    plug.load_state_dict(load_safetensors(files["plug.safetensors"]))
     return plug.eval(), manifest

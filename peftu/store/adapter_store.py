@@ -1,16 +1,19 @@
-"""The adapter store: per-user LoRA adapters kept in a directory or an S3 bucket.
+"""The store: users' adapters and the project's other artifacts, kept in a directory or an S3 bucket.
 
-Layout (keys relative to the backend root, "/"-separated)::
+Every artifact (`kinds.Ref`: a kind, a task, and a user id or a name where the
+kind has one) lives in its own folder (keys relative to the backend root,
+"/"-separated; docs/store.md lists every kind)::
 
-    adapters/<task>/<user_id>/versions/<version>/adapter_config.json
-    adapters/<task>/<user_id>/versions/<version>/adapter_model.safetensors
-    adapters/<task>/<user_id>/versions/<version>/manifest.json
-    adapters/<task>/<user_id>/LATEST          (content: the latest version string)
-    records/<key>                              (JSON records: run summaries, tuning results)
+    <ref.key>/versions/<version>/<the kind's files>
+    <ref.key>/versions/<version>/manifest.json
+    <ref.key>/LATEST          (content: the latest version string)
+
+so a user's adapter is `adapters/<task>/<user_id>/versions/<version>/adapter_config.json`
+and so on, in PEFT's own format.
 
 Publish protocol. Each publish gets its own version directory, named
 `<time_ns, 20 digits>-<8 hex>` so versions sort by time and two publishers never
-share one. It writes the adapter files, then `manifest.json` (the sha256 of every
+share one. It writes the files, then `manifest.json` (the sha256 of every
 file), then the `LATEST` pointer, in that order, each object written atomically.
 A version therefore counts as existing only once its manifest is there, and as
 published only once the pointer names it: a crash or an unreachable store before
@@ -23,20 +26,20 @@ nothing: the write may have landed, and the version it names is complete.
 The pointer only moves forward: a
 publisher that finds it already naming a newer version leaves it alone. That
 check is a read then a write (S3 offers no portable compare-and-swap), so two
-publishers racing on one user can, rarely, leave the pointer on the older of two
-complete versions; it never names an incomplete one.
+publishers racing on one artifact can, rarely, leave the pointer on the older of
+two complete versions; it never names an incomplete one.
 
-Readers trust nothing they read: ids are checked before they become keys, manifest
-file names are checked before they become paths, and every downloaded file must
-match its manifest's sha256 before it is handed out. Only `.json` and
-`.safetensors` files are stored, never pickles.
+Readers trust nothing they read: ids are checked before they become keys, a
+manifest must be the one of the artifact and version it was found for, with the
+kind's files and fields, its file names are checked before they become paths,
+and every downloaded file must match its manifest's sha256 before it is handed
+out. Only `.json` and `.safetensors` files are stored, never pickles.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -56,7 +59,8 @@ from peftu.errors import (
     StoreUnavailableError,
 )
 from peftu.store.backends import Backend, open_backend
-from peftu.store.ids import MANIFEST, POINTER, REQUIRED_FILES, _file_name_problem, _show, validate_id
+from peftu.store.ids import MANIFEST, POINTER, _file_name_problem, _show, validate_id
+from peftu.store.kinds import ADAPTER, RECORD_FILE, Kind, Ref
 from peftu.store.manifest import (
     Manifest,
     _file_error,
@@ -64,12 +68,17 @@ from peftu.store.manifest import (
     _sha256_file,
     _short,
     fingerprint,
+    read_manifest,
     version_started_ns,
 )
 
 
 class AdapterStore:
-    """Publishes, lists, verifies and fetches per-user adapters on a Backend."""
+    """Publishes, lists, verifies and fetches artifacts of every kind on a Backend.
+
+    The `*_artifact` methods take any artifact's `Ref`; the others are the same
+    for a user's adapter, named by task and user id (what servers and fits use).
+    """
 
     def __init__(self, backend: Backend):
         self.backend = backend
@@ -81,50 +90,44 @@ class AdapterStore:
     def __repr__(self) -> str:
         return f"AdapterStore({self.backend.describe()})"
 
-    # keys
-
-    @staticmethod
-    def _task_key(task: str) -> str:
-        return f"adapters/{validate_id(task, 'task name')}"
-
-    def _user_key(self, task: str, user_id: str) -> str:
-        return f"{self._task_key(task)}/{validate_id(user_id, 'user id')}"
-
-    def _version_key(self, task: str, user_id: str, version: str) -> str:
-        return f"{self._user_key(task, user_id)}/versions/{validate_id(version, 'version')}"
-
     # publishing
 
-    def publish(self, task: str, user_id: str, files: dict[str, bytes], *, base_fingerprint: str,
-                data_fingerprint: str, hparams: dict, metrics: dict | None = None,
-                extra: dict | None = None) -> Manifest:
-        """Store a new version of a user's adapter and make it the latest (see module docs)."""
-        user_key = self._user_key(task, user_id)
-        _check_publish_files(files, task, user_id)
+    def publish_artifact(self, ref: Ref, files: dict[str, bytes], *, base_fingerprint: str | None = None,
+                         encoder_fingerprint: str | None = None, data_fingerprint: str | None = None,
+                         hparams: dict | None = None, metrics: dict | None = None,
+                         extra: dict | None = None) -> Manifest:
+        """Store a new version of `ref` and make it the latest (see module docs)."""
+        _check_publish_files(ref, files)
         version = _new_version()
         try:
             manifest = Manifest(
-                task=task, user_id=user_id, version=version,
+                **ref.identity(), version=version,
                 created_at=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-                base_fingerprint=base_fingerprint, data_fingerprint=data_fingerprint,
-                hparams=hparams, hparams_fingerprint=fingerprint(hparams), metrics=metrics or {},
+                base_fingerprint=base_fingerprint, encoder_fingerprint=encoder_fingerprint,
+                data_fingerprint=data_fingerprint, hparams=hparams,
+                hparams_fingerprint=None if hparams is None else fingerprint(hparams), metrics=metrics or {},
                 files={name: hashlib.sha256(data).hexdigest() for name, data in files.items()},
                 extra=extra or {},
             )
         except ValidationError as e:
-            raise StoreError(f"cannot publish the adapter of user {user_id!r} in task {task!r}: {e}") from None
-        version_key = f"{user_key}/versions/{version}"
+            raise StoreError(f"cannot publish the {ref}: {e}") from None
+        missing = [field for field in ref.kind.needs if getattr(manifest, field) is None]
+        if missing:
+            raise StoreError(f"cannot publish the {ref}: a {ref.kind.what} needs {', '.join(missing)}")
+        version_key = f"{ref.key}/versions/{version}"
         try:
             for name, data in files.items():
                 self.backend.put(f"{version_key}/{name}", data)
-            self.backend.put(f"{version_key}/{MANIFEST}", manifest.model_dump_json(indent=2).encode())
+            self.backend.put(f"{version_key}/{MANIFEST}", manifest.to_json())
             self._check_landed(version_key, files)
         except Exception:
             self._discard(version_key)
             raise
         # No cleanup if the pointer write fails: it may have landed anyway, and the
         # version it would name is complete.
-        self._advance_pointer(task, user_id, version)
+        current = self.latest_artifact(ref)
+        if current is None or current < version:
+            self.backend.put(f"{ref.key}/{POINTER}", version.encode())
         return manifest
 
     def _check_landed(self, version_key: str, files: dict[str, bytes]) -> None:
@@ -134,18 +137,23 @@ class AdapterStore:
         if missing:
             raise StoreError(f"{version_key}: {sorted(missing)} vanished while publishing (swept as partial?)")
 
-    def sweep_partial(self, task: str, users: Iterable[str] | None = None, *, before_ns: int) -> list[str]:
-        """Delete the versions (of `users`, default all) that have no manifest and were started
-        before `before_ns` (time.time_ns()): what a publisher killed mid-write leaves. Only call it
-        with a time by which every publisher of those users has finished or died. Returns the
-        version keys removed."""
-        task_key = self._task_key(task)
+    def sweep_partial(self, task: str, users: Iterable[str] | None = None, *, before_ns: int,
+                      kind: Kind = ADAPTER) -> list[str]:
+        """Delete the versions of `kind` in `task` (of `users`, default all, where the kind is per
+        user) that have no manifest and were started before `before_ns` (time.time_ns()): what a
+        publisher killed mid-write leaves. Only call it with a time by which every publisher of
+        those artifacts has finished or died. Returns the version keys removed."""
+        task_key = f"{kind.root}/{validate_id(task, 'task name')}"
         wanted = None if users is None else {validate_id(u, "user id") for u in users}
+        depth = 4 if kind.owner else 3  # [<owner>/]versions/<version>/<file>
         files: dict[str, set[str]] = {}
         for key in self.backend.list(task_key):
             parts = key[len(task_key) + 1:].split("/")
-            if len(parts) == 4 and parts[1] == "versions" and (wanted is None or parts[0] in wanted):
-                files.setdefault(f"{task_key}/{parts[0]}/versions/{parts[2]}", set()).add(parts[3])
+            if len(parts) != depth or parts[-3] != "versions":
+                continue
+            if kind.owner and wanted is not None and parts[0] not in wanted:
+                continue
+            files.setdefault(key.rsplit("/", 1)[0], set()).add(parts[-1])
         swept = []
         for version_key, names in sorted(files.items()):
             started = version_started_ns(version_key.rsplit("/", 1)[-1])
@@ -160,16 +168,11 @@ class AdapterStore:
             self.backend.delete(f"{version_key}/{MANIFEST}")
             self.backend.delete_prefix(version_key)
 
-    def _advance_pointer(self, task: str, user_id: str, version: str) -> None:
-        current = self.latest_version(task, user_id)
-        if current is None or current < version:
-            self.backend.put(f"{self._user_key(task, user_id)}/{POINTER}", version.encode())
-
     # reading
 
-    def latest_version(self, task: str, user_id: str) -> str | None:
-        """The version the pointer names, or None if the user has no published adapter."""
-        key = f"{self._user_key(task, user_id)}/{POINTER}"
+    def latest_artifact(self, ref: Ref) -> str | None:
+        """The version the pointer names, or None if nothing of `ref` is published."""
+        key = f"{ref.key}/{POINTER}"
         try:
             raw = self.backend.get(key)
         except NotFoundError:
@@ -179,9 +182,9 @@ class AdapterStore:
         except (UnicodeDecodeError, InvalidIdError) as e:
             raise CorruptAdapterError(f"pointer {key} in {self.backend.describe()} is unreadable: {e}") from None
 
-    def list_versions(self, task: str, user_id: str) -> list[str]:
+    def artifact_versions(self, ref: Ref) -> list[str]:
         """Complete versions (those with a manifest), oldest first."""
-        versions_key = f"{self._user_key(task, user_id)}/versions"
+        versions_key = f"{ref.key}/versions"
         found = []
         for key in self.backend.list(versions_key):
             parts = key[len(versions_key) + 1:].split("/")
@@ -189,97 +192,69 @@ class AdapterStore:
                 found.append(parts[0])
         return sorted(found)
 
-    def manifest(self, task: str, user_id: str, version: str | None = None) -> Manifest:
+    def artifact_manifest(self, ref: Ref, version: str | None = None) -> Manifest:
         """A version's manifest (default: the latest), checked against where it was found."""
         if version is None:
-            version = self.latest_version(task, user_id)
+            version = self.latest_artifact(ref)
             if version is None:
-                raise NotFoundError(f"no adapter for user {user_id!r} in task {task!r} "
-                                    f"in {self.backend.describe()}")
-        key = f"{self._version_key(task, user_id, version)}/{MANIFEST}"
+                raise NotFoundError(f"no {ref} in {self.backend.describe()}")
+        key = f"{ref.key}/versions/{validate_id(version, 'version')}/{MANIFEST}"
         try:
             raw = self.backend.get(key)
         except NotFoundError:
-            raise NotFoundError(f"no version {version!r} of the adapter for user {user_id!r} "
-                                f"in task {task!r} in {self.backend.describe()}") from None
-        try:
-            m = Manifest.model_validate_json(raw)
-        except ValidationError as e:
-            raise CorruptAdapterError(f"manifest {key} is invalid: {e}") from None
-        if (m.task, m.user_id, m.version) != (task, user_id, version):
-            raise CorruptAdapterError(
-                f"manifest {key} claims task {m.task!r}, user {m.user_id!r}, version {m.version!r}")
-        for name in REQUIRED_FILES:
-            if name not in m.files:
-                raise CorruptAdapterError(f"manifest {key} lists no {name}")
-        for name, digest in m.files.items():
-            problem = _file_name_problem(name)
-            if problem:
-                raise CorruptAdapterError(f"manifest {key} lists a disallowed file {_show(name)}: {problem}")
-            if not re.fullmatch(r"[0-9a-f]{64}", digest):
-                raise CorruptAdapterError(f"manifest {key} gives {name} a malformed sha256 {_show(digest)}")
-        return m
+            raise NotFoundError(f"no version {version!r} of the {ref} in {self.backend.describe()}") from None
+        return read_manifest(raw, ref, version, key)
 
-    def list_users(self, task: str) -> list[str]:
-        """Users of `task` with a published adapter."""
-        task_key = self._task_key(task)
-        users = []
+    def artifact_owners(self, kind: Kind, task: str) -> list[str]:
+        """The user ids (or names) with a published artifact of `kind` in `task`."""
+        task_key = f"{kind.root}/{validate_id(task, 'task name')}"
+        owners = []
         for key in self.backend.list(task_key):
             parts = key[len(task_key) + 1:].split("/")
             if len(parts) == 2 and parts[1] == POINTER:
-                users.append(parts[0])
-        return sorted(users)
+                owners.append(parts[0])
+        return sorted(owners)
 
-    def list_tasks(self) -> list[str]:
-        """Tasks with at least one published adapter."""
-        tasks = set()
-        for key in self.backend.list("adapters"):
-            parts = key.split("/")
-            if len(parts) == 4 and parts[3] == POINTER:
-                tasks.add(parts[1])
-        return sorted(tasks)
-
-    def has_adapter(self, task: str, user_id: str) -> bool:
-        return self.latest_version(task, user_id) is not None
-
-    def _usable_manifest(self, task: str, user_id: str, version: str | None, expect_base: str | None) -> Manifest:
-        m = self.manifest(task, user_id, version)
-        if expect_base is not None and m.base_fingerprint != expect_base:
-            raise ForeignAdapterError(
-                f"adapter of user {user_id!r} in task {task!r} (version {m.version}) was fitted on base "
-                f"{_short(m.base_fingerprint)}, not on the loaded base {_short(expect_base)}")
+    def _usable_manifest(self, ref: Ref, version: str | None, expect_base: str | None,
+                         expect_encoder: str | None) -> Manifest:
+        m = self.artifact_manifest(ref, version)
+        for what, have, want in (("base", m.base_fingerprint, expect_base),
+                                 ("history encoder", m.encoder_fingerprint, expect_encoder)):
+            if want is not None and have != want:
+                raise ForeignAdapterError(f"the {ref} (version {m.version}) was made for the {what} "
+                                          f"{_short(have)}, not for the loaded {what} {_short(want)}")
         return m
 
-    def fetch_bytes(self, task: str, user_id: str, version: str | None = None, *,
-                    expect_base: str | None = None) -> tuple[dict[str, bytes], Manifest]:
+    def fetch_artifact_bytes(self, ref: Ref, version: str | None = None, *, expect_base: str | None = None,
+                             expect_encoder: str | None = None) -> tuple[dict[str, bytes], Manifest]:
         """A version's files (default: the latest) in memory, each verified against its manifest.
 
-        For servers that load adapters straight into memory: no temp files, no fsyncs.
+        For servers that load artifacts straight into memory: no temp files, no fsyncs.
         """
-        m = self._usable_manifest(task, user_id, version, expect_base)
-        version_key = self._version_key(task, user_id, m.version)
+        m = self._usable_manifest(ref, version, expect_base, expect_encoder)
+        version_key = f"{ref.key}/versions/{m.version}"
         files = {}
         for name, expected in m.files.items():
             try:
                 data = self.backend.get(f"{version_key}/{name}")
             except NotFoundError:
-                raise _file_error(m, name) from None
+                raise _file_error(ref, m, name) from None
             actual = hashlib.sha256(data).hexdigest()
             if actual != expected:
-                raise _file_error(m, name, actual)
+                raise _file_error(ref, m, name, actual)
             files[name] = data
         return files, m
 
-    def fetch(self, task: str, user_id: str, version: str | None = None, *, dest: Path | None = None,
-              expect_base: str | None = None) -> tuple[Path, Manifest]:
+    def fetch_artifact(self, ref: Ref, version: str | None = None, *, dest: Path | None = None,
+                       expect_base: str | None = None) -> tuple[Path, Manifest]:
         """Download a version's files (default: the latest) and verify each against its manifest.
 
         Returns the directory holding them (`dest`, else a new temp dir) and the
         manifest. Nothing unverified is left behind: a file that fails its sha256
         is removed, and a temp dir made here is removed on any failure.
         """
-        m = self._usable_manifest(task, user_id, version, expect_base)
-        version_key = self._version_key(task, user_id, m.version)
+        m = self._usable_manifest(ref, version, expect_base, None)
+        version_key = f"{ref.key}/versions/{m.version}"
         made_here = dest is None
         out = Path(tempfile.mkdtemp(prefix="peftu-adapter-")) if made_here else Path(dest)
         try:
@@ -289,70 +264,115 @@ class AdapterStore:
                 try:
                     self.backend.get_file(f"{version_key}/{name}", path)
                 except NotFoundError:
-                    raise _file_error(m, name) from None
+                    raise _file_error(ref, m, name) from None
                 actual = _sha256_file(path)
                 if actual != expected:
                     path.unlink(missing_ok=True)
-                    raise _file_error(m, name, actual)
+                    raise _file_error(ref, m, name, actual)
         except BaseException as e:
             if made_here:
                 shutil.rmtree(out, ignore_errors=True)
             if isinstance(e, OSError):
-                raise StoreUnavailableError(f"cannot write the adapter to {out}: {e.strerror or e}") from e
+                raise StoreUnavailableError(f"cannot write the {ref} to {out}: {e.strerror or e}") from e
             raise
         return out, m
 
-    # deleting
-
-    def delete_user(self, task: str, user_id: str) -> int:
+    def delete_artifact(self, ref: Ref) -> int:
         """Unpublish (pointer first), then remove every version; returns how many were removed."""
-        user_key = self._user_key(task, user_id)
-        keys = self.backend.list(user_key)
+        keys = self.backend.list(ref.key)
         if not keys:
-            raise NotFoundError(f"no adapter for user {user_id!r} in task {task!r} in {self.backend.describe()}")
-        versions = {parts[1] for parts in (k[len(user_key) + 1:].split("/") for k in keys)
+            raise NotFoundError(f"no {ref} in {self.backend.describe()}")
+        versions = {parts[1] for parts in (k[len(ref.key) + 1:].split("/") for k in keys)
                     if len(parts) > 2 and parts[0] == "versions"}
-        self.backend.delete(f"{user_key}/{POINTER}")
-        self.backend.delete_prefix(user_key)
+        self.backend.delete(f"{ref.key}/{POINTER}")
+        self.backend.delete_prefix(ref.key)
         return len(versions)
 
-    # other records
+    # records: one JSON object per version
 
-    @staticmethod
-    def _record_key(key: str) -> str:
-        if not isinstance(key, str):
-            raise InvalidIdError(f"record key must be a string, got {type(key).__name__} {_show(key)}")
-        return "records/" + "/".join(validate_id(part, "record key component") for part in key.split("/"))
+    def put_record(self, ref: Ref, record: dict[str, Any]) -> Manifest:
+        """Publish a record (tune results, a quality report, a run summary) as a new version of `ref`."""
+        _check_record_kind(ref)
+        data = json.dumps(record, indent=2, sort_keys=True).encode("utf-8")
+        return self.publish_artifact(ref, {RECORD_FILE: data})
 
-    def put_json(self, key: str, obj: Any) -> None:
-        """Store a JSON record (a run summary, tuning results) under records/<key>."""
-        data = json.dumps(obj, indent=2, sort_keys=True).encode("utf-8")
-        self.backend.put(self._record_key(key), data)
+    def get_record(self, ref: Ref) -> dict[str, Any]:
+        """The latest version of a record, verified like every artifact."""
+        _check_record_kind(ref)
+        files, _ = self.fetch_artifact_bytes(ref)
+        return json.loads(files[RECORD_FILE])
 
-    def get_json(self, key: str) -> Any:
-        record_key = self._record_key(key)
-        raw = self.backend.get(record_key)
-        try:
-            return json.loads(raw)
-        except ValueError as e:
-            raise StoreError(f"record {record_key} in {self.backend.describe()} is not valid JSON: {e}") from None
+    # users' adapters, by task and user id
+
+    def publish(self, task: str, user_id: str, files: dict[str, bytes], *, base_fingerprint: str,
+                data_fingerprint: str, hparams: dict, metrics: dict | None = None,
+                extra: dict | None = None) -> Manifest:
+        """Store a new version of a user's adapter and make it the latest."""
+        return self.publish_artifact(ADAPTER.of(task, user_id), files, base_fingerprint=base_fingerprint,
+                                     data_fingerprint=data_fingerprint, hparams=hparams, metrics=metrics,
+                                     extra=extra)
+
+    def latest_version(self, task: str, user_id: str) -> str | None:
+        """The version the user's pointer names, or None if the user has no published adapter."""
+        return self.latest_artifact(ADAPTER.of(task, user_id))
+
+    def list_versions(self, task: str, user_id: str) -> list[str]:
+        return self.artifact_versions(ADAPTER.of(task, user_id))
+
+    def manifest(self, task: str, user_id: str, version: str | None = None) -> Manifest:
+        return self.artifact_manifest(ADAPTER.of(task, user_id), version)
+
+    def list_users(self, task: str) -> list[str]:
+        """Users of `task` with a published adapter."""
+        return self.artifact_owners(ADAPTER, task)
+
+    def list_tasks(self) -> list[str]:
+        """Tasks with at least one published user adapter."""
+        tasks = set()
+        for key in self.backend.list(ADAPTER.root):
+            parts = key.split("/")
+            if len(parts) == 4 and parts[3] == POINTER:
+                tasks.add(parts[1])
+        return sorted(tasks)
+
+    def has_adapter(self, task: str, user_id: str) -> bool:
+        return self.latest_version(task, user_id) is not None
+
+    def fetch_bytes(self, task: str, user_id: str, version: str | None = None, *,
+                    expect_base: str | None = None) -> tuple[dict[str, bytes], Manifest]:
+        return self.fetch_artifact_bytes(ADAPTER.of(task, user_id), version, expect_base=expect_base)
+
+    def fetch(self, task: str, user_id: str, version: str | None = None, *, dest: Path | None = None,
+              expect_base: str | None = None) -> tuple[Path, Manifest]:
+        return self.fetch_artifact(ADAPTER.of(task, user_id), version, dest=dest, expect_base=expect_base)
+
+    def delete_user(self, task: str, user_id: str) -> int:
+        """Unpublish a user's adapter, then remove every version; returns how many were removed."""
+        return self.delete_artifact(ADAPTER.of(task, user_id))
 
 
-def _check_publish_files(files: dict[str, bytes], task: str, user_id: str) -> None:
-    """Refuse to publish anything but a well-formed PEFT adapter in safe formats."""
-    whose = f"adapter of user {user_id!r} in task {task!r}"
-    for name in REQUIRED_FILES:
+def _check_record_kind(ref: Ref) -> None:
+    if ref.kind.files != (RECORD_FILE,):
+        raise StoreError(f"a {ref.kind.what} is not a record: it is stored as {', '.join(ref.kind.files)}")
+
+
+def _check_publish_files(ref: Ref, files: dict[str, bytes]) -> None:
+    """Refuse to publish anything but the kind's files, in safe formats; its JSON files hold objects."""
+    for name in ref.kind.files:
         if name not in files:
-            raise StoreError(f"cannot publish {whose}: {name} is missing")
+            raise StoreError(f"cannot publish the {ref}: {name} is missing")
     for name, data in files.items():
         problem = _file_name_problem(name)
         if problem:
-            raise StoreError(f"cannot publish {whose}: file name {_show(name)} refused: {problem}")
+            raise StoreError(f"cannot publish the {ref}: file name {_show(name)} refused: {problem}")
         if not isinstance(data, bytes):
-            raise StoreError(f"cannot publish {whose}: {name} must be bytes, got {type(data).__name__}")
-    try:
-        config = json.loads(files["adapter_config.json"])
-    except ValueError as e:
-        raise StoreError(f"cannot publish {whose}: adapter_config.json is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise StoreError(f"cannot publish {whose}: adapter_config.json must hold a JSON object")
+            raise StoreError(f"cannot publish the {ref}: {name} must be bytes, got {type(data).__name__}")
+    for name in ref.kind.files:
+        if not name.endswith(".json"):
+            continue
+        try:
+            content = json.loads(files[name])
+        except ValueError as e:
+            raise StoreError(f"cannot publish the {ref}: {name} is not valid JSON: {e}") from None
+        if not isinstance(content, dict):
+            raise StoreError(f"cannot publish the {ref}: {name} must hold a JSON object")

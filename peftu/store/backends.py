@@ -180,22 +180,20 @@ class LocalBackend(Backend):
     def put_file(self, key: str, path: Path) -> None:
         target = self._path(key)
         try:
-            src = open(path, "rb")
+            with open(path, "rb") as src:  # a failed write is StoreUnavailableError, no OSError
+                _write_atomic(target, lambda f: shutil.copyfileobj(src, f))
         except OSError as e:
             raise StoreError(f"cannot read {path}: {e.strerror or e}") from e
-        with src:
-            _write_atomic(target, lambda f: shutil.copyfileobj(src, f))
 
     def get_file(self, key: str, path: Path) -> None:
         source = self._path(key)
         try:
-            src = open(source, "rb")
+            with open(source, "rb") as src:  # a failed write is StoreUnavailableError, no OSError
+                _write_atomic(Path(path), lambda f: shutil.copyfileobj(src, f))
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise NotFoundError(f"no object {key!r} in {self.root}") from None
         except OSError as e:
             raise StoreUnavailableError(f"cannot read {source}: {e.strerror or e}") from e
-        with src:
-            _write_atomic(Path(path), lambda f: shutil.copyfileobj(src, f))
 
     def describe(self) -> str:
         return str(self.root)

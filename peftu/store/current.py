@@ -1,30 +1,33 @@
-"""Is a user's adapter current, and publishing it with the fingerprints that make re-runs skip it."""
+"""Is a fitted artifact current, and publishing a user's adapter with the fingerprints that make re-runs skip it."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import BaseModel
+
 from peftu.config import LoraHParams
 from peftu.data.schema import Example, TaskSpec, UserRecord
-from peftu.store import REQUIRED_FILES, AdapterStore, fingerprint
+from peftu.store import AdapterStore, Ref, fingerprint
+from peftu.store.kinds import ADAPTER, PEFT_FILES
 
 
 def folder_files(folder: str | Path) -> dict[str, bytes]:
     """The standard PEFT pair from a saved adapter folder, as bytes for the store."""
-    return {name: (Path(folder) / name).read_bytes() for name in REQUIRED_FILES}
+    return {name: (Path(folder) / name).read_bytes() for name in PEFT_FILES}
 
 
 def data_fingerprint(spec: TaskSpec, examples: list[Example]) -> str:
-    """What the adapter learned from: the prompt template and the training examples."""
+    """What an adapter learned from: the prompt template and the training examples."""
     return fingerprint({"prompt": spec.prompt, "train": [[e.id, e.input, e.output] for e in examples]})
 
 
-def is_current(store: AdapterStore, task: str, user_id: str, *, base_fp: str, data_fp: str,
-               hp: LoraHParams) -> bool:
-    """Has this user an adapter from the same base, data and hyper-parameters?"""
-    if not store.has_adapter(task, user_id):
+def is_current(store: AdapterStore, ref: Ref, *, base_fp: str, data_fp: str, hp: BaseModel) -> bool:
+    """Has `ref` a version fitted on the same base and data with the same settings (`hp`: LoRA's, the plug's)?"""
+    version = store.latest_artifact(ref)
+    if version is None:
         return False
-    m = store.manifest(task, user_id)
+    m = store.artifact_manifest(ref, version)
     return (m.base_fingerprint, m.data_fingerprint, m.hparams_fingerprint) == (
         base_fp, data_fp, fingerprint(hp.model_dump()))
 
@@ -34,7 +37,7 @@ def split_current(store: AdapterStore, spec: TaskSpec, users: list[UserRecord], 
     """Users that still need a fit, and the ids of those whose adapter is current."""
     todo, current = [], []
     for user in users:
-        fresh = is_current(store, spec.name, user.user_id, base_fp=base_fp,
+        fresh = is_current(store, ADAPTER.of(spec.name, user.user_id), base_fp=base_fp,
                            data_fp=data_fingerprint(spec, user.train), hp=hp)
         (current.append(user.user_id) if fresh else todo.append(user))
     return todo, current

@@ -13,9 +13,6 @@ MANIFEST = "manifest.json"
 POINTER = "LATEST"
 
 
-REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
-
-
 _TMP_PREFIX = ".peftu-tmp-"
 """Temp files of atomic local writes; no key may use it."""
 _MAX_ID_BYTES = 255
