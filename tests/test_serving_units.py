@@ -227,11 +227,11 @@ def test_a_bad_adapter_is_fetched_once_until_its_pointer_moves(tiny_base, tmp_pa
     from peftu.store import AdapterStore
 
     store = AdapterStore.open(str(tmp_path / "store"))
-    publish_random_adapters(store, "t", ["u"], tiny_base, std=0.2)
-    files, _ = store.fetch_bytes("t", "u")
-    bad = store.publish("t", "u", {**files, "adapter_config.json": b'{"peft_type": "IA3", "r": 8}'},
+    publish_random_adapters(store, "synth-cls", ["u"], tiny_base, std=0.2)
+    files, _ = store.fetch_bytes("synth-cls", "u")
+    bad = store.publish("synth-cls", "u", {**files, "adapter_config.json": b'{"peft_type": "IA3", "r": 8}'},
                         base_fingerprint=base_fingerprint(tiny_base), data_fingerprint="bad", hparams={})
-    engine = Engine(ServeConfig(base=tiny_base, store=str(tmp_path / "store"), task="t", max_adapters=2,
+    engine = Engine(ServeConfig(base=tiny_base, store=str(tmp_path / "store"), task="synth-cls", max_adapters=2,
                                 version_ttl_s=0))
     fetched = []
     fetch_bytes = engine.adapters.store.fetch_bytes
@@ -245,7 +245,7 @@ def test_a_bad_adapter_is_fetched_once_until_its_pointer_moves(tiny_base, tmp_pa
         refused = [await engine.adapters.acquire("u") for _ in range(3)]
         assert [(x.version, x.fallback) for x in refused] == [(None, "incompatible")] * 3
         assert len(fetched) == 1 and errors() == 1
-        good = store.publish("t", "u", files, base_fingerprint=base_fingerprint(tiny_base),
+        good = store.publish("synth-cls", "u", files, base_fingerprint=base_fingerprint(tiny_base),
                              data_fingerprint="good", hparams={})
         return good, await engine.adapters.acquire("u")
 
@@ -257,7 +257,7 @@ def test_a_bad_adapter_is_fetched_once_until_its_pointer_moves(tiny_base, tmp_pa
 # --- an OPPU replica ------------------------------------------------------------------------
 
 
-def test_oppu_replica_merges_the_task_adapter_and_serves_users_fitted_on_it(tiny_base, tmp_path):
+def test_a_default_replica_finds_the_oppu_base_its_users_were_fitted_on(tiny_base, tmp_path):
     from peftu.config import LoraHParams, ServeConfig
     from peftu.data.synthetic import generate
     from peftu.errors import NotFoundError
@@ -282,7 +282,8 @@ def test_oppu_replica_merges_the_task_adapter_and_serves_users_fitted_on_it(tiny
         """(scores, lease) for the user and for no user, on the engine's one event loop."""
         return [await engine.score(who, text, spec.labels) for who in (user, None)]
 
-    oppu, plain = Engine(ServeConfig(**args, oppu=True)), Engine(ServeConfig(**args))
+    oppu, plain = Engine(ServeConfig(**args)), Engine(ServeConfig(**args, oppu=False))
+    assert ServeConfig(**args).oppu == "auto"  # the store says the users were fitted on the merged base
     (personal, lease), (task_only, no_user) = asyncio.run(ask(oppu))
     assert lease.version == store.latest_version(spec.name, user) and no_user.version is None
     folder, _ = store.fetch(spec.name, user, dest=tmp_path / "adapter")
@@ -291,6 +292,74 @@ def test_oppu_replica_merges_the_task_adapter_and_serves_users_fitted_on_it(tiny
     assert personal == pytest.approx(score_batch(reference, None, tok, [ScoreRow(encoded, 0)])[0], abs=1e-4)
     reference.unload()
     assert task_only == pytest.approx(score_batch(merged, None, tok, [ScoreRow(encoded, 0)])[0], abs=1e-4)
-    # A plain replica refuses the adapter (fitted on another base) and answers with the bare base.
+    # A replica told to use the plain base refuses the adapter (fitted on another base) and answers with the bare base.
     (refused, plain_lease), (bare, _) = asyncio.run(ask(plain))
     assert plain_lease.version is None and refused == bare and bare != pytest.approx(task_only, abs=1e-4)
+
+
+# --- what a replica reads, and what it never does --------------------------------------------
+
+
+def test_a_replica_takes_the_tasks_prompt_and_labels_from_its_data_set_or_the_store(tiny_base, tmp_path):
+    """A task the synthetic generator does not know is scored with its own prompt and labels, never
+    with another task's; with none to be found the replica does not start, and says how to fix it."""
+    from peftu.config import LoraHParams, ServeConfig
+    from peftu.data.io import save_task
+    from peftu.data.schema import Example, TaskSpec, UserRecord
+    from peftu.errors import PeftuError
+    from peftu.fitting.reference import fit_users
+    from peftu.model.base import base_fingerprint
+    from peftu.serving.engine import Engine
+    from peftu.store import AdapterStore
+    from peftu.store.task_spec import load_task_spec
+
+    moods = TaskSpec(name="moods", kind="classification", prompt="Day: {input}\nMood:", labels=["happy", "sad"])
+    user = UserRecord("u1", train=[Example(f"e{i}", text, label) for i, (text, label) in
+                                   enumerate([("sun all day", "happy"), ("rain again", "sad")] * 2)])
+    store = AdapterStore.open(str(tmp_path / "store"))
+    args = {"base": tiny_base, "store": str(tmp_path / "store"), "task": "moods", "max_adapters": 1}
+    with pytest.raises(PeftuError, match=r"no prompt and labels for task 'moods'.*`peftu fit`.*data"):
+        Engine(ServeConfig(**args))
+    model, tok = load_base(tiny_base)
+    fit_users(model, tok, moods, [user], LoraHParams(epochs=1), store, base_fp=base_fingerprint(tiny_base),
+              progress=False)
+    assert load_task_spec(store, "moods") == moods  # the fit wrote what it trained with
+
+    async def score(engine: Engine) -> list[float]:
+        return (await engine.score(None, "a sunny day", engine.spec.labels))[0]
+
+    served = Engine(ServeConfig(**args))
+    assert served.spec == moods
+    encoded = [encode(tok, moods, "a sunny day", label, 448) for label in moods.labels]
+    assert asyncio.run(score(served)) == pytest.approx(score_batch(model, None, tok, [ScoreRow(encoded, 0)])[0],
+                                                       abs=1e-4)
+    # The data set, when given, wins over the store; it must hold the served task.
+    weather = moods.model_copy(update={"labels": ["sunny", "rainy", "foggy"]})
+    save_task(tmp_path / "data", weather, [user])
+    assert Engine(ServeConfig(**args, data=str(tmp_path / "data"))).spec == weather
+    save_task(tmp_path / "other", weather.model_copy(update={"name": "weather"}), [user])
+    with pytest.raises(PeftuError, match=r"holds task 'weather', but the served task is 'moods'"):
+        Engine(ServeConfig(**args, data=str(tmp_path / "other")))
+
+
+def test_a_replica_never_builds_a_base(tmp_path, monkeypatch):
+    from peftu.config import ServeConfig
+    from peftu.errors import PeftuError
+    from peftu.serving.engine import Engine
+
+    monkeypatch.setenv("PEFTU_HOME", str(tmp_path))
+    with pytest.raises(PeftuError, match=r"no base model at .*tiny-llama: build the tiny base with `peftu base build`"):
+        Engine(ServeConfig())
+    assert not (tmp_path / "base").exists()
+
+
+def test_the_serving_app_imports_no_training():
+    """What a replica loads (the deployment and everything under it) holds no fitting code at all."""
+    import subprocess
+    import sys
+
+    code = ("import sys, peftu.serving.server, peftu.serving.local; "
+            "print(sorted(m for m in sys.modules if m.startswith(('peftu.fitting', 'peftu.tuning', "
+            "'peftu.quality', 'peftu.model.build', 'peftu.pplug.train'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,29 +1,32 @@
-"""Metrics and predictions, judged per user and averaged over users.
+"""Predictions judged per user and averaged over users.
 
-Classification and rating answers are predicted by scoring every label under
-the model (the log-likelihood of `" " + label + EOS` after the prompt) and
-taking the best, never by free generation, so an answer is always a label.
-Generation tasks decode greedily. Each user's metric is computed on their own
+Answers come from `peftu.inference.predict`, the batch functions a replica
+runs: label scoring for classification and rating (so an answer is always a
+label), greedy decoding for generation. A user's own adapter is held in a bank
+slot over the base, as a replica holds it, so an evaluated answer is the
+answer the server gives. Each user's metric is computed on their own
 examples; a method's score is the mean over users (macro), overall and per
 activity bucket, as PEFT-U and LaMP report it.
 """
 
 from __future__ import annotations
 
-import tempfile
+import contextlib
+import json
 from collections import defaultdict
-from pathlib import Path
+from collections.abc import Iterator
 
-from peft import PeftModel
+import torch
+from peft import LoraConfig
 
+from peftu.bank import AdapterBank
+from peftu.bank.model import parse_adapter
 from peftu.data.schema import Example, TaskSpec, UserRecord
-from peftu.evaluation.metrics import task_metrics
-from peftu.inference.predict import predict
-
-# --- metrics ------------------------------------------------------------------
-
-
-# --- predictions -------------------------------------------------------------
+from peftu.evaluation.metrics import macro_average, task_metrics
+from peftu.inference.generate import BASE_SLOT
+from peftu.inference.predict import Soft, predict
+from peftu.model.bases import load_users_base
+from peftu.store import AdapterStore
 
 
 def evaluate_examples(model, tokenizer, spec: TaskSpec, examples: list[Example]) -> dict[str, float]:
@@ -48,35 +51,71 @@ def evaluate_users(model, tokenizer, spec: TaskSpec, users: list[UserRecord],
     return {uid: task_metrics(spec, p, g) for uid, (p, g) in by_user.items()}
 
 
-def evaluate_adapters(base, tokenizer, spec: TaskSpec, users: list[UserRecord], store,
+def evaluate_user(model, tokenizer, spec: TaskSpec, user: UserRecord) -> dict[str, float]:
+    """The model's metrics on the user's val and test examples (`val_accuracy`, `test_mae`, ...)."""
+    metrics = {f"val_{k}": v for k, v in evaluate_examples(model, tokenizer, spec, user.val).items()}
+    return metrics | {f"test_{k}": v for k, v in evaluate_examples(model, tokenizer, spec, user.test).items()}
+
+
+@contextlib.contextmanager
+def user_adapter(model: torch.nn.Module, files: dict[str, bytes], where: str
+                 ) -> Iterator[tuple[AdapterBank, int]]:
+    """`model` with one LoRA adapter (its PEFT files) in a bank slot, as a replica holds it:
+    (bank, slot). The model is plain again afterwards."""
+    try:
+        config = json.loads(files["adapter_config.json"])
+        lora = LoraConfig(r=config["r"], lora_alpha=config["lora_alpha"], target_modules=config["target_modules"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{where}: adapter_config.json is no LoRA config this bank can hold: {e!r}") from None
+    bank = AdapterBank(model, BASE_SLOT + 2, lora)
+    try:
+        bank.clear_slot(BASE_SLOT)
+        state, scale = parse_adapter(files["adapter_config.json"], files["adapter_model.safetensors"], lora.r, where)
+        bank.load_slot(BASE_SLOT + 1, state, scale)
+        yield bank, BASE_SLOT + 1
+    finally:
+        bank.remove()
+
+
+def predict_user(base, tokenizer, spec: TaskSpec, store: AdapterStore, task: str, user_id: str,
+                 inputs: list[str], *, base_fp: str | None, soft: Soft = None) -> tuple[list[str], bool]:
+    """A user's answers with their own adapter of `task` from the store (checked: sha256, base
+    fingerprint), or the base's if they have none; the second value says whether they had one."""
+    if not store.has_adapter(task, user_id):
+        return predict(base, tokenizer, spec, inputs, soft=soft), False
+    files, _ = store.fetch_bytes(task, user_id, expect_base=base_fp)
+    with user_adapter(base, files, f"adapter of user {user_id!r} in task {task!r}") as (bank, slot):
+        return predict(base, tokenizer, spec, inputs, bank=bank, slot=slot, soft=soft), True
+
+
+def evaluate_adapters(base, tokenizer, spec: TaskSpec, users: list[UserRecord], store: AdapterStore,
                       *, base_fp: str, split: str = "test", progress: bool = True
                       ) -> tuple[dict[str, dict[str, float]], list[str]]:
     """Per-user metrics with each user's own adapter from the store.
 
     A user without an adapter is answered by the base, as the server would;
-    their ids come back as the second value. Every adapter is checked (sha256,
-    base fingerprint) before it is used.
+    their ids come back as the second value.
     """
     from tqdm import tqdm
 
+    base.eval()
     per_user, without = {}, []
     for user in tqdm(users, desc=f"evaluating {spec.name} adapters", unit="user", disable=not progress):
         examples = getattr(user, split)
-        if not store.has_adapter(spec.name, user.user_id):
+        preds, own = predict_user(base, tokenizer, spec, store, spec.name, user.user_id,
+                                  [e.input for e in examples], base_fp=base_fp)
+        if not own:
             without.append(user.user_id)
-            per_user[user.user_id] = evaluate_examples(base, tokenizer, spec, examples)
-            continue
-        with tempfile.TemporaryDirectory() as tmp:
-            store.fetch(spec.name, user.user_id, dest=Path(tmp), expect_base=base_fp)
-            model = PeftModel.from_pretrained(base, tmp)
-        try:
-            per_user[user.user_id] = evaluate_examples(model, tokenizer, spec, examples)
-        finally:
-            model.unload()
+        per_user[user.user_id] = task_metrics(spec, preds, [e.output for e in examples])
     return per_user, without
 
 
-def evaluate_user(model, tokenizer, spec: TaskSpec, user: UserRecord) -> dict[str, float]:
-    """The model's metrics on the user's val and test examples (`val_accuracy`, `test_mae`, ...)."""
-    metrics = {f"val_{k}": v for k, v in evaluate_examples(model, tokenizer, spec, user.val).items()}
-    return metrics | {f"test_{k}": v for k, v in evaluate_examples(model, tokenizer, spec, user.test).items()}
+def evaluate_task(base_path: str, store: AdapterStore, spec: TaskSpec, users: list[UserRecord], *,
+                  split: str = "test", oppu: bool | None = None) -> dict:
+    """`peftu eval`: macro metrics of the base the users' adapters belong to (OPPU's merged one
+    where the store says they were fitted on it; `oppu` forces it) and of each user's own adapter."""
+    base, tokenizer, base_fp = load_users_base(base_path, store, spec.name, oppu=oppu)
+    per_user, without = evaluate_adapters(base, tokenizer, spec, users, store, base_fp=base_fp, split=split)
+    return {"task": spec.name, "metric": spec.metric, "split": split,
+            "base": macro_average(evaluate_users(base, tokenizer, spec, users, split), users),
+            "per_user": macro_average(per_user, users), "users_without_adapter": len(without)}

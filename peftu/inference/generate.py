@@ -8,6 +8,9 @@ each row has its own sampling settings: greedy at temperature 0, otherwise
 temperature and nucleus (top_p) sampling, a token budget and stop strings.
 A row may bring soft tokens (PPlug's personal embedding) to put after its
 prompt: the batch's first forward then reads embeddings instead of token ids.
+A PEFT prompt-learning model (prompt or prefix tuning) puts its virtual tokens
+before every prompt, as in its training. Evaluation, PPlug and the server all
+answer through these two functions (`peftu.inference.predict` for a task).
 """
 
 from __future__ import annotations
@@ -20,9 +23,8 @@ import torch
 from transformers import DynamicCache
 
 from peftu.bank import AdapterBank
-from peftu.inference.predict import answer_logprobs
 from peftu.inference.soft import plugged_forward, soft_len, write_soft_tokens
-from peftu.model.encode import collate
+from peftu.model.encode import IGNORE, collate
 
 BASE_SLOT = 0
 """The bank slot kept at zero: rows of users without an adapter."""
@@ -123,32 +125,53 @@ def _pick(logits: torch.Tensor, states: list[_RowState]) -> list[int]:
     return tokens
 
 
+def _prompt_learning(model, n_rows: int) -> tuple[torch.nn.Module, torch.Tensor | None, DynamicCache | None, int]:
+    """A PEFT prompt-learning model as the model under it and what goes before every prompt:
+    prompt tuning's virtual-token embeddings or prefix tuning's keys and values, and their
+    count. Any other model comes back as it is, with nothing before its prompts."""
+    config = getattr(model, "active_peft_config", None)
+    if config is None or not config.is_prompt_learning:
+        return model, None, None, 0
+    n = config.num_virtual_tokens
+    if config.peft_type == "PREFIX_TUNING":
+        return model.get_base_model(), None, model.get_prompt(n_rows), n
+    if config.peft_type in ("PROMPT_TUNING", "P_TUNING"):
+        return model.get_base_model(), model.get_prompt(batch_size=n_rows), None, n
+    raise ValueError(f"cannot generate with a {config.peft_type} model")
+
+
 @torch.no_grad()
 def generate_batch(model, bank: AdapterBank | None, tokenizer, rows: list[GenRow]) -> list[GenResult]:
     """Generate for every row at once, each row on its own slot, with the KV cache."""
+    model, virtual, prefix, n_virtual = _prompt_learning(model, len(rows))
     device = model.device
     pad_id = tokenizer.pad_token_id
     prompts = [r.prompt_ids + [pad_id] * soft_len(r.soft) for r in rows]  # room for soft tokens at the end
     width = max(len(p) for p in prompts)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width + n_virtual), dtype=torch.long)
+    mask[:, :n_virtual] = 1  # virtual tokens come first, before the left padding
     for i, p in enumerate(prompts):
         ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
+        mask[i, n_virtual + width - len(p):] = 1
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    if prefix is not None:  # the prefix is in the cache already: positions of the prompt only
+        positions = positions[:, n_virtual:]
     step = {"input_ids": ids}
-    if any(r.soft is not None for r in rows):  # the first forward reads embeddings, later ones tokens
-        embeds = model.get_input_embeddings()(ids)
-        step = {"inputs_embeds": write_soft_tokens(embeds, [width - soft_len(r.soft) for r in rows],
-                                                   [r.soft for r in rows])}
+    if virtual is not None or any(r.soft is not None for r in rows):  # the first forward reads embeddings
+        embeds = write_soft_tokens(model.get_input_embeddings()(ids), [width - soft_len(r.soft) for r in rows],
+                                   [r.soft for r in rows])
+        if virtual is not None:
+            embeds = torch.cat([virtual.to(device, embeds.dtype), embeds], dim=1)
+        step = {"inputs_embeds": embeds}
 
     def decode(token_ids: list[int]) -> str:
         return tokenizer.decode(token_ids, skip_special_tokens=True)
 
     states = [_RowState(r, tokenizer.eos_token_id, decode) for r in rows]
     live = list(range(len(rows)))  # rows still decoding, in KV-cache order
-    cache = DynamicCache()
+    cache = prefix if prefix is not None else DynamicCache()
     step_pos = positions
     with contextlib.ExitStack() as rows_on:  # re-entered whenever rows leave the batch
         rows_on.enter_context(slots_context(bank, [r.slot for r in rows], reuse=True))
@@ -185,6 +208,14 @@ class ScoreRow:
     """Soft tokens between the prompt and every candidate (PPlug's); None: none."""
 
 
+def answer_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each row's summed log-probability of its answer tokens (labels not IGNORE)."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    labels = labels[:, 1:]
+    picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * (labels != IGNORE)).sum(-1)
+
+
 @torch.no_grad()
 def score_batch(model, bank: AdapterBank | None, tokenizer, rows: list[ScoreRow]) -> list[list[float]]:
     """Log-likelihood of each candidate of each row, all rows in one forward."""
@@ -198,7 +229,8 @@ def score_batch(model, bank: AdapterBank | None, tokenizer, rows: list[ScoreRow]
             batch = {k: v.to(model.device) for k, v in collate(flat, tokenizer.pad_token_id).items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             labels = batch["labels"]
-    scores = answer_logprobs(logits, labels).tolist()
+    # Prompt tuning puts virtual tokens before the input; their logits come first and are no answer's.
+    scores = answer_logprobs(logits[:, -labels.shape[1]:], labels).tolist()
     out, start = [], 0
     for r in rows:
         out.append(scores[start:start + len(r.encoded)])

@@ -1,62 +1,68 @@
-"""A model's answers to a task's inputs: label scoring for classification and rating, generation otherwise."""
+"""A task's answers, the way the server gives them: label scoring or greedy generation.
+
+Classification and rating inputs are answered by scoring every label after
+the task's prompt (`score_batch`) and taking the best, so an answer is always
+a label. Generation inputs are decoded greedily (`generate_batch`) with
+`answer_sampling`: the task's token budget, stopped at the first newline.
+Both run through the same batch functions as a replica, on the same bank
+slots; a client asking the server the same way (`/v1/score`, or
+`/v1/completions` with the rendered prompt and these settings) gets the same
+answer.
+"""
 
 from __future__ import annotations
 
 import torch
 
+from peftu.bank import AdapterBank
 from peftu.data.schema import TaskSpec
-from peftu.model.encode import IGNORE, collate, encode
+from peftu.inference.generate import BASE_SLOT, GenResult, GenRow, Sampling, ScoreRow, generate_batch, score_batch
+from peftu.model.encode import encode
+
+Soft = list[torch.Tensor | None] | None
+"""Per input, soft tokens after its prompt (PPlug's); None: no input has any."""
 
 
-def answer_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Each row's summed log-probability of its answer tokens (labels not IGNORE)."""
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    labels = labels[:, 1:]
-    picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked * (labels != IGNORE)).sum(-1)
+def answer_sampling(spec: TaskSpec) -> Sampling:
+    """How a task's free-text answer is decoded: greedy, the task's budget, one line."""
+    return Sampling(max_tokens=spec.max_new_tokens, temperature=0.0, stop=["\n"])
 
 
-@torch.no_grad()
-def score_labels(model, tokenizer, spec: TaskSpec, inputs: list[str], *,
-                 max_len: int = 256, batch_size: int = 64) -> list[str]:
+def answer_text(result: GenResult) -> str:
+    """A generation as the task's answer."""
+    return result.text.strip()
+
+
+def _soft(soft: Soft, n: int) -> list[torch.Tensor | None]:
+    return [None] * n if soft is None else soft
+
+
+def score_labels(model, tokenizer, spec: TaskSpec, inputs: list[str], *, bank: AdapterBank | None = None,
+                 slot: int = BASE_SLOT, soft: Soft = None, max_len: int = 256, batch_size: int = 16) -> list[str]:
     """The label with the highest log-likelihood after each input's prompt."""
-    pairs = [encode(tokenizer, spec, text, label, max_len) for text in inputs for label in spec.labels]
-    scores: list[float] = []
-    for i in range(0, len(pairs), batch_size):
-        batch = {k: v.to(model.device) for k, v in collate(pairs[i:i + batch_size], tokenizer.pad_token_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        # Prompt tuning puts virtual tokens before the input; their logits come first and are no answer's.
-        logits = logits[:, -batch["input_ids"].shape[1]:]
-        scores += answer_logprobs(logits, batch["labels"]).tolist()
-    k = len(spec.labels)
-    return [spec.labels[max(range(k), key=lambda j: scores[i * k + j])] for i in range(len(inputs))]
+    rows = [ScoreRow([encode(tokenizer, spec, text, label, max_len) for label in spec.labels], slot, p)
+            for text, p in zip(inputs, _soft(soft, len(inputs)), strict=True)]
+    scores = [s for i in range(0, len(rows), batch_size)
+              for s in score_batch(model, bank, tokenizer, rows[i:i + batch_size])]
+    return [spec.labels[max(range(len(s)), key=s.__getitem__)] for s in scores]
 
 
-@torch.no_grad()
-def generate_answers(model, tokenizer, spec: TaskSpec, inputs: list[str], *,
-                     max_len: int = 256, batch_size: int = 32) -> list[str]:
-    """Greedy answers, cut at the first newline or EOS."""
-    answers = []
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        for i in range(0, len(inputs), batch_size):
-            prompts = [spec.render(t) for t in inputs[i:i + batch_size]]
-            batch = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True,
-                              max_length=max_len - spec.max_new_tokens).to(model.device)
-            out = model.generate(**batch, max_new_tokens=spec.max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-            texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-            answers += [t.strip().split("\n")[0].strip() for t in texts]
-    finally:
-        tokenizer.padding_side = old_side
-    return answers
+def generate_answers(model, tokenizer, spec: TaskSpec, inputs: list[str], *, bank: AdapterBank | None = None,
+                     slot: int = BASE_SLOT, soft: Soft = None, max_len: int = 256, batch_size: int = 16
+                     ) -> list[str]:
+    """Greedy answers (`answer_sampling`); a prompt too long for `max_len` loses its beginning."""
+    keep = max_len - spec.max_new_tokens
+    rows = [GenRow(tokenizer(spec.render(text), add_special_tokens=True)["input_ids"][-keep:], slot,
+                   answer_sampling(spec), soft=p)
+            for text, p in zip(inputs, _soft(soft, len(inputs)), strict=True)]
+    return [answer_text(r) for i in range(0, len(rows), batch_size)
+            for r in generate_batch(model, bank, tokenizer, rows[i:i + batch_size])]
 
 
-def predict(model, tokenizer, spec: TaskSpec, inputs: list[str]) -> list[str]:
-    """The model's answers to inputs, the way the task's kind asks."""
+def predict(model, tokenizer, spec: TaskSpec, inputs: list[str], *, bank: AdapterBank | None = None,
+            slot: int = BASE_SLOT, soft: Soft = None) -> list[str]:
+    """The model's answers to inputs, the way the task's kind asks (on `bank`'s `slot` if given)."""
     if not inputs:
         return []
-    if spec.kind in ("classification", "rating"):
-        return score_labels(model, tokenizer, spec, inputs)
-    return generate_answers(model, tokenizer, spec, inputs)
+    answer = score_labels if spec.kind in ("classification", "rating") else generate_answers
+    return answer(model, tokenizer, spec, inputs, bank=bank, slot=slot, soft=soft)

@@ -1,12 +1,12 @@
 """Serving users' adapters on one base model with Ray Serve.
 
-`config` (the deployment's settings), `cache` (which user sits in which bank
-slot, LRU by count and bytes), `adapters` (store -> slots, version TTL,
-invalidation), `generate` (KV-cached generation and label scoring over rows of
-different users), `batcher` (the in-replica batcher that mixes users), `engine`
-(one replica's model, bank and batcher), `api` (OpenAI-compatible request and
-answer shapes, errors), `auth` (per-user HMAC tokens, admin key), `metrics`
-(Prometheus), `server` (the `PeftuServer` deployment), `local` (the app on this
-machine's Ray, for the demo), `fake_adapters` (many random adapters published
-for benchmarks and tests) and `bench` (the serving benchmark).
+`cache` (which user sits in which bank slot, LRU by count and bytes),
+`adapters` (store -> slots, version TTL, invalidation), `batcher` (the
+in-replica batcher that mixes users), `engine` (one replica's model, bank and
+batcher over `peftu.inference.generate`), `pplug` (PPlug's soft tokens for
+users without an adapter), `api` (OpenAI-compatible request and answer
+shapes, errors), `auth` (per-user HMAC tokens, admin key), `metrics`
+(Prometheus), `server` (the `PeftuServer` deployment) and `local` (the app on
+this machine's Ray, for the demo). The settings are `peftu.config.ServeConfig`.
+A replica only reads: it never trains, nor builds a base.
 """

@@ -89,7 +89,7 @@ class Batcher:
             self._on_batch(batch)
             try:
                 results = await asyncio.to_thread(self._run, batch[0].kind, batch)
-            except Exception as e:  # the whole batch failed: every caller hears why
+            except Exception as e:  # noqa: BLE001 - the whole batch failed: every caller hears why
                 for job in batch:
                     if not job.future.done():
                         job.future.set_exception(e)

@@ -1,9 +1,15 @@
 """One replica's model: the base, its bank of users' adapters, the batcher.
 
 Everything a request needs beyond HTTP: which slot answers a user
-(`AdapterManager`), generation and scoring in mixed batches (`Batcher`,
-`generate`), and the task whose prompt and labels `/v1/score` uses. The Ray
-Serve deployment (`server.py`) is a thin HTTP layer over this.
+(`AdapterManager`), generation and scoring in mixed batches (`Batcher`, over
+`peftu.inference.generate`), and the task whose prompt and labels `/v1/score`
+uses. The Ray Serve deployment (`server.py`) is a thin HTTP layer over this.
+
+A replica only reads: the base must be there already (`peftu base build`
+makes the tiny one), the users' base (plain or OPPU's merged one) is the one
+`peftu.model.bases` finds their adapters fitted on, and the task's prompt and
+labels come from its data set, the store (written by its fit runs) or the
+synthetic generator, in that order.
 """
 
 from __future__ import annotations
@@ -21,9 +27,10 @@ from peftu.bank import AdapterBank
 from peftu.config import ServeConfig
 from peftu.data.schema import TaskSpec
 from peftu.data.synthetic import TASKS
+from peftu.errors import PeftuError
 from peftu.inference.generate import GenResult, GenRow, Sampling, ScoreRow, generate_batch, score_batch
+from peftu.model.base import default_base_dir
 from peftu.model.bases import load_users_base
-from peftu.model.build import ensure_base
 from peftu.model.encode import encode
 from peftu.paths import peftu_home
 from peftu.serving.adapters import AdapterManager, Lease
@@ -31,8 +38,36 @@ from peftu.serving.batcher import Batcher, Job, Kind
 from peftu.serving.metrics import Metrics
 from peftu.serving.pplug import PlugServer
 from peftu.store import AdapterStore
+from peftu.store.task_spec import load_task_spec
 
 log = logging.getLogger("peftu.serving")
+
+
+def base_path(base: str) -> str:
+    """The configured base, or the tiny base where `peftu base build` puts it; a replica never builds one."""
+    path = base or str(default_base_dir())
+    if not base and not Path(path).is_dir():
+        raise PeftuError(f"no base model at {path}: build the tiny base with `peftu base build` "
+                         "(`peftu serve` builds it before it starts), or set base to a model folder or Hugging Face id")
+    return path
+
+
+def served_spec(cfg: ServeConfig, store: AdapterStore) -> TaskSpec:
+    """The served task's prompt and labels: its data set's, else the store's, else the synthetic generator's."""
+    if cfg.data:
+        from peftu.data.io import load_spec
+
+        spec = load_spec(cfg.data, endpoint_url=cfg.endpoint_url)
+        if spec.name != cfg.task:
+            raise PeftuError(f"data set {cfg.data} holds task {spec.name!r}, but the served task is {cfg.task!r}")
+        return spec
+    spec = load_task_spec(store, cfg.task)
+    if spec is None:
+        spec = TASKS.get(cfg.task)
+    if spec is None:
+        raise PeftuError(f"no prompt and labels for task {cfg.task!r}: {store} has no task spec of it (a "
+                         f"`peftu fit` of the task writes one) and it is no synthetic task; set data to its data set")
+    return spec
 
 
 @dataclass
@@ -52,13 +87,14 @@ class Engine:
         self.metrics = metrics or Metrics()
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
-        base = cfg.base or str(ensure_base(log=log.info))
+        base = base_path(cfg.base)
         self.model_name = cfg.model_name or Path(base.rstrip("/")).name
         store = AdapterStore.open(cfg.store or str(peftu_home() / "store"), endpoint_url=cfg.endpoint_url)
-        self.model, self.tokenizer, base_fp = load_users_base(base, store, cfg.task, oppu=cfg.oppu,
+        self.spec = served_spec(cfg, store)
+        oppu = None if cfg.oppu == "auto" else cfg.oppu
+        self.model, self.tokenizer, base_fp = load_users_base(base, store, cfg.task, oppu=oppu,
                                                               dtype=getattr(torch, cfg.dtype))
         self.model.to(cfg.device)
-        self.spec: TaskSpec | None = TASKS.get(cfg.task)
         lora = LoraConfig(r=cfg.max_rank, lora_alpha=cfg.max_rank, target_modules=list(cfg.target_modules))
         probe = AdapterBank(self.model, 1, lora)
         per_slot = probe.slot_bytes()
@@ -75,9 +111,9 @@ class Engine:
             if cfg.pplug else None
         self.batcher = Batcher(self._run, max_batch=cfg.max_batch, wait_s=cfg.batch_wait_ms / 1000,
                                mode=cfg.batching, on_batch=self._count_batch)
-        log.info("serving %s%s with %d adapter slots of %d bytes from %s (task %s, %s batches%s)",
-                 self.model_name, " + OPPU task adapter" if cfg.oppu else "", capacity, per_slot, store,
-                 cfg.task, cfg.batching, f", PPlug {self.plug.version}" if self.plug else "")
+        log.info("serving %s with %d adapter slots of %d bytes from %s (task %s, %s batches%s)",
+                 self.model_name, capacity, per_slot, store, cfg.task, cfg.batching,
+                 f", PPlug {self.plug.version}" if self.plug else "")
 
     # --- the batch worker (runs in the batcher's thread) -------------------------
 
@@ -167,9 +203,8 @@ class Engine:
         return scores, lease
 
     def score_spec(self, labels: list[str]) -> TaskSpec:
-        """The served task's prompt (or the bare input) with these labels."""
-        prompt = self.spec.prompt if self.spec else "{input}"
-        return TaskSpec(name=self.cfg.task, kind="classification", prompt=prompt, labels=labels)
+        """The served task's prompt with these labels."""
+        return TaskSpec(name=self.cfg.task, kind="classification", prompt=self.spec.prompt, labels=labels)
 
     def _count_tokens(self, prompt: int, completion: int) -> None:
         self.metrics.tokens.labels(kind="prompt").inc(prompt)

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 import requests
 
 from peftu.data.schema import TaskSpec
+from peftu.inference.predict import answer_sampling
 
 
 def free_port() -> int:
@@ -79,10 +80,12 @@ def ask_users(base: str, store: str, spec: TaskSpec, users: list[str], texts: li
 
 
 def _ask(url: str, model: str, spec: TaskSpec, text: str) -> tuple[str, str]:
+    """The task's answer as evaluation gives it (`peftu.inference.predict`), and which adapter gave it."""
     if spec.kind == "generation":
+        sampling = answer_sampling(spec)
         r = requests.post(f"{url}/v1/completions", timeout=60, json={
-            "model": model, "prompt": spec.render(text), "max_tokens": spec.max_new_tokens,
-            "temperature": 0, "stop": ["\n"]})
+            "model": model, "prompt": spec.render(text), "max_tokens": sampling.max_tokens,
+            "temperature": sampling.temperature, "stop": sampling.stop})
         r.raise_for_status()
         answer = r.json()["choices"][0]["text"].strip()
     else:

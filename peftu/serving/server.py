@@ -167,7 +167,7 @@ class PeftuServer:
 
     @api.post("/v1/score")
     async def score(self, body: ScoreRequest, authorization: str | None = Header(None)) -> Response:
-        labels = body.labels or (self.engine.spec.labels if self.engine.spec else [])
+        labels = body.labels or self.engine.spec.labels
         if len(labels) < 2:
             raise ApiError(400, f"task {self.cfg.task!r} has no labels: give two or more in 'labels'", "labels")
         self._prompt_ids(self.engine.score_spec(labels).render(body.input))
