@@ -2,28 +2,26 @@
 
 from __future__ import annotations
 
-import socket
 import uuid
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
+
+from tests.faults import fake_aws_env, free_port
+
+if TYPE_CHECKING:
+    from cluster.local import ClusterInfo
 
 # ---------------------------------------------------------------- S3 store fixtures
 # A real S3 API over HTTP on loopback: moto's server in a thread, reached by
 # boto3 through endpoint_url. Nothing talks to AWS.
 
 
-def _free_tcp_port() -> int:
-    """A port nothing listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def free_tcp_port() -> int:
     """A loopback TCP port with no listener, for servers a test starts (or for a dead endpoint)."""
-    return _free_tcp_port()
+    return free_port()
 
 
 @pytest.fixture
@@ -44,7 +42,7 @@ def s3_server() -> Iterator[str]:
     """One moto S3 server for the session; yields its endpoint URL."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_tcp_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     try:
@@ -101,17 +99,32 @@ def tiny_base(tmp_path_factory) -> str:
     return str(path)
 
 
+# ---------------------------------------------------------------- Ray
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    """A Ray of this test process for one module: 2 CPUs, no dashboard, never another test's cluster.
+
+    Started with fake AWS credentials and no endpoint from the environment, which its workers
+    (and Serve replicas) inherit; the test process's own environment is restored after the start.
+    """
+    import ray
+
+    with fake_aws_env():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
 # ---------------------------------------------------------------- local Ray cluster (cluster/local.py)
 # A real multi-node Ray cluster on this machine: a head and two worker nodes, each its own
 # `ray start`, with token auth on. Submit jobs to it with
 #   cluster.submit.submit(ray_cluster.dashboard_url, entrypoint, token=ray_cluster.auth_token)
 # or run a driver with env={**os.environ, **ray_cluster.env}. Worker i carries the resource
 # `node:worker-i`; the head has 0 CPUs, so jobs' tasks run on the two 1-CPU workers.
-
-from typing import TYPE_CHECKING  # noqa: E402 (this section's own imports)
-
-if TYPE_CHECKING:
-    from cluster.local import ClusterInfo
 
 
 @pytest.fixture(scope="session")
@@ -121,7 +134,7 @@ def ray_cluster() -> Iterator[ClusterInfo]:
 
     from cluster.local import start_cluster, stop_cluster
 
-    port = _free_tcp_port()
+    port = free_port()
     # Its own token, not ~/.ray/auth_token, which other local Ray sessions on this machine use.
     info = start_cluster(workers=2, cpus_per_node=1, head_cpus=0, dashboard_port=port, auth=True,
                          token=secrets.token_hex(32))

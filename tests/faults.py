@@ -1,7 +1,8 @@
-"""Fault injection for the reliability tests: real processes killed, real endpoints stopped.
+"""Helpers the tests share: free ports, polling, fake AWS, and fault injection.
 
-Nothing here mocks a failure: an S3 endpoint goes down because its server stops
+The fault injection mocks nothing: an S3 endpoint goes down because its server stops
 listening, a Ray worker or Serve replica dies because its process gets SIGKILL.
+(Fixtures built on these live in conftest.py.)
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +23,13 @@ import pytest
 import requests
 
 T = TypeVar("T")
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on right now (the OS picks it), for a server a test starts."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_for(condition: Callable[[], T], what: str, deadline_s: float = 60.0, poll_s: float = 0.2) -> T:

@@ -19,13 +19,6 @@ from peftu.store import AdapterStore
 from tests.faults import assert_store_whole
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def _job(tmp_path, tiny_base, n_users: int, **kw) -> FitJobConfig:
     spec, users, _ = generate("synth-cls", n_users, seed=9)
     save_task(tmp_path / "data", spec, users)

@@ -128,18 +128,7 @@ def test_fit_trains_only_the_plug_lowers_the_loss_and_reloads_identically(tiny_b
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def fitted(ray_session, tiny_base, users, tmp_path_factory):
+def fitted(local_ray, tiny_base, users, tmp_path_factory):
     """(store uri, job) after a Ray Train fit of the plug on all four users."""
     spec, members = users
     uri = str(tmp_path_factory.mktemp("pplug-store"))

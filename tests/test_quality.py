@@ -58,16 +58,6 @@ def assert_every_method_has_a_row(summary: dict, full: dict, users: int) -> None
         assert len(full["per_user"][name]) == users, name
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """PPlug's plug is fitted with Ray Train: a Ray of this test process, never another test's cluster."""
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 # --- through the command ---------------------------------------------------------------------
 
 

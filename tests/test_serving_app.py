@@ -18,7 +18,7 @@ import requests
 from peftu.bench.fake_adapters import publish_random_adapters
 from peftu.serving.auth import make_token
 from peftu.store import AdapterStore
-from tests.faults import FAKE_AWS, fake_aws_env, metric, wait_for
+from tests.faults import FAKE_AWS, fake_aws_env, free_port, metric, wait_for
 
 TASK = "synth-cls"
 SECRET, ADMIN = "test-token-secret", "test-admin-key"
@@ -27,11 +27,8 @@ USERS = [f"u{i}" for i in range(8)]
 
 
 @pytest.fixture(scope="module")
-def served(tiny_base, s3_server, tmp_path_factory):
-    """(base url, store, versions, tiny_base) of a running app; Serve and Ray stop at the end."""
-    import socket
-
-    import ray
+def served(local_ray, tiny_base, s3_server, tmp_path_factory):
+    """(base url, store, versions, tiny_base) of a running app; Serve stops at the end."""
     from ray import serve
 
     from peftu.serving.server import PeftuServer
@@ -42,10 +39,7 @@ def served(tiny_base, s3_server, tmp_path_factory):
         uri = f"s3://{bucket}/store"
         store = AdapterStore.open(uri, endpoint_url=s3_server)
         versions = publish_random_adapters(store, TASK, USERS, tiny_base, std=0.2, seed=1)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        port = free_port()
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             config = {"base": tiny_base, "store": uri, "endpoint_url": s3_server, "task": TASK,
@@ -57,7 +51,6 @@ def served(tiny_base, s3_server, tmp_path_factory):
             yield f"http://127.0.0.1:{port}", store, versions, tiny_base
         finally:
             serve.shutdown()
-            ray.shutdown()
 
 
 def _auth(user: str | None) -> dict:

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-import ray
-
 from peftu.cli import main
 from peftu.config import SearchSpace, TuneOptions
 from peftu.data.io import save_task
@@ -16,13 +13,6 @@ from peftu.store import AdapterStore
 from peftu.tuning.search import plot_search, run_tune
 
 DRAWN = ("r", "alpha", "lr", "epochs")
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def _data(tmp_path, keep) -> str:
