@@ -3,9 +3,11 @@
 Generates users of the synthetic classification and rating tasks, builds the
 tiny base if it is missing, fits one adapter per user through the Ray Train
 fit job (a local Ray, banked packs, adapters published to a local store), and
-prints how per-user adapters compare with the base model and with one global
-adapter on each user's held-out test examples. It ends by starting the serving
-app on that store and asking it the same input as three users over HTTP.
+prints how those per-user adapters, read back from the store as serving reads
+them, compare with the base model and with one global adapter (the pooled fit)
+on each user's held-out test examples: three rows of the quality benchmark
+(`peftu.quality`). It ends by starting the serving app on that store and asking
+it the same input as three users over HTTP.
 
     python -m jobs.demo [--users 120] [--store DIR] [--tasks synth-cls synth-rating]
 """
@@ -18,7 +20,6 @@ import time
 
 from rich.console import Console
 
-from peftu.compare import compare, render_table
 from peftu.config import FitJobConfig, LoraHParams
 from peftu.data.io import save_task
 from peftu.data.synthetic import TASKS, generate
@@ -26,6 +27,9 @@ from peftu.evaluation.metrics import better
 from peftu.fitting.job import run_fit_job
 from peftu.model.build import ensure_base
 from peftu.paths import peftu_home
+from peftu.quality.context import QualityContext
+from peftu.quality.report import render_table
+from peftu.quality.run import run_quality
 from peftu.serving.local import ask_users
 from peftu.store import AdapterStore
 
@@ -44,8 +48,8 @@ def main() -> None:
     start = time.monotonic()
     base_path = str(ensure_base(log=console.print))
     store = AdapterStore.open(args.store)
-    results = []
     hp = LoraHParams()
+    methods = ["base", "global", "stored"]  # the stored adapters are the ones the fit job just published
     served = None
     for task in args.tasks:
         spec, users, report = generate(task, args.users, seed=args.seed)
@@ -56,14 +60,14 @@ def main() -> None:
                                        hparams=hp.model_dump(), workers=args.workers))
         console.print(f"[{task}] fit run {run.run_id}: {len(run.summary.fitted)} fitted, "
                       f"{len(run.summary.skipped)} already current, {run.users_per_hour:.0f} users/hour")
-        results.append(compare(spec, users, base_path, store, hp, log=console.print))
+        result = run_quality(QualityContext(spec, users, base_path, store, hp, store_uri=args.store,
+                                            log=console.print), methods)
+        console.print(render_table(result.full()))
+        base, glob, own = (result.value(m) for m in methods)
+        verdict = "beat" if all(better(spec.metric, own, x) for x in (base, glob)) else "did NOT beat"
+        console.print(f"{spec.name}: per-user adapters {verdict} the base and the global adapter "
+                      f"({spec.metric} {own:.3f} vs {base:.3f} / {glob:.3f})")
         served = served or (spec, users)
-    console.print(render_table(results))
-    for res in results:
-        base, glob, own = (res.value(m) for m in ("base", "global adapter", "per-user adapters"))
-        verdict = "beat" if all(better(res.spec.metric, own, x) for x in (base, glob)) else "did NOT beat"
-        console.print(f"{res.spec.name}: per-user adapters {verdict} the base and the global adapter "
-                      f"({res.spec.metric} {own:.3f} vs {base:.3f} / {glob:.3f})")
     spec, users = served
     console.print(f"[bold]serving[/]: the same {spec.name} input for several users, over HTTP "
                   "(of up to 8 inputs, the first that three of 12 users answer differently)")

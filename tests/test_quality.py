@@ -1,4 +1,4 @@
-"""`peftu bench quality`: every method gives a row, and the pieces behind the rows are right."""
+"""`peftu bench quality` (and the demo's table): every method gives a row, and the pieces behind the rows are right."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import pytest
 
 from peftu.data.schema import Example, HistoryItem, TaskSpec, UserRecord
 from peftu.data.synthetic import TASKS, generate
-from peftu.personalize import augment_users, bm25_top_k, profile_text
-from peftu.quality import majority_answer, merge_reports, method_names
+from peftu.quality.methods import default_methods, majority_answer, method_names, parse_methods
+from peftu.quality.personalize import augment_users, bm25_top_k, profile_text
+from peftu.quality.report import merge_reports
 from peftu.store import AdapterStore
-from peftu.store.kinds import PLUG_USER, plug_task
+from peftu.store.kinds import PLUG, TASK_ADAPTER, quality_task
 from tests.lamp_data import lamp3_from_generated
 from tests.test_cli import TWEETEVAL
 
@@ -49,8 +50,8 @@ def bench(capsys, *args: str, tmp_path, base: str, out: str = "results.json") ->
     return json.loads(stdout.strip().splitlines()[-1]), json.loads((tmp_path / out).read_text())
 
 
-def assert_every_method_has_a_row(summary: dict, full: dict, users: int) -> None:
-    assert list(summary["methods"]) == method_names()
+def assert_every_method_has_a_row(summary: dict, full: dict, users: int, names: list[str]) -> None:
+    assert list(summary["methods"]) == names
     assert summary["users"] == users
     for name, value in summary["methods"].items():
         assert isinstance(value, float) and math.isfinite(value), (name, value)
@@ -62,8 +63,10 @@ def assert_every_method_has_a_row(summary: dict, full: dict, users: int) -> None
 
 
 def test_every_method_on_a_generated_task(tmp_path, tiny_base, capsys, local_ray):
-    # In two runs of half the methods each, put together by --report as a long run split up would be.
+    # In two runs of half the methods each, put together by --report as a long run split up would be;
+    # `stored` too, which a run without --methods leaves out.
     names = method_names()
+    assert "stored" in names and default_methods() == [m for m in names if m != "stored"] == parse_methods(None)
     half = len(names) // 2
     for i, part in enumerate((names[:half], names[half:])):
         bench(capsys, "--task", "synth-rating", "--users", "3", "--methods", ",".join(part),
@@ -75,7 +78,7 @@ def test_every_method_on_a_generated_task(tmp_path, tiny_base, capsys, local_ray
     summary = json.loads(stdout.strip().splitlines()[-1])
     full = merge_reports([json.loads((tmp_path / f"part{i}.json").read_text()) for i in (0, 1)])
     assert (summary["task"], summary["metric"]) == ("synth-rating", "mae")
-    assert_every_method_has_a_row(summary, full, 3)
+    assert_every_method_has_a_row(summary, full, 3, names)
     assert "| oppu+profile |" in stdout and (tmp_path / "q.png").stat().st_size > 10_000
     # The majority row is the users' own mean training rating, counted here by hand.
     _, users, _ = generate("synth-rating", 3, seed=0)
@@ -83,12 +86,17 @@ def test_every_method_on_a_generated_task(tmp_path, tiny_base, capsys, local_ray
         mean = sum(float(e.output) for e in u.train) / len(u.train)
         hand = sum(abs(mean - float(e.output)) for e in u.test) / len(u.test)
         assert full["per_user"]["majority"][u.user_id]["mae"] == pytest.approx(hand, abs=1e-3)
-    # OPPU's adapters are the benchmark's own, never the task's real ones.
-    stored = {p.name for p in (tmp_path / "store").rglob("*") if p.is_dir()}
-    assert {"quality.synth-rating.oppu", "quality.synth-rating.retrieval.oppu"} <= stored
-    assert "synth-rating" not in stored
+    # OPPU's adapters are the benchmark's own, never the task's real ones; with none of those in the
+    # store, the `stored` row is the base's.
+    store = AdapterStore.open(str(tmp_path / "store"))
+    assert store.list_tasks() == ["quality.synth-rating.oppu", "quality.synth-rating.profile.oppu",
+                                  "quality.synth-rating.retrieval.oppu"]
+    assert full["per_user"]["stored"] == full["per_user"]["base"]
+    # One pooled fit per prompt form: `global` and `oppu` share the plain one.
+    pooled = store.artifact_versions(TASK_ADAPTER.of(quality_task("synth-rating")))
+    assert len(pooled) == 1
     # The plug was fitted for --pplug-steps steps: 3 users' few rows make one epoch a step or two.
-    plug = AdapterStore.open(str(tmp_path / "store")).manifest(plug_task("quality.synth-rating"), PLUG_USER)
+    plug = store.artifact_manifest(PLUG.of(quality_task("synth-rating")))
     steps, per_epoch = plug.metrics["steps"], plug.metrics["steps"] // plug.metrics["epochs"]
     assert full["settings"]["pplug_steps"] == 20 and steps - per_epoch < 20 <= steps
 
@@ -101,13 +109,31 @@ def test_every_method_on_tweeteval(tmp_path, tiny_base, capsys, local_ray):
     summary, full = bench(capsys, "--task", "tweeteval", "--data", str(TWEETEVAL), "--users", "2", "--k", "1",
                           "--max-len", "96", "--batch-size", "16", tmp_path=tmp_path, base=tiny_base)
     assert (summary["task"], summary["metric"], full["examples"]["test"]) == ("tweeteval", "accuracy", 40)
-    assert_every_method_has_a_row(summary, full, 2)
+    assert_every_method_has_a_row(summary, full, 2, default_methods())  # what a run without --methods runs
     # Majority: each annotator's most frequent training label, scored on their test tweets by hand.
     _, users, _ = load_peftu_annotations(TWEETEVAL)
     for u in users[:2]:
         top = Counter(e.output for e in u.train).most_common(1)[0][0]
         hand = sum(e.output == top for e in u.test) / len(u.test)
         assert full["per_user"]["majority"][u.user_id]["accuracy"] == pytest.approx(hand)
+
+
+def test_stored_scores_the_users_own_adapters_as_their_fit_did(tmp_path, tiny_base):
+    """The demo's per-user row: adapters a fit published, read back from the store as serving reads them."""
+    from peftu.config import LoraHParams
+    from peftu.fitting.reference import fit_users
+    from peftu.model.base import base_fingerprint, load_base
+    from peftu.quality.context import QualityContext
+    from peftu.quality.run import run_quality
+
+    spec, users, _ = generate("synth-cls", 2, seed=0)
+    store, hp = AdapterStore.open(str(tmp_path / "store")), LoraHParams(epochs=1)
+    model, tokenizer = load_base(tiny_base)
+    fit_users(model, tokenizer, spec, users[:1], hp, store, base_fp=base_fingerprint(tiny_base), progress=False)
+    result = run_quality(QualityContext(spec, users, tiny_base, store, hp, progress=False), ["base", "stored"])
+    fitted, without = users[0].user_id, users[1].user_id
+    assert result.per_user["stored"][fitted]["accuracy"] == store.manifest(spec.name, fitted).metrics["test_accuracy"]
+    assert result.per_user["stored"][without] == result.per_user["base"][without]
 
 
 def test_lamp_format_files(tmp_path, tiny_base, capsys):

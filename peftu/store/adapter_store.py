@@ -182,15 +182,18 @@ class AdapterStore:
         except (UnicodeDecodeError, InvalidIdError) as e:
             raise CorruptAdapterError(f"pointer {key} in {self.backend.describe()} is unreadable: {e}") from None
 
-    def artifact_versions(self, ref: Ref) -> list[str]:
-        """Complete versions (those with a manifest), oldest first."""
-        versions_key = f"{ref.key}/versions"
+    def _folders_holding(self, prefix: str, name: str) -> list[str]:
+        """The folders right under `prefix` that hold an object `name`, sorted."""
         found = []
-        for key in self.backend.list(versions_key):
-            parts = key[len(versions_key) + 1:].split("/")
-            if len(parts) == 2 and parts[1] == MANIFEST:
+        for key in self.backend.list(prefix):
+            parts = key[len(prefix) + 1:].split("/")
+            if len(parts) == 2 and parts[1] == name:
                 found.append(parts[0])
         return sorted(found)
+
+    def artifact_versions(self, ref: Ref) -> list[str]:
+        """Complete versions (those with a manifest), oldest first."""
+        return self._folders_holding(f"{ref.key}/versions", MANIFEST)
 
     def artifact_manifest(self, ref: Ref, version: str | None = None) -> Manifest:
         """A version's manifest (default: the latest), checked against where it was found."""
@@ -207,13 +210,7 @@ class AdapterStore:
 
     def artifact_owners(self, kind: Kind, task: str) -> list[str]:
         """The user ids (or names) with a published artifact of `kind` in `task`."""
-        task_key = f"{kind.root}/{validate_id(task, 'task name')}"
-        owners = []
-        for key in self.backend.list(task_key):
-            parts = key[len(task_key) + 1:].split("/")
-            if len(parts) == 2 and parts[1] == POINTER:
-                owners.append(parts[0])
-        return sorted(owners)
+        return self._folders_holding(f"{kind.root}/{validate_id(task, 'task name')}", POINTER)
 
     def _usable_manifest(self, ref: Ref, version: str | None, expect_base: str | None,
                          expect_encoder: str | None) -> Manifest:

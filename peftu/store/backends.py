@@ -115,6 +115,13 @@ def _write_atomic(path: Path, fill: Callable[[IO[bytes]], Any]) -> None:
     _fsync_dir(path.parent)
 
 
+def _copy_atomic(source: Path, target: Path) -> None:
+    """Copy a file through `_write_atomic`: an OSError out of here is one reading `source`
+    (failed writes are StoreUnavailableError already)."""
+    with open(source, "rb") as src:
+        _write_atomic(target, lambda f: shutil.copyfileobj(src, f))
+
+
 class LocalBackend(Backend):
     """A directory on a local or mounted file system."""
 
@@ -178,18 +185,15 @@ class LocalBackend(Backend):
             raise StoreUnavailableError(f"cannot delete {path}: {e.strerror or e}") from e
 
     def put_file(self, key: str, path: Path) -> None:
-        target = self._path(key)
         try:
-            with open(path, "rb") as src:  # a failed write is StoreUnavailableError, no OSError
-                _write_atomic(target, lambda f: shutil.copyfileobj(src, f))
+            _copy_atomic(Path(path), self._path(key))
         except OSError as e:
             raise StoreError(f"cannot read {path}: {e.strerror or e}") from e
 
     def get_file(self, key: str, path: Path) -> None:
         source = self._path(key)
         try:
-            with open(source, "rb") as src:  # a failed write is StoreUnavailableError, no OSError
-                _write_atomic(Path(path), lambda f: shutil.copyfileobj(src, f))
+            _copy_atomic(source, Path(path))
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise NotFoundError(f"no object {key!r} in {self.root}") from None
         except OSError as e:

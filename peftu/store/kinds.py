@@ -116,7 +116,7 @@ TASK_SPEC = Kind("task-spec", "task spec", "records/task-specs", (RECORD_FILE,))
 """A task's TaskSpec (kind, prompt, labels) as its fit runs read it: what a replica serves it with."""
 
 KINDS = (ADAPTER, TASK_ADAPTER, PLUG, EMBEDDINGS, TUNE_RESULTS, QUALITY_RESULTS, RUN_SUMMARY, TASK_SPEC)
-RECORDS = (TUNE_RESULTS, QUALITY_RESULTS, RUN_SUMMARY, TASK_SPEC)
+"""Every kind, for what walks them all (`peftu store sweep`)."""
 
 BEST = "best"
 """The tune results a fit applies by default (`peftu fit --config best`)."""

@@ -8,8 +8,8 @@ cannot learn to copy the answer.
 
 Where it goes: the context comes first and the task's own prompt of the query
 last, so when a prompt is longer than the model's `max_len`, the cut (which
-takes tokens from the beginning, see `peftu.encode.encode`) eats the context,
-never the question. Retrieved items are ordered least similar first, so the
+takes tokens from the beginning, see `peftu.model.encode.encode`) eats the
+context, never the question. Retrieved items are ordered least similar first, so the
 cut drops the weakest ones.
 """
 
