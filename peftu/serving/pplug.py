@@ -3,7 +3,7 @@
 At replica start the task's plug is loaded from the store (checked against the
 served base and the encoder). A request for a user whom the base would answer
 (no adapter) looks up the user's history embeddings in the store, where
-`peftu pplug fit` and evaluation cached them (`<task>.pplug-embeddings`); a
+`peftu pplug fit` and evaluation cached them (`kinds.EMBEDDINGS`); a
 user who has them is answered with the plug's soft tokens after the
 prompt, the others by the base. Embeddings (or their absence) are kept for the
 version TTL, like adapters; a store that cannot be read means the base answers.
