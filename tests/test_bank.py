@@ -23,6 +23,7 @@ from peftu.fitting.banked import PackTrainer, fit_pack, fit_stream, largest_firs
 from peftu.fitting.reference import fit_adapter
 from peftu.model.base import load_base
 from peftu.model.encode import collate, encode
+from peftu.model.lora import lora_config
 
 RATING = TASKS["synth-rating"]
 ALL_LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -89,7 +90,7 @@ def test_users_streaming_through_fewer_slots_equal_separate_peft_fits_in_float64
         hp = LoraHParams(r=4, alpha=8, epochs=2, batch_size=4, lr=2e-2, weight_decay=0.05,
                          max_grad_norm=0.3, schedule="linear", target_modules=["q_proj", "v_proj"])
         reference = _reference(model, tok, users, hp)
-        init_state = peft_initial_state(model, hp.lora_config(), hp.seed)
+        init_state = peft_initial_state(model, lora_config(hp), hp.seed)
         trainer = PackTrainer(model, 2, hp)
         done: list[tuple[int, str, dict[str, torch.Tensor]]] = []
 
@@ -146,7 +147,7 @@ def test_clipping_is_per_slot():
 def test_mixed_rows_equal_each_slot_alone(base):
     model, tok = base
     hp = LoraHParams(r=4, target_modules=ALL_LLAMA)
-    bank = AdapterBank(model, 3, hp.lora_config())
+    bank = AdapterBank(model, 3, lora_config(hp))
     try:
         with torch.no_grad():
             for p in bank.parameters():
@@ -198,7 +199,7 @@ def test_a_peft_adapter_imports_into_a_slot(base):
     with tempfile.TemporaryDirectory() as folder:
         fitted.save_pretrained(folder)
         plain = fitted.unload()
-        bank = AdapterBank(plain, 2, hp.lora_config())
+        bank = AdapterBank(plain, 2, lora_config(hp))
         bank.import_slot(1, folder)
         with torch.no_grad(), bank.rows(1):
             torch.testing.assert_close(plain(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-5)
@@ -209,7 +210,7 @@ def test_gpt2_fused_c_attn_is_banked_and_exports_to_peft():
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=2, n_head=2)).eval()
     hp = LoraHParams(r=4, target_modules=["c_attn"])
-    bank = AdapterBank(model, 2, hp.lora_config())
+    bank = AdapterBank(model, 2, lora_config(hp))
     assert len(bank.layers) == 2
     with torch.no_grad():
         for p in bank.parameters():
@@ -223,9 +224,9 @@ def test_gpt2_fused_c_attn_is_banked_and_exports_to_peft():
 def test_initial_state_is_what_peft_starts_from(base):
     model, _ = base
     hp = LoraHParams(seed=5)
-    state = peft_initial_state(model, hp.lora_config(), hp.seed)
+    state = peft_initial_state(model, lora_config(hp), hp.seed)
     torch.manual_seed(hp.seed)
-    peft_model = get_peft_model(model, hp.lora_config())
+    peft_model = get_peft_model(model, lora_config(hp))
     for key, value in peft_model.state_dict().items():
         if "lora_" in key:
             assert torch.equal(value, state[key.replace(".default", "")])
@@ -235,7 +236,7 @@ def test_initial_state_is_what_peft_starts_from(base):
 
 def test_foreign_or_malformed_adapters_are_refused(base):
     model, _ = base
-    bank = AdapterBank(model, 2, LoraHParams(r=4).lora_config())
+    bank = AdapterBank(model, 2, lora_config(LoraHParams(r=4)))
     try:
         good = bank.slot_state(0)
         key = next(iter(good))
@@ -251,7 +252,7 @@ def test_foreign_or_malformed_adapters_are_refused(base):
     finally:
         bank.remove()
     with pytest.raises(ValueError, match="dropout"):
-        AdapterBank(model, 1, LoraHParams(dropout=0.1).lora_config())
+        AdapterBank(model, 1, lora_config(LoraHParams(dropout=0.1)))
 
 
 def test_slots_go_to_the_largest_users_first_and_the_token_budget_caps_them():

@@ -22,7 +22,7 @@ from tests.faults import assert_store_whole
 def _job(tmp_path, tiny_base, n_users: int, **kw) -> FitJobConfig:
     spec, users, _ = generate("synth-cls", n_users, seed=9)
     save_task(tmp_path / "data", spec, users)
-    hp = LoraHParams(epochs=1, r=4).model_dump()
+    hp = LoraHParams(epochs=1, r=4)
     return FitJobConfig(data=str(tmp_path / "data"), store=str(tmp_path / "store"), base=tiny_base,
                         hparams=hp, progress_interval_s=1.0, **kw)
 

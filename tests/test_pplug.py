@@ -132,7 +132,7 @@ def fitted(local_ray, tiny_base, users, tmp_path_factory):
     """(store uri, job) after a Ray Train fit of the plug on all four users."""
     spec, members = users
     uri = str(tmp_path_factory.mktemp("pplug-store"))
-    job = PPlugJobConfig(store=uri, base=tiny_base, plug=CFG.model_dump(), workers=1)
+    job = PPlugJobConfig(store=uri, base=tiny_base, plug=CFG, workers=1)
     manifest, reused = run_pplug_job(job, spec, members)
     assert not reused
     return uri, job, manifest

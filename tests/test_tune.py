@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 
+import pytest
+from pydantic import ValidationError
+
 from peftu.cli import main
 from peftu.config import SearchSpace, TuneOptions
 from peftu.data.io import save_task
 from peftu.data.synthetic import generate
 from peftu.evaluation.metrics import better
 from peftu.store import AdapterStore
-from peftu.tuning.search import plot_search, run_tune
+from peftu.store.kinds import BEST, TUNE_RESULTS
+from peftu.tuning.report import plot_search
+from peftu.tuning.search import run_tune
 
 DRAWN = ("r", "alpha", "lr", "epochs")
 
@@ -41,8 +46,8 @@ def test_search_stops_poor_trials_reports_failures_and_the_fit_job_uses_the_best
     run = run_tune(data, tiny_base, store_uri, SearchSpace(ranks=[2, 4, 8], lr_min=1e-4, lr_max=0.3, epochs=[1, 2, 3]),
                    opts)
     store = AdapterStore.open(store_uri)
-    record = store.get_json(f"tune/synth-cls/{run.run_id}")
-    assert store.get_json("tune/synth-cls/best") == record
+    record = store.get_record(TUNE_RESULTS.of("synth-cls", run.run_id))
+    assert store.get_record(TUNE_RESULTS.of("synth-cls", BEST)) == record
     rows = record["buckets"]["all"]["trials"]
     table = "\n".join(f"{t['r']} {t['lr']:.3g} {t['epochs']} {t['status']} {t['epochs_run']} {t['metric']} "
                       f"{t['error']}" for t in rows)
@@ -102,6 +107,20 @@ def _bucket_users(data: str, bucket: str) -> list[str]:
     from peftu.data.io import load_task
 
     return [u.user_id for u in load_task(data)[1] if u.activity == bucket]
+
+
+def test_the_search_settings_refuse_what_no_trial_could_use():
+    with pytest.raises(ValidationError, match="need 0 < lr_min <= lr_max"):
+        SearchSpace(lr_min=0.1, lr_max=0.01)
+    with pytest.raises(ValidationError, match="ranks.0"):
+        SearchSpace(ranks=[0, 4])
+    with pytest.raises(ValidationError, match="the search draws lr, r: they cannot be fixed"):
+        TuneOptions(fixed={"r": 4, "lr": 0.1, "batch_size": 4})
+    with pytest.raises(ValidationError, match="batch_sise"):
+        TuneOptions(fixed={"batch_sise": 4})
+    with pytest.raises(ValidationError, match="batch_size"):
+        TuneOptions(fixed={"batch_size": 0})
+    assert TuneOptions(fixed={"batch_size": "8"}).fixed == {"batch_size": 8}  # converted as LoraHParams does
 
 
 def test_tune_help_and_clear_errors(tmp_path):

@@ -21,6 +21,7 @@ from peftu.data.schema import UserRecord
 from peftu.data.synthetic import TASKS, generate
 from peftu.fitting.banked import fit_pack
 from peftu.model.base import load_base
+from peftu.model.lora import lora_config
 
 RATING = TASKS["synth-rating"]
 HP = LoraHParams(r=4, alpha=8, epochs=2, batch_size=4, lr=2e-2, weight_decay=0.05, max_grad_norm=0.3,
@@ -46,7 +47,7 @@ def _rank(rank: int, world: int, port: int, base: str, out: str, offload: bool) 
     try:
         model, tok = load_base(base)
         model.double()
-        init = peft_initial_state(model, HP.lora_config(), HP.seed)
+        init = peft_initial_state(model, lora_config(HP), HP.seed)
         _, _, mpu = form_groups(world)
         # one spare slot: an idle slot must come out untouched
         trainer = ZeroPackTrainer(model, 5, HP, config=ds_config("zero2", offload), mpu=mpu)

@@ -37,6 +37,7 @@ from peftu.data.synthetic import generate
 from peftu.fitting.banked import PackTrainer, answer_token_loss, fit_stream, largest_first
 from peftu.fitting.reference import fit_adapter
 from peftu.model.base import load_base
+from peftu.model.lora import lora_config
 
 
 @dataclass
@@ -97,7 +98,7 @@ def time_banked(base_path: str, spec: TaskSpec, users: list[UserRecord], hp: Lor
     loss; and the average union batch (rows per banked step), which sizes the floor's batches."""
     start = time.perf_counter()
     base, tokenizer = load_base(base_path)
-    init_state = peft_initial_state(base, hp.lora_config(), hp.seed)
+    init_state = peft_initial_state(base, lora_config(hp), hp.seed)
     trainer = PackTrainer(base, min(pack_size, len(users)), hp)
     bar = tqdm(total=len(users), desc=f"banked: {pack_size} slots", unit="user", disable=not progress)
 

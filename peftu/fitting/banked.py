@@ -37,6 +37,7 @@ from peftu.errors import StoreError
 from peftu.evaluation.evaluate import evaluate_user
 from peftu.fitting.reference import FitResult, FitSummary, lr_lambda
 from peftu.model.encode import IGNORE, collate, encode, minibatches
+from peftu.model.lora import lora_config
 from peftu.store import AdapterStore
 from peftu.store.current import data_fingerprint, folder_files, is_current, publish_adapter, split_current
 
@@ -119,7 +120,7 @@ class PackTrainer:
     """True when every rank of the group must run the same forwards (ZeRO-3 gathers sharded weights in them)."""
 
     def __init__(self, model: torch.nn.Module, n_slots: int, hp: LoraHParams):
-        self.bank = AdapterBank(model, n_slots, hp.lora_config())
+        self.bank = AdapterBank(model, n_slots, lora_config(hp))
         self.opt = SlotAdamW(self.bank.parameters(), n_slots, lr=hp.lr, weight_decay=hp.weight_decay,
                              max_grad_norm=hp.max_grad_norm)
 
@@ -271,7 +272,7 @@ def fit_pack(model: torch.nn.Module, tokenizer, spec: TaskSpec, users: list[User
     """
     require_examples(users)
     if init_state is None:
-        init_state = peft_initial_state(model, hp.lora_config(), hp.seed)
+        init_state = peft_initial_state(model, lora_config(hp), hp.seed)
     trainer = trainer or PackTrainer(model, len(users), hp)
     if len(users) > trainer.bank.n_slots:
         raise ValueError(f"a pack of {len(users)} users does not fit a bank of {trainer.bank.n_slots} slots")
@@ -345,7 +346,7 @@ def fit_users_banked(model: torch.nn.Module, tokenizer, spec: TaskSpec, users: l
     summary, todo = plan_users(store, spec, users, hp, base_fp)
     if not todo:
         return summary
-    init_state = peft_initial_state(model, hp.lora_config(), hp.seed)
+    init_state = peft_initial_state(model, lora_config(hp), hp.seed)
     trainer = PackTrainer(model, min(len(todo), slot_count(pack_size, hp, token_budget)), hp)
     return run_stream(model, tokenizer, spec, todo, hp, store, base_fp, trainer, init_state, summary, on_progress)
 

@@ -22,13 +22,13 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import ray
 from ray.train import DataConfig
 
-from peftu.config import FitJobConfig, LoraHParams
+from peftu.config import FitJobConfig
 from peftu.data.schema import ACTIVITY_BUCKETS, TaskSpec, UserRecord
 from peftu.errors import PeftuError
 from peftu.fitting.reference import FitSummary
@@ -119,7 +119,7 @@ def _summary_statuses(summary: FitSummary) -> dict[str, str]:
 
 def _worker_loop(config: dict) -> None:
     """One Ray Train worker: fit and publish its shard of users, each as soon as it is done."""
-    job = FitJobConfig(**config["job"])
+    job = FitJobConfig.model_validate(config["job"])
     if job.deepspeed and not job.use_gpu:
         from peftu.fitting.zero import use_cpu_accelerator
         use_cpu_accelerator()  # before anything imports deepspeed
@@ -145,10 +145,10 @@ def _worker_loop(config: dict) -> None:
                   on_progress=report)
     if job.deepspeed:
         from peftu.fitting.zero import fit_users_zero
-        summary = fit_users_zero(base, tokenizer, spec, users, LoraHParams(**job.hparams), store,
+        summary = fit_users_zero(base, tokenizer, spec, users, job.hparams, store,
                                  config=config["deepspeed"], group_size=job.group_size, **common)
     else:
-        summary = fit_users_banked(base, tokenizer, spec, users, LoraHParams(**job.hparams), store, **common)
+        summary = fit_users_banked(base, tokenizer, spec, users, job.hparams, store, **common)
     report(FitSummary(skipped=summary.skipped, failed=summary.failed))
 
 
@@ -214,7 +214,7 @@ def _task_adapter_stage(job: FitJobConfig, spec: TaskSpec, users: list[UserRecor
     def stage() -> dict:
         logging.basicConfig(level=logging.INFO)
         store = AdapterStore.open(job.store, endpoint_url=job.endpoint_url)
-        return ensure_task_adapter(job.base, spec, users, LoraHParams(**job.hparams), store,
+        return ensure_task_adapter(job.base, spec, users, job.hparams, store,
                                    epochs=job.task_epochs).model_dump()
 
     task = ray.remote(num_cpus=job.cpus_per_worker, num_gpus=1 if job.use_gpu else 0)(stage)
@@ -255,10 +255,10 @@ def _run_by_bucket(job: FitJobConfig, spec: TaskSpec, users: list[UserRecord]) -
         members = [u for u in users if u.activity == bucket]
         if not members:
             continue
-        hparams = job.bucket_hparams.get(bucket, job.hparams)
-        log.info("activity bucket %s: %d users, r=%s lr=%s epochs=%s", bucket, len(members), hparams["r"],
-                 hparams["lr"], hparams["epochs"])
-        done = run_fit_job(replace(job, hparams=hparams, bucket_hparams={}, users_limit=None), (spec, members))
+        hp = job.bucket_hparams.get(bucket, job.hparams)
+        log.info("activity bucket %s: %d users, r=%s lr=%s epochs=%s", bucket, len(members), hp.r, hp.lr, hp.epochs)
+        done = run_fit_job(job.model_copy(update={"hparams": hp, "bucket_hparams": {}, "users_limit": None}),
+                           (spec, members))
         summary.merge(done.summary)
         run_ids.append(done.run_id)
         seconds += done.seconds
@@ -286,13 +286,12 @@ def run_fit_job(job: FitJobConfig, loaded: tuple[TaskSpec, list[UserRecord]] | N
     users = users[: job.users_limit] if job.users_limit else users
     if job.bucket_hparams:
         return _run_by_bucket(job, spec, users)
-    LoraHParams(**job.hparams)  # fail here, not on every worker
     ds = _deepspeed_config(job) if job.deepspeed else None
     store = AdapterStore.open(job.store, endpoint_url=job.endpoint_url)
     run_id = start_run("fit")
     progress_name = f"peftu-progress-{run_id}"
     progress = FitProgress.options(name=progress_name, scheduling_strategy=_on_head_node()).remote(len(users))
-    loop_config = {"job": asdict(job), "spec": spec.model_dump(), "progress_actor": progress_name}
+    loop_config = {"job": job.model_dump(), "spec": spec.model_dump(), "progress_actor": progress_name}
     if ds:
         loop_config["deepspeed"] = ds
         run_dir = peftu_home() / "ray-runs" / run_id
@@ -334,7 +333,7 @@ def run_fit_job(job: FitJobConfig, loaded: tuple[TaskSpec, list[UserRecord]] | N
     store.put_json(f"runs/{spec.name}/{run_id}", {
         "run_id": run_id, "task": spec.name, "users": len(users), "seconds": seconds,
         "fitted": summary.fitted, "skipped": summary.skipped, "failed": summary.failed,
-        "job": asdict(job), "error": repr(error) if error else None})
+        "job": job.model_dump(), "error": repr(error) if error else None})
     if error:
         raise PeftuError(f"fit run {run_id} failed after {job.max_failures} restarts: {error}; "
                          f"{len(summary.fitted)} users were fitted and published, the summary is in "

@@ -19,6 +19,7 @@ from peftu.data.schema import Example, TaskSpec, UserRecord
 from peftu.errors import StoreError
 from peftu.evaluation.evaluate import evaluate_user
 from peftu.model.encode import collate, encode, minibatches
+from peftu.model.lora import lora_config
 from peftu.store import AdapterStore
 from peftu.store.current import folder_files, publish_adapter, split_current
 
@@ -54,7 +55,7 @@ def fit_adapter(base: torch.nn.Module, tokenizer, spec: TaskSpec, examples: list
     if not examples:
         raise ValueError("cannot fit an adapter on zero examples")
     torch.manual_seed(hp.seed)
-    model = get_peft_model(base, peft_config or hp.lora_config())
+    model = get_peft_model(base, peft_config or lora_config(hp))
     encoded = [encode(tokenizer, spec, e.input, e.output, hp.max_len) for e in examples]
     batches = minibatches(len(encoded), hp.batch_size, hp.seed, hp.epochs)
     params = [p for p in model.parameters() if p.requires_grad]

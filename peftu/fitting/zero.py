@@ -40,6 +40,7 @@ from peftu.config import LoraHParams
 from peftu.data.schema import TaskSpec, UserRecord
 from peftu.fitting.banked import PackTrainer, plan_users, run_stream, slot_count
 from peftu.fitting.reference import FitSummary
+from peftu.model.lora import lora_config
 from peftu.store import AdapterStore
 
 STAGES = {"zero2": 2, "zero3": 3}
@@ -238,7 +239,7 @@ class ZeroPackTrainer(PackTrainer):
         if config["zero_optimization"]["stage"] not in STAGES.values():
             raise ValueError(f"pack-parallel fitting runs ZeRO stage {sorted(STAGES.values())}, "
                              f"not {config['zero_optimization']['stage']}")
-        self.bank = AdapterBank(model, n_slots, hp.lora_config())
+        self.bank = AdapterBank(model, n_slots, lora_config(hp))
         group = self.group = mpu.group if mpu else None
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         params = self.bank.parameters()
@@ -302,7 +303,7 @@ def fit_users_zero(model: torch.nn.Module, tokenizer, spec: TaskSpec, users: lis
     mine = todo[group::n_groups]
     if not mine:
         return summary
-    init_state = peft_initial_state(model, hp.lora_config(), hp.seed)
+    init_state = peft_initial_state(model, lora_config(hp), hp.seed)
     trainer = ZeroPackTrainer(model, min(len(mine), slot_count(pack_size, hp, token_budget)), hp, config=config,
                               mpu=mpu)
     return run_stream(model, tokenizer, spec, mine, hp, store, base_fp, trainer, init_state, summary, on_progress)

@@ -16,7 +16,6 @@ import math
 import random
 import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -119,7 +118,7 @@ def build_base(out: Path, cfg: BaseBuildConfig = BaseBuildConfig(),
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     info = {"parameters": n_params, "steps": steps, "ppl_before": ppl_before,
-            "ppl_after": ppl_after, "config": asdict(cfg)}
+            "ppl_after": ppl_after, "config": cfg.model_dump()}
     (staging / BUILD_INFO).write_text(json.dumps(info, indent=2))
     if out.exists():
         shutil.rmtree(out)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 
 import torch
 
@@ -129,7 +128,8 @@ def _worker_loop(config: dict) -> None:
 
     from peftu.model.base import base_fingerprint, load_base
 
-    job, spec, cfg = PPlugJobConfig(**config["job"]), TaskSpec(**config["spec"]), PPlugConfig(**config["job"]["plug"])
+    job, spec = PPlugJobConfig.model_validate(config["job"]), TaskSpec(**config["spec"])
+    cfg = job.plug
     users = [UserRecord.from_row(row) for row in ray.train.get_dataset_shard("users").iter_rows()]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -161,15 +161,13 @@ def run_pplug_job(job: PPlugJobConfig, spec: TaskSpec, users: list[UserRecord]) 
     from peftu.pplug.encoder import default_encoder_path
     from peftu.store.current import is_current
 
-    cfg = PPlugConfig(**job.plug)  # fail here, not on every worker
     store = AdapterStore.open(job.store, endpoint_url=job.endpoint_url)
     data_fp = plug_data_fingerprint(spec, users, base_fingerprint(job.encoder or default_encoder_path()))
     key = plug_task(spec.name)
-    if is_current(store, key, PLUG_USER, base_fp=base_fingerprint(job.base), data_fp=data_fp, hp=cfg):
+    if is_current(store, key, PLUG_USER, base_fp=base_fingerprint(job.base), data_fp=data_fp, hp=job.plug):
         log.info("the PPlug of %s is current, reusing it", spec.name)
         return store.manifest(key, PLUG_USER), True
-    loop_config = {"job": asdict(job) | {"plug": cfg.model_dump()}, "spec": spec.model_dump(),
-                   "data_fingerprint": data_fp}
+    loop_config = {"job": job.model_dump(), "spec": spec.model_dump(), "data_fingerprint": data_fp}
     trainer = users_trainer(_worker_loop, loop_config, users, run_id=start_run("pplug"), workers=job.workers,
                             use_gpu=job.use_gpu, cpus_per_worker=job.cpus_per_worker,
                             split=False)  # every worker needs every user's history

@@ -1,0 +1,85 @@
+"""`peftu serve` (the serving app on this machine's Ray) and `peftu serve token` (a user's token)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from peftu.cli.common import add_base, add_store, base_path, field_flag
+from peftu.config import ServeConfig
+from peftu.errors import PeftuError
+
+FLAGS = ("base", "store", "endpoint_url", "task", "batching")
+"""`ServeConfig` fields that are flags of their own; --set reaches every other one."""
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("serve", help="run the serving app on a local Ray (OpenAI-compatible HTTP API)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    for name in ("task", "batching"):
+        p.add_argument(f"--{name}", **field_flag(ServeConfig.model_fields[name], optional=True))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any serving option (peftu.config.ServeConfig), e.g. --set max_adapters=512")
+    add_base(p)
+    add_store(p)
+    sub = p.add_subparsers(dest="serve_command")
+    t = sub.add_parser("token", help="print a user's token (HMAC with the server's secret)")
+    t.add_argument("user")
+    t.add_argument("--secret-env", default=ServeConfig.model_fields["token_secret_env"].default,
+                   help="variable holding the secret (default %(default)s)")
+    return p
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.serve_command == "token":
+        token(args)
+    else:
+        run_app(args)
+
+
+def serve_options(args: argparse.Namespace) -> dict:
+    """ServeConfig fields from the flags and --set KEY=VALUE (a value is JSON if it parses)."""
+    config = {k: getattr(args, k) for k in FLAGS if getattr(args, k, None)}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise PeftuError(f"--set wants KEY=VALUE, got {item!r}")
+        try:
+            config[key.replace("-", "_")] = json.loads(value)
+        except ValueError:
+            config[key.replace("-", "_")] = value
+    return config
+
+
+def run_app(args: argparse.Namespace) -> None:
+    """The serving app on this machine's Ray (RAY_ADDRESS's cluster if set), until Ctrl-C."""
+    import ray
+    from pydantic import ValidationError
+    from ray import serve
+
+    from peftu.serving.server import build_app
+
+    options = serve_options(args)
+    options.setdefault("base", base_path(args))  # a replica never builds the tiny base: it is built here
+    try:
+        app = build_app(options)
+    except ValidationError as e:
+        raise PeftuError(f"invalid serving option: {e}") from None
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    print(f"serving on http://{args.host}:{args.port} (Ctrl-C stops)")
+    serve.run(app, name="peftu", route_prefix="/", blocking=True)
+
+
+def token(args: argparse.Namespace) -> None:
+    import os
+
+    from peftu.serving.auth import make_token
+    from peftu.store import validate_id
+
+    secret = os.environ.get(args.secret_env)
+    if not secret:
+        raise PeftuError(f"set ${args.secret_env} to the server's token secret")
+    print(make_token(secret, validate_id(args.user)))
