@@ -244,13 +244,12 @@ class TuneOptions(Settings):
     """Configs tried first, before the drawn ones."""
 
 
-class ServeConfig(BaseModel):
+class ServeConfig(Settings):
     """Settings of the PeftuServer deployment (every replica gets the same)."""
 
-    model_config = ConfigDict(extra="forbid")
-
     base: str = ""
-    """Base model folder or Hugging Face id; empty: the tiny base (built if missing)."""
+    """Base model folder or Hugging Face id; empty: the tiny base in $PEFTU_HOME (a replica never
+    builds one: `peftu base build` does, and `peftu serve` before it starts)."""
     model_name: str = ""
     """The name clients use for the base (`<model_name>:<user_id>` for a user); default: base's folder name."""
     store: str = ""
@@ -258,6 +257,9 @@ class ServeConfig(BaseModel):
     endpoint_url: str | None = None
     task: str = "synth-cls"
     """Adapters are looked up under this task in the store; its prompt and labels serve /v1/score."""
+    data: str = ""
+    """The task's data set (a folder or s3:// URI saved by `peftu data`), for its prompt and labels;
+    empty: the task spec its fit runs wrote to the store, else the built-in synthetic task's."""
     target_modules: list[str] = ["q_proj", "v_proj"]
     max_rank: int = Field(16, ge=1)
     """Adapters up to this rank share the bank; smaller ones are zero-padded."""
@@ -267,9 +269,10 @@ class ServeConfig(BaseModel):
     """Bytes of adapter weights held in memory per replica."""
     version_ttl_s: float = Field(5.0, ge=0)
     """How long a loaded version is trusted before the store's pointer is read again."""
-    oppu: bool = False
-    """The users' adapters are OPPU's (`peftu fit --oppu`): load `task`'s task adapter from the store
-    and merge it into the base, which then also answers users who have no adapter."""
+    oppu: bool | Literal["auto"] = "auto"
+    """Serve on OPPU's merged base (`task`'s task adapter from the store merged into the base, which
+    then also answers users who have no adapter). auto: where the users' adapters were fitted on it
+    (`peftu fit --oppu`), as their manifests say; true or false force it."""
     pplug: bool = False
     """Answer users who have no adapter but cached history embeddings with PPlug's soft tokens
     (the plug of `task` from the store, fitted on this base by `peftu pplug fit`)."""

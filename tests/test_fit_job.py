@@ -16,6 +16,7 @@ from peftu.data.synthetic import generate
 from peftu.fitting.job import run_fit_job
 from peftu.model.base import base_fingerprint
 from peftu.store import AdapterStore
+from peftu.store.kinds import RUN_SUMMARY
 from tests.faults import assert_store_whole
 
 
@@ -43,7 +44,7 @@ def test_every_user_is_published_once_and_a_rerun_skips_all(local_ray, tiny_base
     assert again.summary.fitted == [] and sorted(again.summary.skipped) == users
     assert all(len(store.list_versions("synth-cls", u)) == 1 for u in users)
     assert store.backend.list(half) == []
-    record = store.get_json(f"runs/synth-cls/{again.run_id}")
+    record = store.get_record(RUN_SUMMARY.of("synth-cls", again.run_id))
     assert record["skipped"] == users and record["error"] is None
 
 
@@ -82,12 +83,12 @@ def test_pack_parallel_deepspeed_gives_the_user_parallel_adapters(local_ray, tin
 def test_oppu_two_stages_fit_users_on_the_merged_task_adapter(local_ray, tiny_base, tmp_path):
     from peftu.model.base import base_fingerprint
     from peftu.model.bases import merged_fingerprint
-    from peftu.store.kinds import TASK_ADAPTER_USER, task_adapter_task
+    from peftu.store.kinds import TASK_ADAPTER
 
     job = _job(tmp_path, tiny_base, 4, workers=1, pack_size=4, oppu=True)
     first = run_fit_job(job)
     store = AdapterStore.open(job.store)
-    task = store.manifest(task_adapter_task("synth-cls"), TASK_ADAPTER_USER)
+    task = store.artifact_manifest(TASK_ADAPTER.of("synth-cls"))
     assert task.base_fingerprint == base_fingerprint(tiny_base)
     assert task.metrics["final_loss"] < task.metrics["first_loss"]
     merged = merged_fingerprint(task.base_fingerprint, task)
@@ -97,7 +98,7 @@ def test_oppu_two_stages_fit_users_on_the_merged_task_adapter(local_ray, tiny_ba
 
     again = run_fit_job(job)  # the task adapter and every user are current
     assert len(again.summary.skipped) == 4
-    assert store.list_versions(task_adapter_task("synth-cls"), TASK_ADAPTER_USER) == [task.version]
+    assert store.artifact_versions(TASK_ADAPTER.of("synth-cls")) == [task.version]
 
 
 def _kill_a_worker_once_users_are_published(store: AdapterStore, killed: list[int], stop: threading.Event):

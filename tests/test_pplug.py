@@ -14,19 +14,11 @@ import torch
 
 from peftu.config import PPlugConfig, PPlugJobConfig
 from peftu.data.synthetic import generate
-from peftu.pplug import (
-    HistoryEncoder,
-    PersonaPlug,
-    cached_embeddings,
-    fit_plug,
-    load_plug,
-    run_pplug_job,
-    user_embeddings,
-)
-from peftu.pplug.model import fit_epochs, plug_files
-from peftu.pplug.train import embed_users, mean_loss, plug_data_fingerprint
+from peftu.pplug.encoder import HistoryEncoder, cached_embeddings, user_embeddings
+from peftu.pplug.model import PersonaPlug, fit_epochs, load_plug, plug_files
+from peftu.pplug.train import embed_users, fit_plug, mean_loss, plug_data_fingerprint, run_pplug_job
 from peftu.store import AdapterStore
-from peftu.store.kinds import PLUG_USER, plug_task
+from peftu.store.kinds import EMBEDDINGS, PLUG
 
 TASK = "synth-cls"
 CFG = PPlugConfig(projector_hidden=64, batch_size=8, lr=1e-2, epochs=2, min_steps=12)
@@ -113,8 +105,8 @@ def test_fit_trains_only_the_plug_lowers_the_loss_and_reloads_identically(tiny_b
     assert loss_after < loss_before - 0.01, (loss_before, loss_after)
 
     base_fp = base_fingerprint(tiny_base)
-    store.publish(plug_task(TASK), PLUG_USER, plug_files(plug), base_fingerprint=base_fp, data_fingerprint="d",
-                  hparams=CFG.model_dump(), extra={"encoder_fingerprint": encoder.fingerprint})
+    store.publish_artifact(PLUG.of(TASK), plug_files(plug), base_fingerprint=base_fp,
+                           encoder_fingerprint=encoder.fingerprint, data_fingerprint="d", hparams=CFG.model_dump())
     reloaded, _ = load_plug(store, TASK, base_fp=base_fp, encoder_fp=encoder.fingerprint)
     query, vectors = encoder.encode(["a post about the band"]), histories[members[0].user_id].vectors[None]
     mask = torch.ones(vectors.shape[:2], dtype=torch.bool)
@@ -143,8 +135,8 @@ def test_ray_train_fit_publishes_the_plug_and_a_rerun_reuses_it(fitted, users, e
     spec, members = users
     store = AdapterStore.open(uri)
     assert manifest.metrics["steps"] == STEPS and manifest.metrics["epochs"] == 3 and manifest.extra["users"] == 4
-    assert manifest.extra["encoder_fingerprint"] == encoder.fingerprint
-    assert set(store.list_users(f"{TASK}.pplug-embeddings")) == {u.user_id for u in members}
+    assert manifest.encoder_fingerprint == encoder.fingerprint
+    assert set(store.artifact_owners(EMBEDDINGS, TASK)) == {u.user_id for u in members}
     again, reused = run_pplug_job(job, spec, members)
     assert reused and again.version == manifest.version
     fewer = [dataclasses.replace(members[0], train=members[0].train[:7]), *members[1:]]

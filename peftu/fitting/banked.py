@@ -40,6 +40,7 @@ from peftu.model.encode import IGNORE, collate, encode, minibatches
 from peftu.model.lora import lora_config
 from peftu.store import AdapterStore
 from peftu.store.current import data_fingerprint, folder_files, is_current, publish_adapter, split_current
+from peftu.store.kinds import ADAPTER
 
 MICRO_BATCH_MIN_TOKENS = 512
 """A micro-batch smaller than this takes in longer rows: a tiny forward costs more
@@ -301,7 +302,7 @@ def publish_slot(model: torch.nn.Module, tokenizer, spec: TaskSpec, trainer: Pac
         metrics = evaluate_user(model, tokenizer, spec, user)
         if trainer.rank == 0:
             try:
-                if is_current(store, spec.name, user.user_id, base_fp=base_fp,
+                if is_current(store, ADAPTER.of(spec.name, user.user_id), base_fp=base_fp,
                               data_fp=data_fingerprint(spec, user.train), hp=hp):
                     return FitSummary(skipped=[user.user_id])  # a worker of an earlier attempt got there first
                 publish_adapter(store, spec, user, folder_files(folder), hp, base_fp, metrics)

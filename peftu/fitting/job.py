@@ -32,6 +32,7 @@ from peftu.config import FitJobConfig
 from peftu.data.schema import ACTIVITY_BUCKETS, TaskSpec, UserRecord
 from peftu.errors import PeftuError
 from peftu.fitting.reference import FitSummary
+from peftu.store.kinds import RUN_SUMMARY
 
 if TYPE_CHECKING:
     from peftu.store import AdapterStore
@@ -281,13 +282,15 @@ def run_fit_job(job: FitJobConfig, loaded: tuple[TaskSpec, list[UserRecord]] | N
     from peftu.data.io import load_task
     from peftu.paths import peftu_home
     from peftu.store import AdapterStore
+    from peftu.store.task_spec import publish_task_spec
 
-    spec, users = loaded or load_task(job.data)
+    spec, users = loaded or load_task(job.data, endpoint_url=job.endpoint_url)
     users = users[: job.users_limit] if job.users_limit else users
     if job.bucket_hparams:
         return _run_by_bucket(job, spec, users)
     ds = _deepspeed_config(job) if job.deepspeed else None
     store = AdapterStore.open(job.store, endpoint_url=job.endpoint_url)
+    publish_task_spec(store, spec)  # what a replica serves the task's adapters with
     run_id = start_run("fit")
     progress_name = f"peftu-progress-{run_id}"
     progress = FitProgress.options(name=progress_name, scheduling_strategy=_on_head_node()).remote(len(users))
@@ -330,12 +333,13 @@ def run_fit_job(job: FitJobConfig, loaded: tuple[TaskSpec, list[UserRecord]] | N
         fitted=sorted(u for u, s in status.items() if s == "fitted"),
         skipped=sorted(u for u, s in status.items() if s == "skipped"),
         failed={u: reasons.get(u, "unknown") for u, s in status.items() if s == "failed"})
-    store.put_json(f"runs/{spec.name}/{run_id}", {
+    record = RUN_SUMMARY.of(spec.name, run_id)
+    store.put_record(record, {
         "run_id": run_id, "task": spec.name, "users": len(users), "seconds": seconds,
         "fitted": summary.fitted, "skipped": summary.skipped, "failed": summary.failed,
         "job": job.model_dump(), "error": repr(error) if error else None})
     if error:
         raise PeftuError(f"fit run {run_id} failed after {job.max_failures} restarts: {error}; "
                          f"{len(summary.fitted)} users were fitted and published, the summary is in "
-                         f"the store under records/runs/{spec.name}/{run_id}") from error
+                         f"the store under {record.key}") from error
     return FitRunResult(run_id=run_id, summary=summary, seconds=seconds)

@@ -22,6 +22,7 @@ from peftu.model.encode import collate, encode, minibatches
 from peftu.model.lora import lora_config
 from peftu.store import AdapterStore
 from peftu.store.current import folder_files, publish_adapter, split_current
+from peftu.store.task_spec import publish_task_spec
 
 
 @dataclass
@@ -126,6 +127,7 @@ def fit_users(base: torch.nn.Module, tokenizer, spec: TaskSpec, users: list[User
     """
     from tqdm import tqdm
 
+    publish_task_spec(store, spec)  # what a replica serves the task's adapters with
     todo, current = split_current(store, spec, users, hp, base_fp)
     summary = FitSummary(skipped=current)
     for user in tqdm(todo, desc=f"fitting {spec.name}", unit="user", disable=not progress):
@@ -144,11 +146,3 @@ def fit_users(base: torch.nn.Module, tokenizer, spec: TaskSpec, users: list[User
             model.unload()
         summary.fitted.append(user.user_id)
     return summary
-
-
-def fit_global(base: torch.nn.Module, tokenizer, spec: TaskSpec, users: list[UserRecord],
-               hp: LoraHParams) -> PeftModel:
-    """One adapter on every user's training examples pooled: the non-personal baseline."""
-    pooled = [e for u in users for e in u.train]
-    model, _ = fit_adapter(base, tokenizer, spec, pooled, hp, progress=f"global adapter ({len(pooled)} examples)")
-    return model

@@ -24,7 +24,7 @@ from peftu.model.encode import encode, epoch_order
 from peftu.pplug.encoder import HistoryEmbeddings, HistoryEncoder, item_text, user_embeddings
 from peftu.pplug.model import PersonaPlug, answer_loss, fit_epochs, history_batch, plug_files
 from peftu.store import AdapterStore, Manifest, fingerprint
-from peftu.store.kinds import PLUG_USER, plug_task
+from peftu.store.kinds import PLUG
 
 log = logging.getLogger("peftu.pplug")
 
@@ -147,10 +147,10 @@ def _worker_loop(config: dict) -> None:
     metrics = {"first_loss": losses[0], "final_epoch_loss": sum(losses[-per_epoch:]) / per_epoch,
                "steps": len(losses), "epochs": epochs, "seconds": time.monotonic() - started}
     if rank == 0:
-        store.publish(plug_task(spec.name), PLUG_USER, plug_files(plug), base_fingerprint=base_fingerprint(job.base),
-                      data_fingerprint=config["data_fingerprint"], hparams=cfg.model_dump(), metrics=metrics,
-                      extra={"encoder_fingerprint": encoder.fingerprint, "users": len(users),
-                             "examples": len(training_rows(users)), "workers": world})
+        store.publish_artifact(PLUG.of(spec.name), plug_files(plug), base_fingerprint=base_fingerprint(job.base),
+                               encoder_fingerprint=encoder.fingerprint, data_fingerprint=config["data_fingerprint"],
+                               hparams=cfg.model_dump(), metrics=metrics,
+                               extra={"users": len(users), "examples": len(training_rows(users)), "workers": world})
     ray.train.report(metrics)
 
 
@@ -163,10 +163,10 @@ def run_pplug_job(job: PPlugJobConfig, spec: TaskSpec, users: list[UserRecord]) 
 
     store = AdapterStore.open(job.store, endpoint_url=job.endpoint_url)
     data_fp = plug_data_fingerprint(spec, users, base_fingerprint(job.encoder or default_encoder_path()))
-    key = plug_task(spec.name)
-    if is_current(store, key, PLUG_USER, base_fp=base_fingerprint(job.base), data_fp=data_fp, hp=job.plug):
+    ref = PLUG.of(spec.name)
+    if is_current(store, ref, base_fp=base_fingerprint(job.base), data_fp=data_fp, hp=job.plug):
         log.info("the PPlug of %s is current, reusing it", spec.name)
-        return store.manifest(key, PLUG_USER), True
+        return store.artifact_manifest(ref), True
     loop_config = {"job": job.model_dump(), "spec": spec.model_dump(), "data_fingerprint": data_fp}
     trainer = users_trainer(_worker_loop, loop_config, users, run_id=start_run("pplug"), workers=job.workers,
                             use_gpu=job.use_gpu, cpus_per_worker=job.cpus_per_worker,
@@ -174,4 +174,4 @@ def run_pplug_job(job: PPlugJobConfig, spec: TaskSpec, users: list[UserRecord]) 
     log.info("fitting the PPlug of %s on %d users (%d examples), %d worker(s)", spec.name, len(users),
              len(training_rows(users)), job.workers)
     trainer.fit()
-    return store.manifest(key, PLUG_USER), False
+    return store.artifact_manifest(ref), False
