@@ -15,7 +15,6 @@ it the same input as three users over HTTP.
 from __future__ import annotations
 
 import argparse
-import logging
 import time
 
 from rich.console import Console
@@ -25,6 +24,7 @@ from peftu.data.io import save_task
 from peftu.data.synthetic import TASKS, generate
 from peftu.evaluation.metrics import better
 from peftu.fitting.job import run_fit_job
+from peftu.logs import setup_logging
 from peftu.model.build import ensure_base
 from peftu.paths import peftu_home
 from peftu.quality.context import QualityContext
@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    setup_logging()
 
     console = Console()
     start = time.monotonic()
@@ -57,7 +57,7 @@ def main() -> None:
         data = peftu_home() / "demo-data" / task
         save_task(data, spec, users)
         run = run_fit_job(FitJobConfig(data=str(data), store=args.store, base=base_path,
-                                       hparams=hp.model_dump(), workers=args.workers))
+                                       hparams=hp, workers=args.workers))
         console.print(f"[{task}] fit run {run.run_id}: {len(run.summary.fitted)} fitted, "
                       f"{len(run.summary.skipped)} already current, {run.users_per_hour:.0f} users/hour")
         result = run_quality(QualityContext(spec, users, base_path, store, hp, store_uri=args.store,

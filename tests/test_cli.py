@@ -63,6 +63,18 @@ def test_a_bad_setting_is_one_line_naming_the_field(tmp_path, capsys):
     assert "invalid LoraHParams: r: Input should be greater than or equal to 1" in capsys.readouterr().err
 
 
+def test_data_commands_reach_s3_at_the_endpoint_given(s3_server, s3_store_uri, capsys):
+    """`--endpoint-url` is the only way the data commands learn of moto here: no AWS_ENDPOINT_URL is set."""
+    from peftu.cli import main
+
+    assert "AWS_ENDPOINT_URL" not in os.environ
+    uri = s3_store_uri + "/data/cls"
+    main(["data", "generate", "--users", "12", "--out", uri, "--endpoint-url", s3_server])
+    assert f"to {uri}" in capsys.readouterr().out
+    main(["data", "stats", uri, "--endpoint-url", s3_server])
+    assert json.loads(capsys.readouterr().out)["users"] == 12
+
+
 def test_generate_then_stats(tmp_path):
     out = tmp_path / "cls"
     result = peftu("data", "generate", "--task", "synth-cls", "--users", "25", "--out", str(out))

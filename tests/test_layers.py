@@ -21,7 +21,7 @@ import peftu
 # the rooms of lower layers. Rooms in one layer are siblings and never import each other. A room
 # holds the modules named and everything below them; the longest name that fits a module wins.
 LAYERS: list[dict[str, tuple[str, ...]]] = [
-    {"foundation": ("peftu.errors", "peftu.paths", "peftu.config")},
+    {"foundation": ("peftu.errors", "peftu.paths", "peftu.logs", "peftu.config")},
     {"data": ("peftu.data", "peftu.store")},
     {"model": ("peftu.model", "peftu.bank")},
     {"inference": ("peftu.inference", "peftu.evaluation", "peftu.pplug")},

@@ -11,7 +11,7 @@ update over the stack equals K updates, with three things kept per slot:
 
 The arithmetic follows `torch.optim.AdamW` (single-tensor path) term by term,
 so the weights agree with the reference fit to float rounding. `SlotSchedule`
-and `adamw_update` are shared with the ZeRO variant (`peftu.bank.zero`), which
+and `adamw_update` are shared with the ZeRO variant (`peftu.fitting.zero`), which
 steps a flat partition of the bank instead of whole `[n_slots, ...]` tensors.
 """
 

@@ -6,7 +6,7 @@ after another in one process, so their ratio is measured on one machine in one r
 - reference: what OPPU's and PEFT-U's code does for each user in turn: load the
   base from disk, `get_peft_model`, a fresh AdamW over padded batches with the
   model's own loss (logits at every position), `save_pretrained`. That loop is
-  `peftu.fit.fit_adapter`.
+  `peftu.fitting.reference.fit_adapter`.
 - banked: users streamed largest first through a bank of K slots
   (`fit_stream`), every slot exported as a PEFT adapter when its user is done.
 - floor: ONE PEFT adapter trained on all those users' examples pooled, in

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from peftu.cli.common import field_flag, settings
+from peftu.cli.common import add_endpoint, field_flag, settings
 from peftu.config import BaseBuildConfig
 
 FLAGS = {"minutes": "max_minutes", "steps": "max_steps"}
@@ -20,6 +20,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         p.add_argument(f"--{flag}", **field_flag(BaseBuildConfig.model_fields[name], optional=True))
     p.add_argument("--extra-data", nargs="*", default=[],
                    help="saved data sets whose training text joins the corpus")
+    add_endpoint(p)
     return parser
 
 
@@ -33,6 +34,6 @@ def run(args: argparse.Namespace) -> None:
     cfg = settings(BaseBuildConfig, **{name: getattr(args, flag) for flag, name in FLAGS.items()
                                        if getattr(args, flag) is not None})
     out = Path(args.out) if args.out else default_base_dir()
-    extra = [load_task(p) for p in args.extra_data]
+    extra = [load_task(p, endpoint_url=args.endpoint_url) for p in args.extra_data]
     info = build_base(out, cfg, extra=extra)
     print(f"saved the base to {out} (perplexity {info['ppl_before']:.1f} -> {info['ppl_after']:.2f})")

@@ -84,7 +84,7 @@ def quality(args: argparse.Namespace) -> None:
 
     from rich.console import Console
 
-    from peftu.cli.common import setup_logging
+    from peftu.logs import setup_logging
     from peftu.quality.context import QualityContext
     from peftu.quality.methods import parse_methods
     from peftu.quality.report import merge_reports, plot_results, render_markdown, render_table

@@ -8,7 +8,6 @@ the model in `peftu.config`, so the CLI never repeats them.
 from __future__ import annotations
 
 import argparse
-import logging
 import types
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
@@ -24,11 +23,6 @@ if TYPE_CHECKING:
     from peftu.store import AdapterStore
 
 M = TypeVar("M", bound=BaseModel)
-
-
-def setup_logging(level: int = logging.INFO) -> None:
-    """The one logging set-up of the command and of `jobs/`: time, logger, message."""
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
 
 
 # --- flags from settings models ------------------------------------------------------------
@@ -131,6 +125,11 @@ def base_path(args: argparse.Namespace) -> str:
 def add_store(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", help="adapter store: a folder or s3://bucket/prefix "
                         "(default: $PEFTU_HOME/store)")
+    add_endpoint(parser)
+
+
+def add_endpoint(parser: argparse.ArgumentParser) -> None:
+    """The S3-compatible endpoint every s3:// URI of the command (data set, store) is opened at."""
     parser.add_argument("--endpoint-url", help="S3-compatible endpoint (MinIO, moto); "
                         "default: AWS_ENDPOINT_URL or AWS")
 

@@ -6,6 +6,7 @@ import argparse
 import json
 from collections import Counter
 
+from peftu.cli.common import add_endpoint
 from peftu.data.synthetic import TASKS
 
 
@@ -18,6 +19,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-samples", type=int, default=10)
     p.add_argument("--out", required=True, help="folder or s3://bucket/prefix")
+    add_endpoint(p)
     p = sub.add_parser("import", help="import PEFT-U or LaMP files")
     p.add_argument("format", choices=["peft-u-csv", "peft-u-json", "lamp"],
                    help="peft-u-csv: raw annotator table; peft-u-json: user_data.json; "
@@ -30,8 +32,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-samples", type=int, default=10)
     p.add_argument("--out", required=True, help="folder or s3://bucket/prefix")
+    add_endpoint(p)
     p = sub.add_parser("stats", help="users, examples, activity and labels of a data set")
     p.add_argument("path")
+    add_endpoint(p)
     return parser
 
 
@@ -45,7 +49,7 @@ def generate(args: argparse.Namespace) -> None:
 
     spec, users, report = synthetic.generate(args.task, args.users, seed=args.seed, min_samples=args.min_samples)
     print(report)
-    save_task(args.out, spec, users)
+    save_task(args.out, spec, users, endpoint_url=args.endpoint_url)
     print(f"saved {len(users)} users of {spec.name} to {args.out}")
 
 
@@ -62,14 +66,14 @@ def import_files(args: argparse.Namespace) -> None:
     else:
         spec, users, report = loaders.load_lamp(args.file, args.outputs, task=args.task, split=args.split)
     print(report)
-    save_task(args.out, spec, users)
+    save_task(args.out, spec, users, endpoint_url=args.endpoint_url)
     print(f"saved {len(users)} users of {spec.name} to {args.out}")
 
 
 def stats(args: argparse.Namespace) -> None:
     from peftu.data.io import load_task
 
-    spec, users = load_task(args.path)
+    spec, users = load_task(args.path, endpoint_url=args.endpoint_url)
     sizes = sorted(len(u.history) for u in users)
     numbers = {
         "task": spec.name, "kind": spec.kind, "metric": spec.metric, "users": len(users),

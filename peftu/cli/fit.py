@@ -90,9 +90,9 @@ def _fit_reference(args: argparse.Namespace) -> FitSummary:
 
 def _fit_on_ray(args: argparse.Namespace) -> FitSummary:
     """The banked fit on Ray Train workers: the cluster of RAY_ADDRESS or of `ray start`, else a local Ray."""
-    from peftu.cli.common import setup_logging
     from peftu.data.io import load_spec
     from peftu.fitting.job import run_fit_job
+    from peftu.logs import setup_logging
     from peftu.tuning.report import ALL
 
     setup_logging()

@@ -66,7 +66,7 @@ def _users(args: argparse.Namespace) -> tuple[TaskSpec, list[UserRecord]]:
 
 def fit(args: argparse.Namespace) -> None:
     """Fit the task's plug once on every training user with Ray Train (reused when current)."""
-    from peftu.cli.common import setup_logging
+    from peftu.logs import setup_logging
     from peftu.pplug.train import run_pplug_job
 
     setup_logging()

@@ -30,8 +30,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> None:
     from rich.console import Console
 
-    from peftu.cli.common import setup_logging
     from peftu.data.io import load_spec
+    from peftu.logs import setup_logging
     from peftu.tuning.report import plot_search, render_best, render_trials
     from peftu.tuning.search import run_tune
 

@@ -1,6 +1,6 @@
 """The banked fit: K users' adapters trained together, exactly as K separate fits.
 
-Read top to bottom, it is the reference loop of `peftu/fit.py` for K users at
+Read top to bottom, it is the reference loop of `peftu/fitting/reference.py` for K users at
 once:
 
 1. K users train at once, one per slot of the bank (a token budget can cap K).
@@ -110,7 +110,7 @@ class PackFit:
 class PackTrainer:
     """A bank of `n_slots` adapters and its optimizer, used pack after pack.
 
-    This one trains in this process alone. `peftu.bank.zero.ZeroPackTrainer`
+    This one trains in this process alone. `peftu.fitting.zero.ZeroPackTrainer`
     is the same with the rows of each step split over a DeepSpeed group
     (`rank` of `world`), which is why the loop talks to the trainer only
     through `reset_slot`, `backward` and `step`.
@@ -338,7 +338,7 @@ def plan_users(store: AdapterStore, spec: TaskSpec, users: list[UserRecord], hp:
 def fit_users_banked(model: torch.nn.Module, tokenizer, spec: TaskSpec, users: list[UserRecord],
                      hp: LoraHParams, store: AdapterStore, *, base_fp: str, pack_size: int = 16,
                      token_budget: int = 0, on_progress=None) -> FitSummary:
-    """The banked counterpart of `peftu.fit.fit_users`: same skips, metrics and store records.
+    """The banked counterpart of `peftu.fitting.reference.fit_users`: same skips, metrics and store records.
 
     Users stream through one bank of `slot_count(pack_size, ...)` slots and
     each is published as soon as their fit ends. `on_progress(summary)` is

@@ -3,7 +3,7 @@
 The driver reads the task, hands the users to a `TorchTrainer` as a Ray
 Dataset, and each worker takes its own disjoint shard (split with
 `equal=False`, so no user is ever dropped to even out the shards). A worker
-streams its users through one bank (`peftu.bank.fit_users_banked`) and
+streams its users through one bank (`peftu.fitting.banked.fit_users_banked`) and
 publishes each user's adapter as soon as that user's fit ends. Workers exchange nothing
 but progress, which they send to a small actor that the driver reads for the
 log (users done / total, users per hour, ETA) and for the run summary it
@@ -210,10 +210,11 @@ def _log_progress(progress, started: float, stop: threading.Event, interval: flo
 def _task_adapter_stage(job: FitJobConfig, spec: TaskSpec, users: list[UserRecord]) -> None:
     """OPPU's first stage, on a worker's resources (the driver may sit on a head with no CPUs)."""
     from peftu.fitting.oppu import ensure_task_adapter
+    from peftu.logs import setup_logging
     from peftu.store import AdapterStore
 
     def stage() -> dict:
-        logging.basicConfig(level=logging.INFO)
+        setup_logging()
         store = AdapterStore.open(job.store, endpoint_url=job.endpoint_url)
         return ensure_task_adapter(job.base, spec, users, job.hparams, store,
                                    epochs=job.task_epochs).model_dump()

@@ -1,7 +1,7 @@
 """PEFT-U's other per-user methods through plain PEFT: IA3, prompt tuning, prefix tuning.
 
 Each user gets their own module of the method, fitted on their training split
-by the one reference loop (`peftu.fit.fit_adapter`, given the method's PEFT
+by the one reference loop (`peftu.fitting.reference.fit_adapter`, given the method's PEFT
 config in place of a LoRA) and scored on their test split, one user after
 another, as PEFT-U runs them.
 """
