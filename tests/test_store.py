@@ -28,15 +28,7 @@ from peftu.errors import (
     StoreUnavailableError,
 )
 from peftu.store import AdapterStore, LocalBackend, Manifest, S3Backend, fingerprint, open_backend, validate_id
-from peftu.store.kinds import (
-    BEST,
-    EMBEDDINGS,
-    PLUG,
-    QUALITY_RESULTS,
-    RUN_SUMMARY,
-    TASK_ADAPTER,
-    TUNE_RESULTS,
-)
+from peftu.store.kinds import BEST, EMBEDDINGS, PLUG, QUALITY_RESULTS, RUN_SUMMARY, TASK_ADAPTER, TUNE_RESULTS
 
 TASK = "summarize"
 BASE = fingerprint({"base": "tiny-llama", "revision": "abc"})
