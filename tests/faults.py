@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,14 +21,9 @@ import psutil
 import pytest
 import requests
 
+from peftu.serving.local import free_port as free_port  # the project's one, re-exported for the tests
+
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    """A loopback TCP port nothing listens on right now (the OS picks it), for a server a test starts."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(condition: Callable[[], T], what: str, deadline_s: float = 60.0, poll_s: float = 0.2) -> T:

@@ -19,6 +19,7 @@ from peftu.inference.predict import answer_sampling
 
 
 def free_port() -> int:
+    """A loopback TCP port nothing listens on right now (the OS picks it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
