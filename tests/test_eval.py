@@ -127,7 +127,8 @@ def test_prompt_learning_answers_are_the_greedy_decode_of_its_training_forward(t
     from peft import get_peft_model
 
     from peftu.fitting.peft_methods import PEFT_METHODS
-    from peftu.inference.generate import GenRow, Sampling, generate_batch
+    from peftu.inference.generate import GenRow, generate_batch
+    from peftu.inference.sampling import Sampling
     from peftu.model.base import load_base
 
     base, tok = load_base(tiny_base)

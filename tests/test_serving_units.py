@@ -12,7 +12,8 @@ from peft import LoraConfig, PeftModel
 
 from peftu.bank import AdapterBank
 from peftu.data.synthetic import TASKS
-from peftu.inference.generate import BASE_SLOT, GenRow, Sampling, ScoreRow, generate_batch, score_batch
+from peftu.inference.generate import BASE_SLOT, GenRow, ScoreRow, generate_batch, score_batch
+from peftu.inference.sampling import Sampling
 from peftu.model.base import load_base
 from peftu.model.encode import encode
 from peftu.serving.auth import bearer, make_token, token_user
@@ -154,7 +155,7 @@ def test_stop_strings_cut_and_streamed_pieces_add_up(bank_with_users):
     stop = full.text[len(full.text) // 2:][:2]
     pieces: list[str] = []
     row = GenRow(prompt, 1, Sampling(max_tokens=12, temperature=0.0, stop=[stop]),
-                 emit=lambda delta, finish: pieces.append(delta))
+                 emit=lambda piece: pieces.append(piece.text))
     cut = generate_batch(model, bank, tok, [row])[0]
     assert cut.text == full.text[:full.text.index(stop)] and cut.finish_reason == "stop"
     assert "".join(pieces) == cut.text

@@ -4,8 +4,8 @@ Every row carries its bank slot; the slots are fixed for the batch, so one
 prefill and then one decode step at a time with the KV cache serve all rows,
 each on its own adapter. Prompts are left-padded (positions counted from each
 row's first real token), finished rows leave the batch and its KV cache, and
-each row has its own sampling settings: greedy at temperature 0, otherwise
-temperature and nucleus (top_p) sampling, a token budget and stop strings.
+each row picks its tokens by its own `Sampling` (`peftu.inference.sampling`)
+and stops at its token budget, EOS or a stop string.
 A row may bring soft tokens (PPlug's personal embedding) to put after its
 prompt: the batch's first forward then reads embeddings instead of token ids.
 A PEFT prompt-learning model (prompt or prefix tuning) puts its virtual tokens
@@ -23,22 +23,12 @@ import torch
 from transformers import DynamicCache
 
 from peftu.bank import AdapterBank
+from peftu.inference.sampling import Picked, Picker, Sampling, pick_batch
 from peftu.inference.soft import plugged_forward, soft_len, write_soft_tokens
 from peftu.model.encode import IGNORE, collate
 
 BASE_SLOT = 0
 """The bank slot kept at zero: rows of users without an adapter."""
-
-
-@dataclass
-class Sampling:
-    """How one row picks its tokens and when it stops."""
-
-    max_tokens: int = 16
-    temperature: float = 0.0
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
 
 
 @dataclass
@@ -48,11 +38,20 @@ class GenRow:
     prompt_ids: list[int]
     slot: int
     sampling: Sampling
-    emit: Callable[[str, str | None], None] = lambda delta, finish: None
-    """Called (from the batch's thread) with each new piece of text, and the finish reason at the end."""
+    emit: Callable[[Piece], None] = lambda piece: None
+    """Called (from the batch's thread) with each new piece of text; the last one has the finish reason."""
     cancelled: Callable[[], bool] = lambda: False
     soft: torch.Tensor | None = None
     """Soft tokens `[n, hidden]` after the prompt (PPlug's); None: the prompt alone."""
+
+
+@dataclass
+class Piece:
+    """New text of a row as it streams, the tokens written since the last piece, and at the end why it stopped."""
+
+    text: str
+    finish: str | None
+    tokens: list[Picked]
 
 
 @dataclass
@@ -61,6 +60,8 @@ class GenResult:
     finish_reason: str
     """"stop" (EOS or a stop string), "length" (max_tokens) or "cancelled"."""
     tokens: int
+    picked: list[Picked] = field(default_factory=list)
+    """Every token the row wrote (EOS included), with log-probabilities where the row asked for them."""
 
 
 def slots_context(bank: AdapterBank | None, slots: list[int], reuse: bool = False):
@@ -75,20 +76,23 @@ class _RowState:
 
     def __init__(self, row: GenRow, eos_id: int, decode: Callable[[list[int]], str]):
         self.row, self.eos_id, self.decode = row, eos_id, decode
+        self.picker = Picker(row.sampling)
         self.ids: list[int] = []
+        self.picked: list[Picked] = []
+        self.unsent: list[Picked] = []
         self.sent = ""
         self.result: GenResult | None = None
-        s = row.sampling
-        self.generator = torch.Generator().manual_seed(s.seed) if s.seed is not None else None
-        self.hold = max((len(x) for x in s.stop), default=1) - 1
+        self.hold = max((len(x) for x in row.sampling.stop), default=1) - 1
 
-    def push(self, token: int) -> None:
+    def push(self, picked: Picked) -> None:
         s = self.row.sampling
         finish = None
-        if token == self.eos_id:
+        self.picked.append(picked)
+        self.unsent.append(picked)
+        if picked.token == self.eos_id:
             finish = "stop"
         else:
-            self.ids.append(token)
+            self.ids.append(picked.token)
         text = self.decode(self.ids)
         cuts = [text.find(x) for x in s.stop if x and x in text]
         if cuts:
@@ -101,28 +105,11 @@ class _RowState:
         safe = text if finish else text[:len(text) - self.hold].rstrip("\ufffd")
         delta = safe[len(self.sent):] if len(safe) > len(self.sent) else ""
         if delta or finish:
-            self.row.emit(delta, finish)
+            self.row.emit(Piece(delta, finish, self.unsent))
+            self.unsent = []
             self.sent = safe if len(safe) > len(self.sent) else self.sent
         if finish:
-            self.result = GenResult(text, finish, len(self.ids))
-
-
-def _pick(logits: torch.Tensor, states: list[_RowState]) -> list[int]:
-    """The next token of every row: argmax at temperature 0, else nucleus sampling."""
-    tokens = logits.argmax(-1).tolist()
-    for i, st in enumerate(states):
-        s = st.row.sampling
-        if s.temperature <= 0:
-            continue
-        row = logits[i].float()
-        probs = torch.softmax((row - row.max()) / s.temperature, dim=-1)  # no inf/inf at tiny temperatures
-        if s.top_p < 1.0:
-            sorted_p, order = probs.sort(descending=True)
-            outside = sorted_p.cumsum(0) - sorted_p > s.top_p  # keep the smallest set reaching top_p
-            sorted_p[outside] = 0.0
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-        tokens[i] = int(torch.multinomial(probs, 1, generator=st.generator))
-    return tokens
+            self.result = GenResult(text, finish, len(self.ids), self.picked)
 
 
 def _prompt_learning(model, n_rows: int) -> tuple[torch.nn.Module, torch.Tensor | None, DynamicCache | None, int]:
@@ -178,9 +165,10 @@ def generate_batch(model, bank: AdapterBank | None, tokenizer, rows: list[GenRow
         while live:
             out = model(**step, attention_mask=mask, position_ids=step_pos,
                         past_key_values=cache, use_cache=True, logits_to_keep=1)
-            tokens = _pick(out.logits[:, -1], [states[i] for i in live])
-            for i, token in zip(live, tokens):
-                states[i].push(token)
+            picked = pick_batch(out.logits[:, -1], [states[i].picker for i in live])
+            for i, p in zip(live, picked):
+                states[i].push(p)
+            tokens = [p.token for p in picked]
             keep = [k for k, i in enumerate(live) if states[i].result is None]
             if len(keep) < len(live):
                 if not keep:

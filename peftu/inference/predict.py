@@ -16,7 +16,8 @@ import torch
 
 from peftu.bank import AdapterBank
 from peftu.data.schema import TaskSpec
-from peftu.inference.generate import BASE_SLOT, GenResult, GenRow, Sampling, ScoreRow, generate_batch, score_batch
+from peftu.inference.generate import BASE_SLOT, GenResult, GenRow, ScoreRow, generate_batch, score_batch
+from peftu.inference.sampling import Sampling
 from peftu.model.encode import encode
 
 Soft = list[torch.Tensor | None] | None

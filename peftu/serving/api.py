@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException
 
 from peftu.errors import InvalidIdError
-from peftu.inference.generate import Sampling
+from peftu.inference.sampling import Sampling
 from peftu.store import validate_id
 
 MAX_PROMPT_CHARS = 64_000

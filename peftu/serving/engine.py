@@ -28,7 +28,8 @@ from peftu.config import ServeConfig
 from peftu.data.schema import TaskSpec
 from peftu.data.synthetic import TASKS
 from peftu.errors import PeftuError
-from peftu.inference.generate import GenResult, GenRow, Sampling, ScoreRow, generate_batch, score_batch
+from peftu.inference.generate import GenResult, GenRow, Piece, ScoreRow, generate_batch, score_batch
+from peftu.inference.sampling import Sampling
 from peftu.model.base import default_base_dir
 from peftu.model.bases import load_users_base
 from peftu.model.encode import encode
@@ -159,21 +160,21 @@ class Engine:
         return Completion(result, len(prompt_ids), lease)
 
     async def stream(self, user: str | None, prompt_ids: list[int], sampling: Sampling
-                     ) -> tuple[Lease, AsyncIterator[tuple[str, str | None]]]:
-        """The lease (for the response headers) and an iterator of (text delta, finish reason)."""
+                     ) -> tuple[Lease, AsyncIterator[Piece]]:
+        """The lease (for the response headers) and an iterator of the row's pieces, the last with its finish reason."""
         lease = await self.adapters.acquire(user)
         soft = await self._plugged(lease, user, self._text(prompt_ids))
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[tuple[str, str | None]] = asyncio.Queue()
+        events: asyncio.Queue[Piece] = asyncio.Queue()
         gone = False
 
-        def emit(delta: str, finish: str | None) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, (delta, finish))
+        def emit(piece: Piece) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, piece)
 
         row = GenRow(prompt_ids, lease.slot, sampling, emit=emit, cancelled=lambda: gone, soft=soft)
         task = loop.create_task(self._submit(lease, "generate", row))
 
-        async def pieces() -> AsyncIterator[tuple[str, str | None]]:
+        async def pieces() -> AsyncIterator[Piece]:
             nonlocal gone
             try:
                 while True:
@@ -182,9 +183,9 @@ class Engine:
                     if not getter.done() and task.exception() is not None:
                         getter.cancel()  # the batch failed before finishing this row
                         raise task.exception()
-                    delta, finish = await getter  # a finished row always sent its last piece
-                    yield delta, finish
-                    if finish:
+                    piece = await getter  # a finished row always sent its last piece
+                    yield piece
+                    if piece.finish:
                         self._count_tokens(len(prompt_ids), (await task).tokens)
                         return
             finally:

@@ -22,6 +22,7 @@ from ray import serve
 
 from peftu.config import ServeConfig
 from peftu.errors import InvalidIdError, NotFoundError, StoreError
+from peftu.inference.generate import Piece
 from peftu.serving.adapters import Lease
 from peftu.serving.api import (
     ApiError,
@@ -141,12 +142,11 @@ class PeftuServer:
                             headers=_adapter_headers(done.lease))
 
     @staticmethod
-    async def _sse(pieces: AsyncIterator[tuple[str, str | None]], model: str, chat: bool
-                   ) -> AsyncIterator[str]:
+    async def _sse(pieces: AsyncIterator[Piece], model: str, chat: bool) -> AsyncIterator[str]:
         rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
         try:
-            async for delta, finish in pieces:
-                yield f"data: {json.dumps(stream_chunk(chat, rid, created, model, delta, finish))}\n\n"
+            async for piece in pieces:
+                yield f"data: {json.dumps(stream_chunk(chat, rid, created, model, piece.text, piece.finish))}\n\n"
         except Exception as e:  # headers are gone already: report in the stream
             log.exception("stream failed")
             yield f"data: {json.dumps(error_body(f'generation failed: {e}', 'server_error'))}\n\n"
