@@ -11,10 +11,11 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 
 
 class Metrics:
-    """Requests, latency, tokens, batches, and the adapter cache's loads / evictions / hits."""
+    """Requests, latency, tokens, batches, the scheduler's queue and KV use, and the adapter cache."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -38,6 +39,15 @@ class Metrics:
         self.load_latency = Histogram("peftu_adapter_load_seconds", "store fetch + verify + slot fill",
                                       buckets=_LATENCY_BUCKETS, registry=reg)
         self.resident = Gauge("peftu_adapters_resident", "adapters in the bank", registry=reg)
+        self.ttft = Histogram("peftu_time_to_first_token_seconds", "admission to the first generated token",
+                              buckets=_LATENCY_BUCKETS, registry=reg)
+        self.itl = Histogram("peftu_inter_token_latency_seconds", "time between a row's successive tokens",
+                             buckets=_ITL_BUCKETS, registry=reg)
+        self.queue_wait = Histogram("peftu_queue_wait_seconds", "time a request waited before its first step",
+                                    buckets=_LATENCY_BUCKETS, registry=reg)
+        self.running = Gauge("peftu_requests_running", "rows in the running batch", registry=reg)
+        self.waiting = Gauge("peftu_requests_waiting", "requests admitted but not yet running", registry=reg)
+        self.kv_tokens = Gauge("peftu_kv_tokens", "KV-cache tokens in use", registry=reg)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
