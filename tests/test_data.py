@@ -20,10 +20,11 @@ def test_task_spec_validates_kind_labels_and_metric():
         TaskSpec(name="t", kind="generation", prompt="no field")
     with pytest.raises(ValueError, match="at least two labels"):
         TaskSpec(name="t", kind="classification", prompt="{input}", labels=["a"])
-    with pytest.raises(ValueError, match="numbers"):
-        TaskSpec(name="t", kind="rating", prompt="{input}", labels=["low", "high"])
+    # Named rating levels are positions on the scale (PEFT-U's sentiment levels).
+    assert TaskSpec(name="t", kind="rating", prompt="{input}", labels=["low", "high"]).level_values() == \
+        {"low": 0.0, "high": 1.0}
     with pytest.raises(ValueError, match="does not fit"):
-        TaskSpec(name="t", kind="rating", prompt="{input}", labels=["1", "2"], metric="accuracy")
+        TaskSpec(name="t", kind="rating", prompt="{input}", labels=["1", "2"], metric="f1")
     spec = TaskSpec(name="t", kind="rating", prompt="Q: {input} A:", labels=["1", "2"])
     assert spec.metric == "mae" and spec.render("x") == "Q: x A:"
 

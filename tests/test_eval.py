@@ -7,7 +7,7 @@ import math
 import pytest
 
 from peftu.data.schema import Example, HistoryItem, TaskSpec, UserRecord
-from peftu.evaluation.metrics import accuracy, better, macro_average, macro_f1, mae, rmse, rouge, task_metrics
+from peftu.evaluation.metrics import Scale, accuracy, better, macro_average, macro_f1, mae, rmse, rouge, task_metrics
 
 
 def test_accuracy():
@@ -24,7 +24,7 @@ def test_macro_f1_by_hand():
 
 
 def test_mae_rmse_score_a_non_number_as_the_worse_extreme():
-    scale = [1.0, 2.0, 3.0, 4.0, 5.0]
+    scale = Scale(TaskSpec(name="r", kind="rating", prompt="{input}", labels=["1", "2", "3", "4", "5"]))
     preds, golds = ["2", "five", "3"], ["1", "5", "3"]
     # "five" against gold 5: the extreme farther from 5 is 1, so the error is 4.
     assert mae(preds, golds, scale) == pytest.approx((1 + 4 + 0) / 3)
@@ -44,8 +44,36 @@ def test_task_metrics_follow_the_kind():
     cls = TaskSpec(name="c", kind="classification", prompt="{input}", labels=["x", "y"])
     assert task_metrics(cls, ["x", "y"], ["x", "x"]) == {"accuracy": 0.5, "f1": pytest.approx((2 / 3) / 2)}
     rating = TaskSpec(name="r", kind="rating", prompt="{input}", labels=["1", "2", "3"])
-    assert set(task_metrics(rating, ["1"], ["3"])) == {"mae", "rmse"}
+    assert set(task_metrics(rating, ["1"], ["3"])) == {"mae", "rmse", "accuracy"}
     assert task_metrics(cls, [], []) == {}
+
+
+LEVELS = ["very-negative", "negative", "neutral", "positive", "very-positive"]
+
+
+def test_named_levels_are_scored_by_position():
+    spec = TaskSpec(name="s", kind="rating", prompt="{input}", labels=LEVELS)
+    assert not spec.numeric_scale and spec.level_values()["neutral"] == 2.0
+    m = task_metrics(spec, ["negative", "very-positive", "neutral"], ["very-negative", "negative", "neutral"])
+    assert m["mae"] == pytest.approx((1 + 3 + 0) / 3)
+    assert m["rmse"] == pytest.approx(math.sqrt((1 + 9 + 0) / 3))
+    assert m["accuracy"] == pytest.approx(1 / 3)
+    # Not a level: the extreme farther from the gold ("2" is no number on a named scale).
+    assert task_metrics(spec, ["2"], ["negative"])["mae"] == pytest.approx(3.0)
+    assert spec.nearest_level(2.4) == "neutral" and spec.nearest_level(2.5) == "neutral"
+    with pytest.raises(ValueError, match="not a level"):
+        task_metrics(spec, ["neutral"], ["meh"])
+
+
+def test_several_golds_count_a_prediction_right_if_it_is_one_of_them():
+    cls = TaskSpec(name="c", kind="classification", prompt="{input}", labels=["x", "y", "z"])
+    assert task_metrics(cls, ["y", "z"], [["x", "y"], ["x", "y"]])["accuracy"] == 0.5
+    rating = TaskSpec(name="s", kind="rating", prompt="{input}", labels=LEVELS)
+    # Wrong either way: the error is to the nearest of the golds.
+    m = task_metrics(rating, ["very-positive", "neutral"], [["negative", "positive"], ["neutral", "negative"]])
+    assert m["mae"] == pytest.approx((1 + 0) / 2) and m["accuracy"] == 0.5
+    # Examples carry their golds, output first.
+    assert Example("1", "t", "x", also=["y"]).golds == ["x", "y"]
 
 
 def _user(uid: str, n_history: int) -> UserRecord:

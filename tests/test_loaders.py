@@ -215,15 +215,15 @@ def test_user_data_roundtrips(tmp_path):
     folder.mkdir()
     spec, users, report = load_peftu_user_data(write_json(folder / "user_data.json", data))
     assert spec.name == "hatespeech" and spec.kind == "classification"
-    assert spec.labels == ["neg", "neu", "pos"]  # u2's "neu" counts although u2 is dropped
+    assert spec.labels == ["extra", "neg", "neu", "pos"]  # u2's "neu" counts although u2 is dropped
     assert [u.user_id for u in users] == ["u1", "u3"]
     assert (report.users_in, report.users_kept, report.users_dropped) == (3, 2, 1)
     assert (report.train, report.val, report.test) == (17, 2, 3)
     for u in users:
         for split in ("train", "val", "test"):
-            expected = {sid: (s["text"], s["label"][0])
+            expected = {sid: (s["text"], s["label"])
                         for sid, s in data[u.user_id].get(split, {}).items()}
-            assert {e.id: (e.input, e.output) for e in getattr(u, split)} == expected
+            assert {e.id: (e.input, e.golds) for e in getattr(u, split)} == expected  # output: the first
         assert [(h.id, h.text, h.output) for h in u.history] == \
             [(e.id, e.input, e.output) for e in u.train]
 
@@ -237,6 +237,7 @@ def test_user_data_roundtrips(tmp_path):
     (lambda d: d["u1"]["train"]["a3"].update(label=[]), "'label'"),
     (lambda d: d["u1"]["train"]["a3"].update(label="pos"), "'label'"),
     (lambda d: d["u1"]["train"]["a3"].update(text=5), "'text'"),
+    (lambda d: d["u1"]["train"]["a3"].update(label=["pos", ""]), "'label'"),
 ])
 def test_user_data_bad_sample_names_user_split_sample_field(tmp_path, breakage, field):
     data = user_data()
@@ -268,6 +269,91 @@ def test_json_syntax_error_names_the_line(tmp_path):
         load_peftu_user_data(path)
     assert e.value.line == 3
     assert_names(e.value, "user_data.json", "line 3")
+
+
+SUBJECTIVE = TWEETEVAL.parents[1] / "subjectivediscourse"
+SENTIMENT_LEVELS = ["very-negative", "negative", "somewhat-negative", "neutral", "somewhat-positive", "positive",
+                    "very-positive"]
+needs_subjective = pytest.mark.skipif(not SUBJECTIVE.exists(), reason=f"shared PEFT-U data not found at {SUBJECTIVE}")
+
+
+def rated(levels: list[str]) -> dict:
+    return {"u1": {"train": {f"a{i}": {"text": f"t{i}", "label": [levels[i % 2]]} for i in range(8)},
+                   "test": {"b0": {"text": "x", "label": [levels[-1], levels[0]]}, "b1": {"text": "y", "label": [levels[0]]}}}}
+
+
+def test_user_data_as_a_rating_over_named_or_numeric_levels(tmp_path):
+    levels = ["low", "mid", "high"]
+    spec, users, _ = load_peftu_user_data(write_json(tmp_path / "r.json", rated(levels)), kind="rating",
+                                          levels=levels, min_samples=1)
+    assert (spec.kind, spec.metric, spec.labels) == ("rating", "mae", levels)  # the given order, not sorted
+    assert spec.level_values() == {"low": 0.0, "mid": 1.0, "high": 2.0}
+    assert users[0].test[0].golds == ["high", "low"]
+    numbers = ["10", "2", "3"]  # numeric order, not text order
+    spec, _, _ = load_peftu_user_data(write_json(tmp_path / "n.json", rated(numbers)), kind="rating", min_samples=1)
+    assert spec.labels == ["2", "3", "10"] and spec.level_values()["10"] == 10.0
+    with pytest.raises(DataError) as e:  # named labels need their order
+        load_peftu_user_data(tmp_path / "r.json", kind="rating", min_samples=1)
+    assert_names(e.value, "r.json", "--levels", "'label'")
+    with pytest.raises(DataError) as e:  # a label the levels do not name
+        load_peftu_user_data(tmp_path / "r.json", kind="rating", levels=["low", "high"], min_samples=1)
+    assert_names(e.value, "r.json", "['mid']", "'label'")
+    with pytest.raises(DataError, match="classification task takes none"):
+        load_peftu_user_data(tmp_path / "r.json", levels=levels, min_samples=1)
+
+
+def test_import_rating_through_the_command(tmp_path, capsys):
+    from tests.test_quality import peftu
+
+    levels = ["low", "mid", "high"]
+    (tmp_path / "task").mkdir()
+    src = write_json(tmp_path / "task" / "user_data.json", rated(levels))
+    code, out, err = peftu(capsys, "data", "import", "peft-u-json", str(src), "--kind", "rating",
+                           "--levels", ",".join(levels), "--min-samples", "1", "--out", str(tmp_path / "saved"))
+    assert code == 0, err
+    code, out, err = peftu(capsys, "data", "stats", str(tmp_path / "saved"))
+    assert code == 0 and json.loads(out)["kind"] == "rating" and json.loads(out)["metric"] == "mae"
+    from peftu.data.io import load_task
+
+    spec, users = load_task(tmp_path / "saved")
+    assert spec.labels == levels and users[0].test[0].golds == ["high", "low"]  # several golds survive the save
+    code, _, err = peftu(capsys, "data", "import", "peft-u-json", str(src), "--kind", "rating", "--out",
+                         str(tmp_path / "bad"))
+    assert code == 2 and "--levels" in err and not (tmp_path / "bad").exists()
+
+
+@needs_subjective
+@pytest.mark.parametrize("task, kind, per_user, global_", [
+    ("response_sentiment", "rating", {"accuracy": 0.462, "mae": 0.951}, {"accuracy": 0.219, "mae": 1.231}),
+    ("response", "classification", {"accuracy": 0.549}, {"accuracy": 0.554}),
+])
+def test_subjectivediscourse_baselines_as_measured(task, kind, per_user, global_):
+    """PEFT-U's split as given; the baselines the issue measured: per user and pooled, the most
+    frequent training label (accuracy) and the level nearest the mean training rating (MAE)."""
+    from collections import Counter
+
+    from peftu.data.schema import UserRecord
+    from peftu.evaluation.metrics import macro_average, task_metrics
+    from peftu.quality.methods import majority_answer
+
+    spec, users, report = load_peftu_user_data(SUBJECTIVE / task / "user_data.json", kind=kind,
+                                               levels=SENTIMENT_LEVELS if kind == "rating" else None)
+    assert (spec.name, report.users_kept, report.train + report.val + report.test) == (task, 37, 6064)
+    pooled = UserRecord("all", history=[h for u in users for h in u.history])
+
+    def macro(answer) -> dict[str, float]:
+        per = {u.user_id: task_metrics(spec, [answer(u, e) for e in u.test], [e.golds for e in u.test]) for u in users}
+        return macro_average(per, users)["all"]
+
+    def mode(who: UserRecord) -> str:
+        return Counter(h.output for h in who.history).most_common(1)[0][0]
+
+    got = {"accuracy": macro(lambda u, e: mode(u))["accuracy"]}
+    pooled_got = {"accuracy": macro(lambda u, e: mode(pooled))["accuracy"]}
+    if kind == "rating":
+        got["mae"] = macro(lambda u, e: majority_answer(spec, u, e.input))["mae"]
+        pooled_got["mae"] = macro(lambda u, e: majority_answer(spec, pooled, e.input))["mae"]
+    assert got == pytest.approx(per_user, abs=5e-4) and pooled_got == pytest.approx(global_, abs=5e-4)
 
 
 # --- LaMP ---------------------------------------------------------------------------------

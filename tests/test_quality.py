@@ -80,10 +80,10 @@ def test_every_method_on_a_generated_task(tmp_path, tiny_base, capsys, local_ray
     assert (summary["task"], summary["metric"]) == ("synth-rating", "mae")
     assert_every_method_has_a_row(summary, full, 3, names)
     assert "| oppu+profile |" in stdout and (tmp_path / "q.png").stat().st_size > 10_000
-    # The majority row is the users' own mean training rating, counted here by hand.
+    # The majority row is the star nearest the users' own mean training rating, counted here by hand.
     _, users, _ = generate("synth-rating", 3, seed=0)
     for u in users:
-        mean = sum(float(e.output) for e in u.train) / len(u.train)
+        mean = math.ceil(sum(float(e.output) for e in u.train) / len(u.train) - 0.5)  # ties: the lower star
         hand = sum(abs(mean - float(e.output)) for e in u.test) / len(u.test)
         assert full["per_user"]["majority"][u.user_id]["mae"] == pytest.approx(hand, abs=1e-3)
     # OPPU's adapters are the benchmark's own, never the task's real ones; with none of those in the
@@ -143,6 +143,25 @@ def test_lamp_format_files(tmp_path, tiny_base, capsys):
     assert (summary["task"], summary["users"]) == ("LaMP_3", 3)
     assert list(summary["methods"]) == ["base", "majority", "oppu+retrieval"]
     assert full["examples"]["test"] == 3
+
+
+def test_any_saved_data_set(tmp_path, tiny_base, capsys):
+    """--data: an imported PEFT-U rating task over named levels, saved by `peftu data`, benched as it is."""
+    from peftu.data.io import save_task
+    from peftu.data.loaders import load_peftu_user_data
+    from tests.lamp_data import write_json
+    from tests.test_loaders import rated
+
+    levels = ["low", "mid", "high"]
+    spec, users, _ = load_peftu_user_data(write_json(tmp_path / "r.json", rated(levels)), kind="rating",
+                                          levels=levels, min_samples=1, task_name="levels")
+    save_task(tmp_path / "saved", spec, users)
+    summary, full = bench(capsys, "--data", str(tmp_path / "saved"), "--methods", "base,majority",
+                          tmp_path=tmp_path, base=tiny_base)
+    assert (summary["task"], summary["metric"], full["kind"]) == ("levels", "mae", "rating")
+    # The user's ratings alternate low, mid: the mean 0.5 rounds to "low"; test golds [high, low] and [low].
+    assert full["per_user"]["majority"]["u1"] == {"mae": 0.0, "rmse": 0.0, "accuracy": 1.0}
+    assert set(full["per_user"]["base"]["u1"]) == {"mae", "rmse", "accuracy"}
 
 
 def test_unknown_method_and_missing_data_are_one_clear_line(tmp_path, capsys):
@@ -218,8 +237,7 @@ def test_majority_is_the_hand_count():
     tie = user("b", [("p", "dislike"), ("q", "like")])
     assert majority_answer(CLS, tie, "anything") == "like"  # ties: first in the task's label list
     rating = TASKS["synth-rating"]
-    assert float(majority_answer(rating, user("c", [("p", "1"), ("q", "2"), ("r", "5")]), "x")) == \
-        pytest.approx(8 / 3, abs=1e-3)
+    assert majority_answer(rating, user("c", [("p", "1"), ("q", "2"), ("r", "5")]), "x") == "3"  # mean 8/3
     gen = TASKS["synth-gen"]
     writer = user("w", [("the zoo plans a run", "hot: zoo plans run"), ("the mayor wins an award", "wow! mayor wins"),
                         ("the museum closes a lab", "hot: museum shuts lab"), ("a chef opens a market", "hot: chef")])

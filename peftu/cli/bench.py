@@ -29,8 +29,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        "(base, global, majority, retrieval, profile, OPPU, IA3, prompt and prefix tuning, PPlug)")
     p.add_argument("--task", default="synth-cls",
                    help=f"{', '.join(sorted(TASKS))} (generated) or tweeteval (default %(default)s)")
-    p.add_argument("--data", help="tweeteval: the annotations CSV (default ../shared/data/peft-u/tweeteval/"
-                   "annotations_g3.csv); a generated task: a saved data set instead of new users")
+    p.add_argument("--data", help="a data set saved by `peftu data` (generated or imported: its own task, "
+                   "whatever --task says); with --task tweeteval, the annotations CSV (default "
+                   "../shared/data/peft-u/tweeteval/annotations_g3.csv)")
     p.add_argument("--lamp", help="a LaMP questions JSON (instead of --task)")
     p.add_argument("--lamp-outputs", help="the LaMP outputs JSON with its golds (names the LaMP task)")
     p.add_argument("--methods", help="comma-separated methods (default: all but `stored`, which scores "

@@ -6,8 +6,9 @@ import argparse
 import json
 from collections import Counter
 
-from peftu.cli.common import add_endpoint
+from peftu.cli.common import add_endpoint, comma_list
 from peftu.data.synthetic import TASKS
+from peftu.errors import PeftuError
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -29,6 +30,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--task", help="task name (LaMP: e.g. LaMP_3 when no outputs file names it)")
     p.add_argument("--split", choices=["val", "test"], default="test",
                    help="LaMP: which split the questions are")
+    p.add_argument("--kind", choices=["classification", "rating"], default="classification",
+                   help="PEFT-U: labels as classes, or as levels of a rating scale scored by MAE over "
+                        "their positions (default %(default)s)")
+    p.add_argument("--levels", type=comma_list(str),
+                   help="PEFT-U rating: the levels lowest first, e.g. very-negative,negative,...,very-positive "
+                        "(default: the labels are numbers, in numeric order)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-samples", type=int, default=10)
     p.add_argument("--out", required=True, help="folder or s3://bucket/prefix")
@@ -59,11 +66,14 @@ def import_files(args: argparse.Namespace) -> None:
 
     if args.format == "peft-u-csv":
         spec, users, report = loaders.load_peftu_annotations(
-            args.file, task_name=args.task, seed=args.seed, min_samples=args.min_samples)
+            args.file, task_name=args.task, seed=args.seed, min_samples=args.min_samples,
+            kind=args.kind, levels=args.levels)
     elif args.format == "peft-u-json":
         spec, users, report = loaders.load_peftu_user_data(
-            args.file, task_name=args.task, min_samples=args.min_samples)
+            args.file, task_name=args.task, min_samples=args.min_samples, kind=args.kind, levels=args.levels)
     else:
+        if args.kind != "classification" or args.levels:
+            raise PeftuError("--kind and --levels are for PEFT-U files; a LaMP task's kind is its own")
         spec, users, report = loaders.load_lamp(args.file, args.outputs, task=args.task, split=args.split)
     print(report)
     save_task(args.out, spec, users, endpoint_url=args.endpoint_url)

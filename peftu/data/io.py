@@ -35,7 +35,7 @@ TASK_FILE = "task.json"
 _ITEM = {"id": datasets.Value("string"), "text": datasets.Value("string"),
          "output": datasets.Value("string")}
 _EXAMPLE = {"id": datasets.Value("string"), "input": datasets.Value("string"),
-            "output": datasets.Value("string")}
+            "output": datasets.Value("string"), "also": datasets.List(datasets.Value("string"))}
 FEATURES = datasets.Features({
     "user_id": datasets.Value("string"),
     "history": datasets.List(_ITEM),
@@ -43,6 +43,9 @@ FEATURES = datasets.Features({
     "val": datasets.List(_EXAMPLE),
     "test": datasets.List(_EXAMPLE),
 })
+_BEFORE_ALSO = datasets.Features({**FEATURES, **{s: datasets.List({k: v for k, v in _EXAMPLE.items() if k != "also"})
+                                                for s in ("train", "val", "test")}})
+"""The columns of data sets saved before examples had `also` (still read: their examples have none)."""
 
 
 def _is_s3(uri: str) -> bool:
@@ -145,8 +148,9 @@ def _load_local(folder: Path, display: str) -> tuple[TaskSpec, list[UserRecord]]
     missing = set(FEATURES) - set(table.column_names)
     if missing:
         raise DataError("column missing", source=source, field=min(missing))
+    saved = getattr(table.features["train"], "feature", {})
     try:
-        table = table.select_columns(list(FEATURES)).cast(FEATURES)
+        table = table.select_columns(list(FEATURES)).cast(FEATURES if "also" in saved else _BEFORE_ALSO)
     except Exception as e:  # noqa: BLE001 - pyarrow's cast errors: the columns hold the wrong types
         raise DataError(f"columns do not have the saved types ({e})", source=source) from None
     users = [_checked_row(row, source) for row in table]

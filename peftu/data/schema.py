@@ -9,6 +9,7 @@ synthetic generator produce these, and everything downstream consumes them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -19,7 +20,7 @@ TaskKind = Literal["classification", "rating", "generation"]
 # Metrics each kind is judged by; the first is the default primary metric.
 METRICS: dict[str, tuple[str, ...]] = {
     "classification": ("accuracy", "f1"),
-    "rating": ("mae", "rmse"),
+    "rating": ("mae", "rmse", "accuracy"),
     "generation": ("rougeL", "rouge1"),
 }
 LOWER_IS_BETTER = {"mae", "rmse"}
@@ -46,7 +47,8 @@ class TaskSpec(BaseModel):
     prompt: str
     """Template with one `{input}` field; the answer follows it after a space."""
     labels: list[str] = []
-    """The label set (classification) or the rating scale, lowest first (rating)."""
+    """The label set (classification) or the rating scale, lowest first (rating): numbers
+    (LaMP-3's stars) or named ordered levels (PEFT-U's very-negative ... very-positive)."""
     metric: str = ""
     """The primary metric; defaults to the first of `METRICS[kind]`."""
     max_new_tokens: int = 24
@@ -66,12 +68,29 @@ class TaskSpec(BaseModel):
                 raise ValueError(f"a {self.kind} task needs at least two labels")
             if len(set(self.labels)) != len(self.labels):
                 raise ValueError("labels must be distinct")
-        if self.kind == "rating":
-            try:
-                [float(x) for x in self.labels]
-            except ValueError:
-                raise ValueError(f"rating labels must be numbers, got {self.labels}") from None
         return self
+
+    @property
+    def numeric_scale(self) -> bool:
+        """Are the rating levels numbers (then a level's value is the number, not its position)?"""
+        try:
+            return all(math.isfinite(float(x)) for x in self.labels)
+        except ValueError:
+            return False
+
+    def level_values(self) -> dict[str, float]:
+        """Each rating level's value on the scale: the number where levels are numbers, else its
+        position (0 for the lowest), so errors of named levels count in steps, as LaMP-3's stars do."""
+        if self.kind != "rating":
+            raise ValueError(f"task {self.name!r} is {self.kind}, not rating: its labels have no values")
+        if self.numeric_scale:
+            return {x: float(x) for x in self.labels}
+        return {x: float(i) for i, x in enumerate(self.labels)}
+
+    def nearest_level(self, value: float) -> str:
+        """The level whose value is closest to `value` (the lower one on a tie)."""
+        values = self.level_values()
+        return min(self.labels, key=lambda x: (abs(values[x] - value), values[x]))
 
     def render(self, text: str) -> str:
         """The prompt for one input."""
@@ -89,6 +108,14 @@ class Example:
     id: str
     input: str
     output: str
+    also: list[str] = field(default_factory=list)
+    """Other answers that count as right (a PEFT-U record with several labels; `output` is the
+    first, what the model is trained on)."""
+
+    @property
+    def golds(self) -> list[str]:
+        """Every answer that counts as right, `output` first."""
+        return [self.output, *self.also]
 
 
 @dataclass
@@ -126,10 +153,15 @@ class UserRecord:
         return cls(
             user_id=row["user_id"],
             history=[HistoryItem(**h) for h in row["history"] or []],
-            train=[Example(**e) for e in row["train"] or []],
-            val=[Example(**e) for e in row["val"] or []],
-            test=[Example(**e) for e in row["test"] or []],
+            train=[_example(e) for e in row["train"] or []],
+            val=[_example(e) for e in row["val"] or []],
+            test=[_example(e) for e in row["test"] or []],
         )
+
+
+def _example(row: dict) -> Example:
+    """An example from its stored row (data sets saved before `also` existed have none)."""
+    return Example(**{**row, "also": list(row.get("also") or [])})
 
 
 SPLITS = ("train", "val", "test")

@@ -32,7 +32,7 @@ from peftu.store import AdapterStore
 def evaluate_examples(model, tokenizer, spec: TaskSpec, examples: list[Example]) -> dict[str, float]:
     """One user's metrics on their examples."""
     preds = predict(model, tokenizer, spec, [e.input for e in examples])
-    return task_metrics(spec, preds, [e.output for e in examples])
+    return task_metrics(spec, preds, [e.golds for e in examples])
 
 
 def evaluate_users(model, tokenizer, spec: TaskSpec, users: list[UserRecord],
@@ -44,10 +44,10 @@ def evaluate_users(model, tokenizer, spec: TaskSpec, users: list[UserRecord],
     model.eval()
     examples = [(u.user_id, e) for u in users for e in getattr(u, split)]
     preds = predict(model, tokenizer, spec, [e.input for _, e in examples])
-    by_user: dict[str, tuple[list[str], list[str]]] = defaultdict(lambda: ([], []))
+    by_user: dict[str, tuple[list[str], list[list[str]]]] = defaultdict(lambda: ([], []))
     for (uid, e), p in zip(examples, preds, strict=True):
         by_user[uid][0].append(p)
-        by_user[uid][1].append(e.output)
+        by_user[uid][1].append(e.golds)
     return {uid: task_metrics(spec, p, g) for uid, (p, g) in by_user.items()}
 
 
@@ -106,7 +106,7 @@ def evaluate_adapters(base, tokenizer, spec: TaskSpec, users: list[UserRecord], 
                                   [e.input for e in examples], base_fp=base_fp)
         if not own:
             without.append(user.user_id)
-        per_user[user.user_id] = task_metrics(spec, preds, [e.output for e in examples])
+        per_user[user.user_id] = task_metrics(spec, preds, [e.golds for e in examples])
     return per_user, without
 
 

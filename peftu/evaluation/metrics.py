@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import defaultdict
 
@@ -25,26 +26,48 @@ def macro_f1(preds: list[str], golds: list[str], labels: list[str] | None = None
     return sum(scores) / len(scores)
 
 
-def _rating_value(pred: str, gold: float, scale: list[float]) -> float:
-    """A prediction as a number; a non-number counts as the worse extreme (as LaMP does)."""
-    try:
-        value = float(pred.strip())
-        if math.isfinite(value):
-            return value
-    except ValueError:
-        pass
-    low, high = min(scale), max(scale)
-    return low if abs(low - gold) > abs(high - gold) else high
+class Scale:
+    """A rating task's levels as values: numbers as they are (LaMP-3's stars), named levels by
+    position (PEFT-U's very-negative = 0 ... very-positive = 6), so errors count in steps."""
+
+    def __init__(self, spec: TaskSpec):
+        self.values, self.numeric = spec.level_values(), spec.numeric_scale
+        self.low, self.high = min(self.values.values()), max(self.values.values())
+
+    def gold(self, gold: str) -> float:
+        if gold in self.values:
+            return self.values[gold]
+        if self.numeric:
+            with contextlib.suppress(ValueError):
+                return float(gold)
+        raise ValueError(f"gold answer {gold!r} is not a level of the scale {list(self.values)}")
+
+    def pred(self, pred: str, gold: float) -> float:
+        """A prediction's value; one that is no level (nor, on a numeric scale, a number) counts
+        as the extreme farther from the gold, as LaMP does."""
+        pred = pred.strip()
+        if pred in self.values:
+            return self.values[pred]
+        if self.numeric:
+            with contextlib.suppress(ValueError):
+                value = float(pred)
+                if math.isfinite(value):
+                    return value
+        return self.low if abs(self.low - gold) > abs(self.high - gold) else self.high
+
+    def errors(self, preds: list[str], golds: list[str]) -> list[float]:
+        """Each prediction's absolute error on the scale."""
+        return [abs(self.pred(p, g) - g) for p, g in zip(preds, map(self.gold, golds), strict=True)]
 
 
-def mae(preds: list[str], golds: list[str], scale: list[float]) -> float:
-    errs = [abs(_rating_value(p, float(g), scale) - float(g)) for p, g in zip(preds, golds, strict=True)]
+def mae(preds: list[str], golds: list[str], scale: Scale) -> float:
+    errs = scale.errors(preds, golds)
     return sum(errs) / len(errs)
 
 
-def rmse(preds: list[str], golds: list[str], scale: list[float]) -> float:
-    errs = [(_rating_value(p, float(g), scale) - float(g)) ** 2 for p, g in zip(preds, golds, strict=True)]
-    return math.sqrt(sum(errs) / len(errs))
+def rmse(preds: list[str], golds: list[str], scale: Scale) -> float:
+    errs = scale.errors(preds, golds)
+    return math.sqrt(sum(e * e for e in errs) / len(errs))
 
 
 def rouge(preds: list[str], golds: list[str]) -> dict[str, float]:
@@ -56,15 +79,36 @@ def rouge(preds: list[str], golds: list[str]) -> dict[str, float]:
     return {k: sum(s[k].fmeasure for s in scores) / len(scores) for k in ("rouge1", "rougeL")}
 
 
-def task_metrics(spec: TaskSpec, preds: list[str], golds: list[str]) -> dict[str, float]:
-    """Every metric of the task's kind, for one user's predictions."""
+Golds = list[str] | list[list[str]]
+"""Per prediction, its gold answer, or every answer that counts as right (`Example.golds`)."""
+
+
+def resolve_golds(spec: TaskSpec, preds: list[str], golds: Golds) -> list[str]:
+    """One gold per prediction, as PEFT-U scores records with several labels: the prediction itself
+    where it is one of them, else (rating) the one nearest it, else the first."""
+    out = []
+    for pred, gold in zip(preds, golds, strict=True):
+        accepted = [gold] if isinstance(gold, str) else list(gold)
+        if pred in accepted or len(accepted) == 1:
+            out.append(pred if pred in accepted else accepted[0])
+        elif spec.kind == "rating":
+            out.append(min(accepted, key=lambda g: Scale(spec).errors([pred], [g])[0]))
+        else:
+            out.append(accepted[0])
+    return out
+
+
+def task_metrics(spec: TaskSpec, preds: list[str], golds: Golds) -> dict[str, float]:
+    """Every metric of the task's kind, for one user's predictions (a rating task's accuracy: the exact level)."""
     if not golds:
         return {}
+    golds = resolve_golds(spec, preds, golds)
     if spec.kind == "classification":
         return {"accuracy": accuracy(preds, golds), "f1": macro_f1(preds, golds, spec.labels)}
     if spec.kind == "rating":
-        scale = [float(x) for x in spec.labels]
-        return {"mae": mae(preds, golds, scale), "rmse": rmse(preds, golds, scale)}
+        scale = Scale(spec)
+        return {"mae": mae(preds, golds, scale), "rmse": rmse(preds, golds, scale),
+                "accuracy": accuracy(preds, golds)}
     return rouge(preds, golds)
 
 

@@ -16,9 +16,9 @@ What each row is:
   on, loaded as serving loads it; a user without one is answered by that base.
   Only run when named (`--methods`), since another job fits those adapters.
 - `majority`: no model. Classification: the user's most frequent training
-  label (ties: the label first in the task's label list). Rating: the user's
-  mean training rating (the MAE of a constant is also what a rating model
-  must beat). Generation: the training output of the user's history item
+  label (ties: the label first in the task's label list). Rating: the level
+  nearest the user's mean training rating (an answer is a level, as a model's
+  is; PEFT-U's per-user mean-rating baseline). Generation: the training output of the user's history item
   nearest the test input under BM25 (the user's own most similar past answer;
   a most frequent output is useless where no two outputs are the same).
 - `retrieval`, `profile`: the user's BM25 top-k history or profile in the
@@ -100,8 +100,9 @@ def majority_answer(spec: TaskSpec, user: UserRecord, query: str) -> str:
         order = {lab: i for i, lab in enumerate(spec.labels)}
         return min(counts, key=lambda lab: (-counts[lab], order.get(lab, len(order)), lab)) if counts else spec.labels[0]
     if spec.kind == "rating":
-        values = [float(a) for a in answered]
-        return f"{sum(values) / len(values):.4f}" if values else spec.labels[len(spec.labels) // 2]
+        scale = spec.level_values()
+        values = [scale[a] for a in answered if a in scale]
+        return spec.nearest_level(sum(values) / len(values)) if values else spec.labels[len(spec.labels) // 2]
     nearest = bm25_top_k(user.history, query, 1)
     return nearest[0].output if nearest else ""
 
@@ -109,7 +110,7 @@ def majority_answer(spec: TaskSpec, user: UserRecord, query: str) -> str:
 @method("majority")
 def _majority(ctx: QualityContext) -> PerUser:
     return {u.user_id: task_metrics(ctx.spec, [majority_answer(ctx.spec, u, e.input) for e in u.test],
-                                    [e.output for e in u.test])
+                                    [e.golds for e in u.test])
             for u in ctx.users if u.test}
 
 

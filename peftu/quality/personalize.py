@@ -75,10 +75,14 @@ def profile_text(spec: TaskSpec, user: UserRecord, top_words: int = 3) -> str:
             for lab, _ in counts.most_common())
         return f"User profile: labels {share}. Typical words per label - {topics}."
     if spec.kind == "rating":
-        values = [float(h.output) for h in items]
-        mean = sum(values) / len(values)
-        return (f"User profile: mean rating {mean:.1f}, lowest {min(values):g}, highest {max(values):g} "
-                f"over {len(values)} ratings.")
+        scale = spec.level_values()
+        rated = sorted((scale[h.output], h.output) for h in items if h.output in scale)
+        if not rated:
+            return "User profile: no ratings."
+        mean = sum(v for v, _ in rated) / len(rated)
+        typical = f"{mean:.1f}" if spec.numeric_scale else spec.nearest_level(mean)
+        return (f"User profile: mean rating {typical}, lowest {rated[0][1]}, highest {rated[-1][1]} "
+                f"over {len(rated)} ratings.")
     return f"User profile: often writes {' '.join(_frequent([h.output for h in items], 2 * top_words))}."
 
 

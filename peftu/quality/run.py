@@ -20,9 +20,10 @@ def load_quality_data(task: str | None, *, users: int | None = None, seed: int =
                       ) -> tuple[TaskSpec, list[UserRecord], str]:
     """The task's spec and users (at most `users`), and a line saying what was read.
 
-    `task` is a generated task (`data`: a saved data set of it instead, a folder
-    or s3:// at `endpoint_url`), `tweeteval` (`data`: the annotations CSV) or
-    none with `lamp` (a LaMP questions file, the task named by `lamp_outputs`).
+    `data` a data set saved by `peftu data` (a folder or s3:// at `endpoint_url`):
+    its task and users, whatever `task` says. Else `task` is a generated task,
+    `tweeteval` (`data`: PEFT-U's annotations CSV) or none with `lamp` (a LaMP
+    questions file, the task named by `lamp_outputs`).
     """
     from pathlib import Path
 
@@ -34,19 +35,19 @@ def load_quality_data(task: str | None, *, users: int | None = None, seed: int =
         if not lamp_outputs:
             raise PeftuError("--lamp needs --lamp-outputs (the golds to score against)")
         spec, records, report = loaders.load_lamp(lamp, lamp_outputs)
+    elif data and not (task == "tweeteval" and Path(data).suffix == ".csv"):
+        spec, records = load_task(data, endpoint_url=endpoint_url)
+        report = f"{len(records)} users of {spec.name} ({spec.kind}) from {data}"
     elif task == "tweeteval":
         path = Path(data or TWEETEVAL)
         if not path.is_file():
             raise PeftuError(f"tweeteval data not found at {path}; pass --data PATH to PEFT-U's annotations_g3.csv")
         spec, records, report = loaders.load_peftu_annotations(path, task_name="tweeteval", seed=seed)
-    elif task in TASKS and data:
-        spec, records = load_task(data, endpoint_url=endpoint_url)
-        report = f"{len(records)} users from {data}"
     elif task in TASKS:
         spec, records, report = generate(task, users or 100, seed=seed)
     else:
         raise PeftuError(f"unknown task {task!r}; choose one of {', '.join([*sorted(TASKS), 'tweeteval'])}, "
-                         "or give LaMP files with --lamp and --lamp-outputs")
+                         "give a saved data set with --data, or LaMP files with --lamp and --lamp-outputs")
     return spec, records[:users] if users else records, str(report)
 
 

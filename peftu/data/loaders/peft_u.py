@@ -24,6 +24,7 @@ from peftu.data.split import split_users
 from peftu.errors import DataError
 
 CLASSIFY_PROMPT = "Text: {input}\nLabel:"
+RATE_PROMPT = "Text: {input}\nRating:"
 LABEL_PREFIX = "label_"
 
 
@@ -61,12 +62,13 @@ def _annotation_columns(header: list[str], path: Path, line: int
 def load_peftu_annotations(path: str | Path, *, task_name: str | None = None, seed: int = 0,
                            min_samples: int = 10,
                            fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
-                           ) -> LoadResult:
+                           kind: str = "classification", levels: list[str] | None = None) -> LoadResult:
     """Load a PEFT-U raw annotator table; each annotator becomes one user.
 
     The CSV has columns `id`, `text` and one `label_<annotator>` column per
     annotator. An empty cell means the annotator did not label that item and
-    gives no sample. Users are split per user with `split_users`.
+    gives no sample. Users are split per user with `split_users`. `kind` and
+    `levels` make it a rating task, as for `load_peftu_user_data`.
     """
     path = Path(path)
     rows = read_csv_rows(path)
@@ -98,10 +100,8 @@ def load_peftu_annotations(path: str | Path, *, task_name: str | None = None, se
                 samples[user].append(Example(id=item_id, input=text, output=label))
                 labels.add(label)
 
-    spec = TaskSpec(name=default_name(path, task_name), kind="classification",
-                    prompt=CLASSIFY_PROMPT,
-                    labels=label_set(labels, path, f"{LABEL_PREFIX}*"),
-                    description=f"PEFT-U annotations from {path.name}")
+    spec = task_of(default_name(path, task_name), kind, labels, path, f"{LABEL_PREFIX}*",
+                   f"PEFT-U annotations from {path.name}", levels)
     users, report = split_users(samples, seed=seed, min_samples=min_samples,
                                 fractions=fractions)
     return spec, users, report
@@ -110,8 +110,8 @@ def load_peftu_annotations(path: str | Path, *, task_name: str | None = None, se
 # ---------------------------------------------------------------------------
 # user_data.json (already split)
 
-def _peftu_sample(sample: Any, source: Path, record: str) -> tuple[str, str]:
-    """(text, label) of one user_data.json sample; the label is the list's first element."""
+def _peftu_sample(sample: Any, source: Path, record: str) -> tuple[str, list[str]]:
+    """(text, labels) of one user_data.json sample: every label counts as right, the first is trained on."""
     sample = json_object(sample, source, record, None)
     text = text_field(sample, "text", source, record)
     if "label" not in sample:
@@ -120,19 +120,48 @@ def _peftu_sample(sample: Any, source: Path, record: str) -> tuple[str, str]:
     if not isinstance(label, list) or not label:
         raise DataError("expected a non-empty list of labels", source=str(source),
                         record=record, field="label")
-    if not isinstance(label[0], str) or not label[0].strip():
-        raise DataError("the first label must be a non-empty string", source=str(source),
+    if not all(isinstance(x, str) and x.strip() for x in label):
+        raise DataError("every label must be a non-empty string", source=str(source),
                         record=record, field="label")
-    return text, label[0].strip()
+    return text, list(dict.fromkeys(x.strip() for x in label))
 
 
-def load_peftu_user_data(path: str | Path, *, task_name: str | None = None,
-                         min_samples: int = 10) -> LoadResult:
+def task_of(name: str, kind: str, labels: set[str], source: Path, field: str, description: str,
+            levels: list[str] | None = None) -> TaskSpec:
+    """The imported task: a classification over the labels seen, or a rating over ordered levels
+    (`levels`, lowest first, or the labels themselves when they are numbers, in numeric order)."""
+    if kind == "classification":
+        if levels:
+            raise DataError("--levels orders a rating scale; a classification task takes none", source=str(source))
+        return TaskSpec(name=name, kind=kind, prompt=CLASSIFY_PROMPT, labels=label_set(labels, source, field),
+                        description=description)
+    if kind != "rating":
+        raise DataError(f"unknown task kind {kind!r}; choose classification or rating", source=str(source))
+    if levels:
+        if len(set(levels)) != len(levels) or len(levels) < 2:
+            raise DataError(f"--levels must be at least two distinct levels, got {levels}", source=str(source))
+        unknown = sorted(labels - set(levels))
+        if unknown:
+            raise DataError(f"label(s) {unknown} are not among the levels {levels}", source=str(source), field=field)
+    else:
+        try:
+            levels = sorted(label_set(labels, source, field), key=float)
+        except ValueError:
+            raise DataError(f"a rating task's labels must be numbers, or their order given with --levels; "
+                            f"found {sorted(labels)}", source=str(source), field=field) from None
+    return TaskSpec(name=name, kind="rating", prompt=RATE_PROMPT, labels=levels, description=description)
+
+
+def load_peftu_user_data(path: str | Path, *, task_name: str | None = None, min_samples: int = 10,
+                         kind: str = "classification", levels: list[str] | None = None) -> LoadResult:
     """Load PEFT-U's `user_data.json`, which is already split per user.
 
     Layout: ``{user_id: {"train"|"val"|"test": {sample_id: {"text", "label": [..]}}}}``.
     A missing split is empty. Each user's history is their train samples.
-    The label set is every label seen, dropped users included.
+    A sample with several labels is trained on the first and any of them counts
+    as right (`Example.also`), as PEFT-U scores it. The label set is every label
+    seen, dropped users included; `kind="rating"` makes them levels of a scale
+    (see `task_of`), scored by MAE over the levels' positions.
     """
     path = Path(path)
     data = json_object(read_json(path), path, None, None)
@@ -156,15 +185,14 @@ def load_peftu_user_data(path: str | Path, *, task_name: str | None = None,
                     raise DataError(f"sample id also in {split_of[sample_id]}",
                                     source=str(path), record=at)
                 split_of[sample_id] = split
-                text, label = _peftu_sample(sample, path, at)
-                labels.add(label)
-                getattr(record, split).append(Example(id=sample_id, input=text, output=label))
+                text, golds = _peftu_sample(sample, path, at)
+                labels.update(golds)
+                getattr(record, split).append(Example(id=sample_id, input=text, output=golds[0], also=golds[1:]))
         record.history = [HistoryItem(id=e.id, text=e.input, output=e.output)
                           for e in record.train]
         if record.n_examples >= min_samples:
             users.append(record)
 
-    spec = TaskSpec(name=default_name(path, task_name), kind="classification",
-                    prompt=CLASSIFY_PROMPT, labels=label_set(labels, path, "label"),
-                    description=f"PEFT-U user data from {path.name}")
+    spec = task_of(default_name(path, task_name), kind, labels, path, "label",
+                   f"PEFT-U user data from {path.name}", levels)
     return spec, users, report_of(users, len(data))
