@@ -286,9 +286,19 @@ class ServeConfig(Settings):
     device: str = "cpu"
     torch_threads: int = Field(0, ge=0)
     """0: leave torch's default (Ray sets it from the replica's CPUs)."""
-    user_tokens: bool = False
-    """Require a per-user HMAC token (Authorization: Bearer) for a user's adapter."""
+    user_tokens: bool = True
+    """Require a user's JWT (Authorization: Bearer) for their adapter: `sub` the user, `aud` the model
+    name, `exp` required, `kid` one of the keys below. false: anyone may use any user's adapter."""
     token_secret_env: str = "PEFTU_TOKEN_SECRET"
+    """Variable holding the HS256 keys: `KID:SECRET` entries (comma or space separated; the first signs
+    `peftu serve token`, the others are still accepted while they rotate out), or one bare secret (kid
+    `default`). Each secret at least 32 bytes."""
+    token_jwks: str = ""
+    """A JWKS file or http(s) URL of public keys (RS256, ES256) for tokens an identity provider mints."""
+    token_issuer: str = ""
+    """When set, tokens must carry this `iss`."""
+    token_leeway_s: float = Field(30.0, ge=0)
+    """Clock skew allowed on `exp`, `nbf` and `iat`."""
     admin_key_env: str = "PEFTU_ADMIN_KEY"
     admin_without_key: bool = False
     """Allow the admin endpoints with no key set (local use only)."""

@@ -58,7 +58,9 @@ def version_key(task: str, user: str, version: str, name: str) -> str:
 
 
 def leftover_temp_files(root: Path) -> list[str]:
-    return [name for _, _, names in os.walk(root) for name in names if name.startswith(".peftu-tmp-")]
+    """Temp files of writes that failed (a pointer's lock file is no temp file: it stays with the pointer)."""
+    return [name for _, _, names in os.walk(root) for name in names
+            if name.startswith(".peftu-tmp-") and not name.startswith(".peftu-tmp-lock-")]
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -249,17 +251,18 @@ def test_foreign_base_refused(store: AdapterStore) -> None:
 def test_failure_before_pointer_keeps_previous_version(store: AdapterStore, monkeypatch: pytest.MonkeyPatch,
                                                        tmp_path: Path) -> None:
     v1 = publish(store, "alice", seed=1).version
-    real_put = store.backend.put
+    real_put, real_put_if = store.backend.put, store.backend.put_if
 
-    def put_failing_on(suffix: str):
-        def put(key: str, data: bytes) -> None:
+    def failing_on(suffix: str) -> None:
+        """Plain and conditional writes of keys ending in `suffix` fail."""
+        def check(key: str) -> None:
             if key.endswith(suffix):
                 raise StoreUnavailableError(f"simulated failure writing {key}")
-            real_put(key, data)
-        return put
+        monkeypatch.setattr(store.backend, "put", lambda key, data: check(key) or real_put(key, data))
+        monkeypatch.setattr(store.backend, "put_if", lambda key, data, tag: check(key) or real_put_if(key, data, tag))
 
     # Manifest write fails: the partial version is removed, readers stay on v1.
-    monkeypatch.setattr(store.backend, "put", put_failing_on("/manifest.json"))
+    failing_on("/manifest.json")
     with pytest.raises(StoreUnavailableError, match="simulated"):
         publish(store, "alice", seed=2)
     assert store.latest_version(TASK, "alice") == v1
@@ -267,10 +270,10 @@ def test_failure_before_pointer_keeps_previous_version(store: AdapterStore, monk
     assert {k.split("/")[4] for k in store.backend.list(f"adapters/{TASK}/alice/versions")} == {v1}
 
     # Pointer write fails: the complete new version stays, but v1 is still the latest.
-    monkeypatch.setattr(store.backend, "put", put_failing_on("/LATEST"))
+    failing_on("/LATEST")
     with pytest.raises(StoreUnavailableError, match="simulated"):
         publish(store, "alice", seed=3)
-    monkeypatch.setattr(store.backend, "put", real_put)
+    failing_on("/no-such-key")
     assert store.latest_version(TASK, "alice") == v1
     out, m = store.fetch(TASK, "alice", dest=tmp_path / "out", expect_base=BASE)
     assert m.version == v1
@@ -318,17 +321,17 @@ def test_publish_whose_files_were_swept_is_not_pointed_at(store: AdapterStore,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Someone sweeps a slow publisher's version as partial: its publish fails, the pointer stays."""
     v1 = publish(store, "alice", seed=1).version
-    real_put = store.backend.put
+    real_put_if = store.backend.put_if
 
-    def put(key: str, data: bytes) -> None:
+    def put_if(key: str, data: bytes, tag: str | None) -> bool:
         if key.endswith("/manifest.json") and "/alice/" in key:
             store.sweep_partial(TASK, ["alice"], before_ns=time.time_ns())
-        real_put(key, data)
+        return real_put_if(key, data, tag)
 
-    monkeypatch.setattr(store.backend, "put", put)
+    monkeypatch.setattr(store.backend, "put_if", put_if)
     with pytest.raises(StoreError, match="vanished while publishing"):
         publish(store, "alice", seed=2)
-    monkeypatch.setattr(store.backend, "put", real_put)
+    monkeypatch.setattr(store.backend, "put_if", real_put_if)
     assert store.latest_version(TASK, "alice") == v1
     assert store.list_versions(TASK, "alice") == [v1]
 

@@ -38,7 +38,7 @@ from peftu.serving.api import (
     resolve_user,
     stream_chunk,
 )
-from peftu.serving.auth import bearer, same_secret, token_user
+from peftu.serving.auth import UserTokens, same_secret
 from peftu.serving.engine import Engine
 from peftu.store import validate_id
 
@@ -85,9 +85,10 @@ class PeftuServer:
 
     def __init__(self, config: dict | None = None):
         self.cfg = ServeConfig.model_validate(config or {})
-        if self.cfg.user_tokens and not self.cfg.secret("token"):
-            raise ValueError(f"user_tokens is on but ${self.cfg.token_secret_env} is not set")
         self.engine = Engine(self.cfg)
+        self.tokens = UserTokens.from_config(self.cfg, self.engine.model_name)
+        if not self.cfg.user_tokens:
+            log.warning("user_tokens is false: any client may use any user's adapter")
         api.state.metrics = self.engine.metrics
 
         async def register(model_id: str) -> str:
@@ -106,15 +107,7 @@ class PeftuServer:
         header = serve.get_multiplexed_model_id() or None
         user = resolve_user(model, header, self.engine.model_name)
         if user is not None and self.cfg.user_tokens:
-            token = bearer(authorization)
-            if token is None:
-                raise ApiError(401, "this server needs a user token: Authorization: Bearer <token>",
-                               kind="authentication_error")
-            named = token_user(self.cfg.secret("token"), token)
-            if named is None:
-                raise ApiError(401, "the user token is invalid", kind="authentication_error")
-            if named != user:
-                raise ApiError(403, f"the token is not valid for user {user!r}", "model", "permission_error")
+            await self.tokens.authorize(user, authorization)
         if user is not None:
             await self._register(f"{self.engine.model_name}:{user}")
         return user
@@ -186,9 +179,7 @@ class PeftuServer:
         """
         created = int(time.time())
         names = [self.engine.model_name]
-        secret = self.cfg.secret("token")
-        token = bearer(authorization)
-        user = token_user(secret, token) if secret and token else None
+        user = await self.tokens.token_user(authorization) if self.tokens is not None else None
         if user is not None:
             names.append(f"{self.engine.model_name}:{user}")
         return {"object": "list", "data": [{"id": n, "object": "model", "created": created, "owned_by": "peftu"}

@@ -23,11 +23,13 @@ clean up after itself: `sweep_partial` removes such manifest-less versions once
 no publisher can still be writing them (the fit job sweeps its users when its
 workers are done). A failed pointer write deletes
 nothing: the write may have landed, and the version it names is complete.
-The pointer only moves forward: a
-publisher that finds it already naming a newer version leaves it alone. That
-check is a read then a write (S3 offers no portable compare-and-swap), so two
-publishers racing on one artifact can, rarely, leave the pointer on the older of
-two complete versions; it never names an incomplete one.
+The pointer only moves forward, by compare-and-swap
+(`Backend.put_if`: S3's If-Match on the ETag read, a lock file locally): a
+publisher that finds it naming a newer version leaves it alone, and one that
+loses a race reads it again, so of racing publishers the newest version wins.
+Manifests are written create-only (If-None-Match: *). Before a pointer of a
+kind with owners moves or goes, the task's index is marked (`index`), so the
+index can answer "who has what" without reading every pointer.
 
 Readers trust nothing they read: ids are checked before they become keys, a
 manifest must be the one of the artifact and version it was found for, with the
@@ -43,6 +45,7 @@ import json
 import shutil
 import tempfile
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from datetime import datetime, timezone
 from pathlib import Path
@@ -60,6 +63,7 @@ from peftu.errors import (
 )
 from peftu.store.backends import Backend, open_backend
 from peftu.store.ids import MANIFEST, POINTER, _file_name_problem, _show, validate_id
+from peftu.store.index import READ_THREADS, Entry, TaskIndex
 from peftu.store.kinds import ADAPTER, RECORD_FILE, Kind, Ref
 from peftu.store.manifest import (
     Manifest,
@@ -118,17 +122,31 @@ class AdapterStore:
         try:
             for name, data in files.items():
                 self.backend.put(f"{version_key}/{name}", data)
-            self.backend.put(f"{version_key}/{MANIFEST}", manifest.to_json())
+            if not self.backend.put_if(f"{version_key}/{MANIFEST}", manifest.to_json(), None):
+                raise StoreError(f"{version_key}/{MANIFEST} exists already: another publisher took this version")
             self._check_landed(version_key, files)
+            if ref.kind.owner:
+                self.index(ref.kind, ref.task).mark(ref.owner, version)
         except Exception:
             self._discard(version_key)
             raise
         # No cleanup if the pointer write fails: it may have landed anyway, and the
         # version it would name is complete.
-        current = self.latest_artifact(ref)
-        if current is None or current < version:
-            self.backend.put(f"{ref.key}/{POINTER}", version.encode())
+        self._advance_pointer(ref, version)
         return manifest
+
+    def _advance_pointer(self, ref: Ref, version: str) -> None:
+        """Compare-and-swap the pointer to `version` unless it names a newer one; a lost race reads again.
+
+        Every lost race is another publisher moving the pointer forward, so this ends."""
+        key = f"{ref.key}/{POINTER}"
+        while True:
+            now = self.backend.get_tagged(key)
+            current = None if now is None else _pointer_version(now[0], key, self.backend)
+            if current is not None and current >= version:
+                return
+            if self.backend.put_if(key, version.encode(), now[1] if now else None):
+                return
 
     def _check_landed(self, version_key: str, files: dict[str, bytes]) -> None:
         """Before the pointer may name a version, every file it lists must be there: a sweep
@@ -137,30 +155,68 @@ class AdapterStore:
         if missing:
             raise StoreError(f"{version_key}: {sorted(missing)} vanished while publishing (swept as partial?)")
 
+    def _version_files(self, kind: Kind, task: str, owners: Iterable[str] | None) -> dict[str, set[str]]:
+        """Each version folder of `kind` in `task` and the file names in it: of every artifact (one
+        listing of the task), or of `owners`' (one listing each, `READ_THREADS` at a time)."""
+        task_key = f"{kind.root}/{validate_id(task, 'task name')}"
+        if kind.owner and owners is not None:
+            prefixes = [f"{task_key}/{validate_id(o, 'user id')}/versions" for o in sorted(set(owners))]
+        else:
+            prefixes = [task_key]
+        with ThreadPoolExecutor(max_workers=min(READ_THREADS, max(1, len(prefixes)))) as pool:
+            listings = list(pool.map(self.backend.list, prefixes))
+        depth = 4 if kind.owner else 3  # [<owner>/]versions/<version>/<file>
+        files: dict[str, set[str]] = {}
+        for key in (key for listing in listings for key in listing):
+            parts = key[len(task_key) + 1:].split("/")
+            if len(parts) == depth and parts[-3] == "versions":
+                files.setdefault(key.rsplit("/", 1)[0], set()).add(parts[-1])
+        return files
+
     def sweep_partial(self, task: str, users: Iterable[str] | None = None, *, before_ns: int,
                       kind: Kind = ADAPTER) -> list[str]:
         """Delete the versions of `kind` in `task` (of `users`, default all, where the kind is per
         user) that have no manifest and were started before `before_ns` (time.time_ns()): what a
         publisher killed mid-write leaves. Only call it with a time by which every publisher of
         those artifacts has finished or died. Returns the version keys removed."""
-        task_key = f"{kind.root}/{validate_id(task, 'task name')}"
-        wanted = None if users is None else {validate_id(u, "user id") for u in users}
-        depth = 4 if kind.owner else 3  # [<owner>/]versions/<version>/<file>
-        files: dict[str, set[str]] = {}
-        for key in self.backend.list(task_key):
-            parts = key[len(task_key) + 1:].split("/")
-            if len(parts) != depth or parts[-3] != "versions":
-                continue
-            if kind.owner and wanted is not None and parts[0] not in wanted:
-                continue
-            files.setdefault(key.rsplit("/", 1)[0], set()).add(parts[-1])
         swept = []
-        for version_key, names in sorted(files.items()):
+        for version_key, names in sorted(self._version_files(kind, task, users).items()):
             started = version_started_ns(version_key.rsplit("/", 1)[-1])
             if MANIFEST not in names and started is not None and started < before_ns:
                 self.backend.delete_prefix(version_key)
                 swept.append(version_key)
         return swept
+
+    def gc_versions(self, task: str, *, keep: int, kind: Kind = ADAPTER) -> list[str]:
+        """Keep at most `keep` complete versions of each artifact of `kind` in `task`: the newest, and
+        always the one its pointer names (read after listing, so a publish meanwhile keeps its version).
+        Half-written versions are `sweep_partial`'s. Returns the version keys removed."""
+        if keep < 1:
+            raise StoreError(f"gc must keep at least 1 version per artifact (the current one), not {keep}")
+        by_artifact: dict[str, list[str]] = {}
+        for version_key, names in self._version_files(kind, task, None).items():
+            if MANIFEST in names:
+                artifact, _, version = version_key.rpartition("/versions/")
+                by_artifact.setdefault(artifact, []).append(version)
+        crowded = {a: sorted(vs) for a, vs in by_artifact.items() if len(vs) > keep}
+
+        def pointer(artifact: str) -> str | None:
+            try:
+                return _pointer_version(self.backend.get(f"{artifact}/{POINTER}"), artifact, self.backend)
+            except NotFoundError:
+                return None
+
+        with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
+            current = dict(zip(crowded, pool.map(pointer, crowded)))
+        removed = []
+        for artifact, versions in sorted(crowded.items()):
+            kept = set(versions[-keep:]) | {current[artifact]}
+            for version in versions:
+                if version not in kept:
+                    self.backend.delete(f"{artifact}/versions/{version}/{MANIFEST}")  # unlisted first
+                    self.backend.delete_prefix(f"{artifact}/versions/{version}")
+                    removed.append(f"{artifact}/versions/{version}")
+        return removed
 
     def _discard(self, version_key: str) -> None:
         """Best effort: remove an unpublished version, manifest first so it stops being listed."""
@@ -177,10 +233,7 @@ class AdapterStore:
             raw = self.backend.get(key)
         except NotFoundError:
             return None
-        try:
-            return validate_id(raw.decode("utf-8").strip(), "version")
-        except (UnicodeDecodeError, InvalidIdError) as e:
-            raise CorruptAdapterError(f"pointer {key} in {self.backend.describe()} is unreadable: {e}") from None
+        return _pointer_version(raw, key, self.backend)
 
     def _folders_holding(self, prefix: str, name: str) -> list[str]:
         """The folders right under `prefix` that hold an object `name`, sorted."""
@@ -209,8 +262,30 @@ class AdapterStore:
         return read_manifest(raw, ref, version, key)
 
     def artifact_owners(self, kind: Kind, task: str) -> list[str]:
-        """The user ids (or names) with a published artifact of `kind` in `task`."""
-        return self._folders_holding(f"{kind.root}/{validate_id(task, 'task name')}", POINTER)
+        """The user ids (or names) with a published artifact of `kind` in `task` (from the index)."""
+        return sorted(self.current_entries(kind, task))
+
+    # the index: who has what, without reading every pointer
+
+    def index(self, kind: Kind, task: str) -> TaskIndex:
+        """The index of `kind`'s artifacts in `task` (a kind with owners: users, record names)."""
+        if not kind.owner:
+            raise StoreError(f"a {kind.what} is one per task: it has no index of owners")
+        return TaskIndex(self.backend, kind, task, lambda owner: self._entry(kind.of(task, owner)),
+                         lambda: self._folders_holding(f"{kind.root}/{validate_id(task, 'task name')}", POINTER))
+
+    def _entry(self, ref: Ref) -> Entry | None:
+        """What `ref`'s pointer names, read from the pointer and that version's manifest (the truth)."""
+        version = self.latest_artifact(ref)
+        return None if version is None else Entry.of(self.artifact_manifest(ref, version))
+
+    def current_entries(self, kind: Kind, task: str) -> dict[str, Entry]:
+        """Every owner's published version and fingerprints: the index, with marked owners read fresh."""
+        return self.index(kind, task).state()
+
+    def compact_index(self, kind: Kind, task: str) -> dict[str, Entry]:
+        """Fold every change into the index's snapshot now; returns the entries."""
+        return self.index(kind, task).compact()
 
     def _usable_manifest(self, ref: Ref, version: str | None, expect_base: str | None,
                          expect_encoder: str | None) -> Manifest:
@@ -281,6 +356,8 @@ class AdapterStore:
             raise NotFoundError(f"no {ref} in {self.backend.describe()}")
         versions = {parts[1] for parts in (k[len(ref.key) + 1:].split("/") for k in keys)
                     if len(parts) > 2 and parts[0] == "versions"}
+        if ref.kind.owner:
+            self.index(ref.kind, ref.task).mark(ref.owner, _new_version(), deleted=True)
         self.backend.delete(f"{ref.key}/{POINTER}")
         self.backend.delete_prefix(ref.key)
         return len(versions)
@@ -346,6 +423,13 @@ class AdapterStore:
     def delete_user(self, task: str, user_id: str) -> int:
         """Unpublish a user's adapter, then remove every version; returns how many were removed."""
         return self.delete_artifact(ADAPTER.of(task, user_id))
+
+
+def _pointer_version(raw: bytes, key: str, backend: Backend) -> str:
+    try:
+        return validate_id(raw.decode("utf-8").strip(), "version")
+    except (UnicodeDecodeError, InvalidIdError) as e:
+        raise CorruptAdapterError(f"pointer {key} in {backend.describe()} is unreadable: {e}") from None
 
 
 def _check_record_kind(ref: Ref) -> None:

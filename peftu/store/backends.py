@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import abc
+import fcntl
+import hashlib
 import os
 import re
 import shutil
@@ -61,6 +63,20 @@ class Backend(abc.ABC):
     def delete_prefix(self, prefix: str) -> None:
         """Remove every object under the "directory" `prefix`."""
 
+    def delete_many(self, keys: list[str]) -> None:
+        """Remove these objects (missing ones are not an error); S3 takes 1,000 a request."""
+        for key in keys:
+            self.delete(key)
+
+    @abc.abstractmethod
+    def get_tagged(self, key: str) -> tuple[bytes, str] | None:
+        """The object's bytes and a tag that changes whenever it is replaced (S3: its ETag); None if missing."""
+
+    @abc.abstractmethod
+    def put_if(self, key: str, data: bytes, tag: str | None) -> bool:
+        """Compare-and-swap: store `data` only if the object still has `tag` (None: only if there is no
+        object yet). False, and nothing written, when another writer got there first."""
+
     @abc.abstractmethod
     def put_file(self, key: str, path: Path) -> None:
         """Store a local file without reading it all into memory."""
@@ -90,8 +106,9 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def _write_atomic(path: Path, fill: Callable[[IO[bytes]], Any]) -> None:
-    """Write `path` through a temp file in its directory: fsync, then os.replace.
+def _write_atomic(path: Path, fill: Callable[[IO[bytes]], Any], *, exclusive: bool = False) -> bool:
+    """Write `path` through a temp file in its directory: fsync, then os.replace (`exclusive`: os.link,
+    which refuses to replace an existing file: False then, and nothing written).
 
     OS errors (permissions, a full disk) become StoreUnavailableError naming the
     path; the temp file never outlives a failure.
@@ -105,7 +122,15 @@ def _write_atomic(path: Path, fill: Callable[[IO[bytes]], Any]) -> None:
             fill(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if exclusive:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            finally:
+                tmp.unlink()
+        else:
+            os.replace(tmp, path)
     except BaseException as e:
         with suppress(OSError):
             tmp.unlink(missing_ok=True)
@@ -113,6 +138,7 @@ def _write_atomic(path: Path, fill: Callable[[IO[bytes]], Any]) -> None:
             raise StoreUnavailableError(f"cannot write {path}: {e.strerror or e}") from e
         raise
     _fsync_dir(path.parent)
+    return True
 
 
 def _copy_atomic(source: Path, target: Path) -> None:
@@ -139,11 +165,17 @@ class LocalBackend(Backend):
         _write_atomic(self._path(key), lambda f: f.write(data))
 
     def get(self, key: str) -> bytes:
+        data = self._read(key)
+        if data is None:
+            raise NotFoundError(f"no object {key!r} in {self.root}")
+        return data
+
+    def _read(self, key: str) -> bytes | None:
         path = self._path(key)
         try:
             return path.read_bytes()
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            raise NotFoundError(f"no object {key!r} in {self.root}") from None
+            return None
         except OSError as e:
             raise StoreUnavailableError(f"cannot read {path}: {e.strerror or e}") from e
 
@@ -183,6 +215,34 @@ class LocalBackend(Backend):
             pass  # nothing under it (a plain object named like the prefix is not "under" it)
         except OSError as e:
             raise StoreUnavailableError(f"cannot delete {path}: {e.strerror or e}") from e
+
+    def get_tagged(self, key: str) -> tuple[bytes, str] | None:
+        data = self._read(key)
+        return None if data is None else (data, hashlib.sha256(data).hexdigest())
+
+    def put_if(self, key: str, data: bytes, tag: str | None) -> bool:
+        """A new object by os.link (atomic, and it refuses an existing name); a replacement under an
+        exclusive flock of a lock file next to the object (hidden from listings like temp files, and
+        kept while the object is), so racing writers in any process take turns; readers never
+        need the lock (os.replace)."""
+        path = self._path(key)
+        if tag is None:
+            return _write_atomic(path, lambda f: f.write(data), exclusive=True)
+        lock = path.parent / f"{_TMP_PREFIX}lock-{path.name}"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise StoreUnavailableError(f"cannot lock {path}: {e.strerror or e}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            now = self.get_tagged(key)
+            if (now[1] if now else None) != tag:
+                return False
+            self.put(key, data)
+            return True
+        finally:
+            os.close(fd)  # closing drops the lock
 
     def put_file(self, key: str, path: Path) -> None:
         try:
@@ -275,6 +335,34 @@ class S3Backend(Backend):
         with self._call("reading", key):
             return self._client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
 
+    def get_tagged(self, key: str) -> tuple[bytes, str] | None:
+        try:
+            with self._call("reading", key):
+                answer = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
+                return answer["Body"].read(), answer["ETag"]
+        except NotFoundError:
+            return None
+
+    def put_if(self, key: str, data: bytes, tag: str | None) -> bool:
+        """S3's conditional writes: If-Match on the ETag read, If-None-Match: * for a new object.
+        S3 answers 412 when the condition fails, 409 when a concurrent conditional write won, and
+        404 when If-Match names an object since deleted."""
+        condition = {"IfNoneMatch": "*"} if tag is None else {"IfMatch": tag}
+        try:
+            with self._call("writing", key):
+                self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **condition)
+        except NotFoundError:
+            return False
+        except StoreError as e:
+            cause = e.__cause__
+            if isinstance(cause, ClientError) and (
+                    cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412)
+                    or cause.response.get("Error", {}).get("Code") in ("PreconditionFailed",
+                                                                       "ConditionalRequestConflict")):
+                return False
+            raise
+        return True
+
     def exists(self, key: str) -> bool:
         try:
             with self._call("checking", key):
@@ -306,8 +394,14 @@ class S3Backend(Backend):
         prefix = _check_prefix(prefix)
         if not prefix:
             raise StoreError(f"refusing to delete everything in {self.describe()}: give a prefix")
-        keys = self._list_full(prefix)
-        for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
+        self._delete_full(self._list_full(prefix), prefix)
+
+    def delete_many(self, keys: list[str]) -> None:
+        self._delete_full([self._key(k) for k in keys], keys[0] if keys else "")
+
+    def _delete_full(self, keys: list[str], prefix: str) -> None:
+        """Delete full S3 keys, 1,000 a request (DeleteObjects' most); `prefix` for messages."""
+        for start in range(0, len(keys), 1000):
             batch = [{"Key": k} for k in keys[start:start + 1000]]
             with self._call("deleting", prefix):
                 answer = self._client.delete_objects(Bucket=self.bucket,

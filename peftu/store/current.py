@@ -34,11 +34,18 @@ def is_current(store: AdapterStore, ref: Ref, *, base_fp: str, data_fp: str, hp:
 
 def split_current(store: AdapterStore, spec: TaskSpec, users: list[UserRecord], hp: LoraHParams,
                   base_fp: str) -> tuple[list[UserRecord], list[str]]:
-    """Users that still need a fit, and the ids of those whose adapter is current."""
+    """Users that still need a fit, and the ids of those whose adapter is current.
+
+    One read of the task's index (docs/store.md), not one per user: the index
+    answers for every user whose pointer has not moved since it was compacted,
+    and only the others' pointers are read.
+    """
+    entries = store.current_entries(ADAPTER, spec.name)
+    hp_fp = fingerprint(hp.model_dump())
     todo, current = [], []
     for user in users:
-        fresh = is_current(store, ADAPTER.of(spec.name, user.user_id), base_fp=base_fp,
-                           data_fp=data_fingerprint(spec, user.train), hp=hp)
+        entry = entries.get(user.user_id)
+        fresh = entry is not None and entry.fits(base_fp, data_fingerprint(spec, user.train), hp_fp)
         (current.append(user.user_id) if fresh else todo.append(user))
     return todo, current
 
