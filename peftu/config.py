@@ -282,6 +282,10 @@ class ServeConfig(Settings):
     batch_wait_ms: float = Field(5.0, ge=0)
     max_prompt_tokens: int = Field(448, ge=1)
     max_tokens_limit: int = Field(256, ge=1)
+    max_choices: int = Field(16, ge=1)
+    """Rows one request may ask for: prompts x n."""
+    max_logprobs: int = Field(20, ge=0)
+    """Alternatives per token that logprobs / top_logprobs may ask for."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
     torch_threads: int = Field(0, ge=0)

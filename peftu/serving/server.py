@@ -10,19 +10,15 @@ of different users overlap and never hold up other users' requests.
 
 # No `from __future__ import annotations` here: FastAPI reads the routes' type hints
 # at run time, and Serve's ingress wrapper loses the module globals they would name.
-import json
 import logging
 import time
-import uuid
-from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Header, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from ray import serve
 
 from peftu.config import ServeConfig
 from peftu.errors import InvalidIdError, NotFoundError, StoreError
-from peftu.inference.generate import Piece
 from peftu.serving.adapters import Lease
 from peftu.serving.api import (
     ApiError,
@@ -30,15 +26,12 @@ from peftu.serving.api import (
     CompletionRequest,
     SamplingFields,
     ScoreRequest,
-    chat_body,
     chat_prompt,
-    completion_body,
-    error_body,
     install_error_handlers,
     resolve_user,
-    stream_chunk,
 )
 from peftu.serving.auth import UserTokens, same_secret
+from peftu.serving.completions import Completions
 from peftu.serving.engine import Engine
 from peftu.store import validate_id
 
@@ -86,6 +79,7 @@ class PeftuServer:
     def __init__(self, config: dict | None = None):
         self.cfg = ServeConfig.model_validate(config or {})
         self.engine = Engine(self.cfg)
+        self.generation = Completions(self.engine, self.cfg, _adapter_headers)
         self.tokens = UserTokens.from_config(self.cfg, self.engine.model_name)
         if not self.cfg.user_tokens:
             log.warning("user_tokens is false: any client may use any user's adapter")
@@ -119,43 +113,23 @@ class PeftuServer:
                            f"{self.cfg.max_prompt_tokens}", "prompt")
         return ids
 
-    async def _generate(self, body: SamplingFields, prompt: str, authorization: str | None,
+    async def _generate(self, body: SamplingFields, prompts: list[str | list[int]], authorization: str | None,
                         chat: bool) -> Response:
-        sampling = body.sampling(self.cfg.max_tokens_limit)
-        prompt_ids = self._prompt_ids(prompt)
+        rows = self.generation.rows(body, prompts)
         user = await self._user(body.model, authorization)
-        if body.stream:
-            lease, pieces = await self.engine.stream(user, prompt_ids, sampling)
-            return StreamingResponse(self._sse(pieces, body.model, chat), media_type="text/event-stream",
-                                     headers=_adapter_headers(lease))
-        done = await self.engine.complete(user, prompt_ids, sampling)
-        make = chat_body if chat else completion_body
-        r = done.result
-        return JSONResponse(make(body.model, r.text, r.finish_reason, done.prompt_tokens, r.tokens),
-                            headers=_adapter_headers(done.lease))
-
-    @staticmethod
-    async def _sse(pieces: AsyncIterator[Piece], model: str, chat: bool) -> AsyncIterator[str]:
-        rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
-        try:
-            async for piece in pieces:
-                yield f"data: {json.dumps(stream_chunk(chat, rid, created, model, piece.text, piece.finish))}\n\n"
-        except Exception as e:  # headers are gone already: report in the stream
-            log.exception("stream failed")
-            yield f"data: {json.dumps(error_body(f'generation failed: {e}', 'server_error'))}\n\n"
-        yield "data: [DONE]\n\n"
+        return await self.generation.answer(body, rows, user, chat)
 
     # --- the API ----------------------------------------------------------------------------
 
     @api.post("/v1/completions")
     async def completions(self, body: CompletionRequest,
                           authorization: str | None = Header(None)) -> Response:
-        return await self._generate(body, body.prompt, authorization, chat=False)
+        return await self._generate(body, body.prompts(), authorization, chat=False)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatRequest,
                                authorization: str | None = Header(None)) -> Response:
-        return await self._generate(body, chat_prompt(body.messages, self.engine.tokenizer), authorization,
+        return await self._generate(body, [chat_prompt(body.messages, self.engine.tokenizer)], authorization,
                                     chat=True)
 
     @api.post("/v1/score")
