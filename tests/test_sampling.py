@@ -1,0 +1,45 @@
+"""One row's token choice (`peftu.inference.sampling`): bias, penalties, log-probabilities, seeds."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from peftu.inference.sampling import Picker, Sampling, pick_batch
+
+LOGITS = torch.tensor([3.0, 2.5, 1.0, -1.0])
+
+
+def test_logit_bias_forces_or_bans_a_token():
+    assert Picker(Sampling(logit_bias={3: 100.0})).pick(LOGITS).token == 3
+    assert Picker(Sampling(logit_bias={0: -100.0})).pick(LOGITS).token == 1
+
+
+def test_frequency_penalty_grows_with_each_repeat_and_presence_penalty_does_not():
+    frequent = Picker(Sampling(frequency_penalty=0.4))
+    assert [frequent.pick(LOGITS).token for _ in range(3)] == [0, 0, 1]  # 3.0-0.4 > 2.5; 3.0-0.8 < 2.5
+    present = Picker(Sampling(presence_penalty=0.4))
+    assert [present.pick(LOGITS).token for _ in range(3)] == [0, 0, 0]
+    strong = Picker(Sampling(presence_penalty=1.0))
+    assert [strong.pick(LOGITS).token for _ in range(2)] == [0, 1]
+
+
+def test_logprobs_are_the_models_own_with_the_top_alternatives():
+    picked = Picker(Sampling(logprobs=2, logit_bias={2: 50.0})).pick(LOGITS)
+    logp = torch.log_softmax(LOGITS, -1)
+    assert picked.token == 2 and math.isclose(picked.logprob, float(logp[2]), rel_tol=1e-6)  # before the bias
+    assert [t for t, _ in picked.top] == [0, 1]
+    assert Picker(Sampling(logprobs=0)).pick(LOGITS).top == []
+    assert Picker(Sampling()).pick(LOGITS).logprob is None
+
+
+def test_a_seeded_row_samples_the_same_alone_or_beside_others():
+    def run(rows: int) -> list[int]:
+        pickers = [Picker(Sampling(temperature=1.0, seed=7))] + [Picker(Sampling(temperature=1.0))
+                                                                  for _ in range(rows - 1)]
+        logits = LOGITS.repeat(rows, 1)
+        return [pick_batch(logits, pickers)[0].token for _ in range(20)]
+
+    alone = run(1)
+    assert run(5) == alone and len(set(alone)) > 1
