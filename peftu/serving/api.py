@@ -233,6 +233,9 @@ class CompletionRequest(SamplingFields):
             raise ValueError("max_tokens 0 writes nothing: it is only meaningful with echo")
         return self
 
+    def token_budget(self) -> int | None:
+        return 16 if self.max_tokens is None else self.max_tokens  # OpenAI's default for completions
+
     def top_logprobs_count(self) -> int | None:
         return self.logprobs
 
