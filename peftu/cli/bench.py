@@ -73,11 +73,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=0, help="HTTP port of the app under test (default: a free one)")
     add_outputs(p)
     add_base(p)
+
+    p = sub.add_parser("store", help="the store at N users: publish, plan (which users are current), list, "
+                       "index size; on moto's S3 server (started on loopback) and a local folder")
+    p.add_argument("--users", type=comma_list(int), default=[1000], help="users, e.g. 1000,10000 (default 1000)")
+    p.add_argument("--backend", choices=["s3", "local", "both"], default="both")
+    p.add_argument("--publish", type=int, default=500,
+                   help="users published for real (the rest go into the index in bulk; default %(default)s)")
+    p.add_argument("--concurrency", type=int, default=4, help="publishers at once (default %(default)s)")
+    add_outputs(p)
     return parser
 
 
 def run(args: argparse.Namespace) -> None:
-    {"quality": quality, "fit": fit, "serve": serve}[args.bench_command](args)
+    {"quality": quality, "fit": fit, "serve": serve, "store": store}[args.bench_command](args)
 
 
 def quality(args: argparse.Namespace) -> None:
@@ -160,3 +169,18 @@ def serve(args: argparse.Namespace) -> None:
         plot_serve(result, args.plot)
     if args.json:
         print(json.dumps(result.summary()))
+
+def store(args: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    from peftu.bench.store import bench_store, plot_store, render_store_table
+
+    backends = ["s3", "local"] if args.backend == "both" else [args.backend]
+    results = [bench_store(n, b, publish=args.publish, concurrency=args.concurrency)
+               for n in args.users for b in backends]
+    Console(width=160).print(render_store_table(results))
+    if args.plot:
+        plot_store(results, args.plot)
+    if args.json:
+        for r in results:
+            print(json.dumps(r.summary()))

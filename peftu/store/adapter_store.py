@@ -283,6 +283,12 @@ class AdapterStore:
         """Every owner's published version and fingerprints: the index, with marked owners read fresh."""
         return self.index(kind, task).state()
 
+    def current_owners(self, kind: Kind, task: str, wanted: dict[str, tuple[str | None, ...]]) -> set[str]:
+        """Those of `wanted` (owner -> base, data, hparams fingerprints[, encoder's]) whose published
+        version was made from exactly these: one read of the index, not one per owner."""
+        entries = self.current_entries(kind, task)
+        return {owner for owner, fps in wanted.items() if owner in entries and entries[owner].fits(*fps)}
+
     def compact_index(self, kind: Kind, task: str) -> dict[str, Entry]:
         """Fold every change into the index's snapshot now; returns the entries."""
         return self.index(kind, task).compact()

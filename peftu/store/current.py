@@ -40,14 +40,10 @@ def split_current(store: AdapterStore, spec: TaskSpec, users: list[UserRecord], 
     answers for every user whose pointer has not moved since it was compacted,
     and only the others' pointers are read.
     """
-    entries = store.current_entries(ADAPTER, spec.name)
     hp_fp = fingerprint(hp.model_dump())
-    todo, current = [], []
-    for user in users:
-        entry = entries.get(user.user_id)
-        fresh = entry is not None and entry.fits(base_fp, data_fingerprint(spec, user.train), hp_fp)
-        (current.append(user.user_id) if fresh else todo.append(user))
-    return todo, current
+    fresh = store.current_owners(ADAPTER, spec.name, {
+        u.user_id: (base_fp, data_fingerprint(spec, u.train), hp_fp) for u in users})
+    return [u for u in users if u.user_id not in fresh], [u.user_id for u in users if u.user_id in fresh]
 
 
 def publish_adapter(store: AdapterStore, spec: TaskSpec, user: UserRecord, files: dict[str, bytes],
