@@ -276,9 +276,22 @@ class ServeConfig(Settings):
     pplug: bool = False
     """Answer users who have no adapter but cached history embeddings with PPlug's soft tokens
     (the plug of `task` from the store, fitted on this base by `peftu pplug fit`)."""
+    scheduling: Literal["continuous", "static"] = "continuous"
+    """continuous: requests join the running batch at every decode step and leave it when done; static: one
+    batch at a time, run until its longest row is done (today's batcher, kept for benchmarks)."""
     batching: Literal["mixed", "split"] = "mixed"
-    """mixed: users share a batch; split: one user per batch (what @serve.batch does; for benchmarks)."""
+    """Static scheduling only. mixed: users share a batch; split: one user per batch (what @serve.batch
+    does; for benchmarks)."""
     max_batch: int = Field(32, ge=1)
+    """Rows generating at once (and score requests per forward)."""
+    kv_budget_tokens: int = Field(16384, ge=1)
+    """Continuous scheduling: KV-cache tokens per replica. A request is admitted while the running rows'
+    and its own prompt + max_tokens fit; otherwise it waits (in arrival order)."""
+    max_waiting: int = Field(1024, ge=1)
+    """Requests that may wait for admission; past it a new one is refused (Overloaded)."""
+    prefill_chunk_tokens: int = Field(64, ge=1)
+    """Continuous scheduling: prompt tokens a joining row reads per step, so a long prompt does not stall
+    the running rows' next token."""
     batch_wait_ms: float = Field(5.0, ge=0)
     max_prompt_tokens: int = Field(448, ge=1)
     max_tokens_limit: int = Field(256, ge=1)

@@ -1,24 +1,21 @@
-"""Serving parts without Ray: the slot cache, the batcher, mixed batches vs PEFT, tokens."""
+"""Serving parts without Ray: the slot cache, the batcher, mixed batches vs PEFT."""
 
 from __future__ import annotations
 
 import asyncio
-import tempfile
 from pathlib import Path
 
 import pytest
-import torch
-from peft import LoraConfig, PeftModel
+from peft import PeftModel
 
-from peftu.bank import AdapterBank
 from peftu.data.synthetic import TASKS
 from peftu.inference.generate import BASE_SLOT, GenRow, ScoreRow, generate_batch, score_batch
 from peftu.inference.sampling import Sampling
 from peftu.model.base import load_base
 from peftu.model.encode import encode
-from peftu.serving.auth import bearer, make_token, token_user
 from peftu.serving.batcher import Batcher
 from peftu.serving.cache import SlotCache
+from tests.banks import peft_reference, users_bank
 
 # --- the slot cache --------------------------------------------------------------
 
@@ -89,32 +86,14 @@ def test_mixed_batches_take_every_user_split_batches_one():
 
 @pytest.fixture(scope="module")
 def bank_with_users(tiny_base):
-    """A serving bank holding three users' random adapters of ranks 8, 4 and 2 (alpha varies)."""
-    model, tok = load_base(tiny_base)
-    folders = tempfile.TemporaryDirectory()
-    gen = torch.Generator().manual_seed(3)
-    shapes = [(8, 16.0), (4, 4.0), (2, 8.0)]
-    for i, (r, alpha) in enumerate(shapes):
-        one = AdapterBank(model, 1, LoraConfig(r=r, lora_alpha=alpha, target_modules=["q_proj", "v_proj"]))
-        with torch.no_grad():
-            for p in one.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-        one.export_slot(0, Path(folders.name) / f"u{i}")
-        one.remove()
-    bank = AdapterBank(model, 4, LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    bank.clear_slot(BASE_SLOT)
-    for i in range(3):
-        bank.import_slot(i + 1, Path(folders.name) / f"u{i}")
-    yield model, tok, bank, Path(folders.name)
-    folders.cleanup()
+    """A serving bank holding three users' random adapters (see tests/banks.py)."""
+    yield from users_bank(tiny_base)
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_base, bank_with_users):
     """A user's PEFT model on a separate copy of the base (None: the base alone)."""
-    _, _, _, folders = bank_with_users
-    plain, _ = load_base(tiny_base)
-    return lambda slot: plain if slot == BASE_SLOT else PeftModel.from_pretrained(plain, str(folders / f"u{slot - 1}"))
+    return peft_reference(tiny_base, bank_with_users[3])
 
 
 def test_mixed_batch_scores_equal_each_users_peft_model(bank_with_users, reference):
@@ -164,20 +143,6 @@ def test_stop_strings_cut_and_streamed_pieces_add_up(bank_with_users):
     assert a.text == b.text and a.finish_reason in ("stop", "length")  # same seed, same sample
     tiny = GenRow(prompt, 1, Sampling(max_tokens=12, temperature=1e-40, seed=1))
     assert generate_batch(model, bank, tok, [tiny])[0].text == full.text  # as good as greedy, no NaN
-
-
-# --- tokens ----------------------------------------------------------------------------------
-
-
-def test_tokens_name_one_user_and_cannot_be_forged():
-    token = make_token("s3cret", "alice")
-    assert token_user("s3cret", token) == "alice"
-    assert token_user("other", token) is None
-    prefix, _, mac = token.split(".")[0], None, token.split(".")[2]
-    forged = f"{prefix}.{make_token('s3cret', 'bob').split('.')[1]}.{mac}"
-    assert token_user("s3cret", forged) is None
-    assert token_user("s3cret", "garbage") is None and token_user("s3cret", "peftu1.%%%.x") is None
-    assert bearer(f"Bearer {token}") == token and bearer("Basic abc") is None and bearer(None) is None
 
 
 # --- the serve config ------------------------------------------------------------------------

@@ -1,8 +1,9 @@
-"""One replica's model: the base, its bank of users' adapters, the batcher.
+"""One replica's model: the base, its bank of users' adapters, the scheduler.
 
 Everything a request needs beyond HTTP: which slot answers a user
-(`AdapterManager`), generation and scoring in mixed batches (`Batcher`, over
-`peftu.inference.generate`), and the task whose prompt and labels `/v1/score`
+(`AdapterManager`), generation and scoring with users mixed in one batch (the
+continuous `Scheduler`, or the static `Batcher` with `scheduling: static`, both
+over `peftu.inference`), and the task whose prompt and labels `/v1/score`
 uses. The Ray Serve deployment (`server.py`) is a thin HTTP layer over this.
 
 A replica only reads: the base must be there already (`peftu base build`
@@ -35,9 +36,10 @@ from peftu.model.bases import load_users_base
 from peftu.model.encode import encode
 from peftu.paths import peftu_home
 from peftu.serving.adapters import AdapterManager, Lease
-from peftu.serving.batcher import Batcher, Job, Kind
+from peftu.serving.batcher import Batcher, Job, JobQueue, Kind
 from peftu.serving.metrics import Metrics
 from peftu.serving.pplug import PlugServer
+from peftu.serving.scheduler import Scheduler
 from peftu.store import AdapterStore
 from peftu.store.task_spec import load_task_spec
 
@@ -81,7 +83,7 @@ class Completion:
 
 
 class Engine:
-    """Base model + adapter bank + batcher of one replica."""
+    """Base model + adapter bank + scheduler of one replica."""
 
     def __init__(self, cfg: ServeConfig, metrics: Metrics | None = None):
         self.cfg = cfg
@@ -110,13 +112,23 @@ class Engine:
                                        metrics=self.metrics)
         self.plug = PlugServer(store, cfg.task, base_fp, device=cfg.device, ttl_s=cfg.version_ttl_s) \
             if cfg.pplug else None
-        self.batcher = Batcher(self._run, max_batch=cfg.max_batch, wait_s=cfg.batch_wait_ms / 1000,
-                               mode=cfg.batching, on_batch=self._count_batch)
-        log.info("serving %s with %d adapter slots of %d bytes from %s (task %s, %s batches%s)",
-                 self.model_name, capacity, per_slot, store, cfg.task, cfg.batching,
+        largest = cfg.max_prompt_tokens + cfg.max_tokens_limit
+        if cfg.scheduling == "continuous" and cfg.kv_budget_tokens < largest:
+            raise ValueError(f"kv_budget_tokens={cfg.kv_budget_tokens} cannot hold one request of max_prompt_tokens "
+                             f"+ max_tokens_limit = {largest} tokens")
+        self.scheduler: JobQueue = (
+            Scheduler(self.model, self.bank, self.tokenizer, max_batch=cfg.max_batch,
+                      kv_budget_tokens=cfg.kv_budget_tokens, max_waiting=cfg.max_waiting,
+                      prefill_chunk_tokens=cfg.prefill_chunk_tokens, metrics=self.metrics)
+            if cfg.scheduling == "continuous" else
+            Batcher(self._run, max_batch=cfg.max_batch, wait_s=cfg.batch_wait_ms / 1000, mode=cfg.batching,
+                    max_waiting=cfg.max_waiting, on_batch=self._count_batch))
+        log.info("serving %s with %d adapter slots of %d bytes from %s (task %s, %s scheduling%s)",
+                 self.model_name, capacity, per_slot, store, cfg.task,
+                 cfg.scheduling if cfg.scheduling == "continuous" else f"static {cfg.batching}",
                  f", PPlug {self.plug.version}" if self.plug else "")
 
-    # --- the batch worker (runs in the batcher's thread) -------------------------
+    # --- the static batch worker (runs in the batcher's thread) ------------------
 
     def _run(self, kind: Kind, jobs: list[Job]) -> list:
         if kind == "generate":
@@ -144,12 +156,14 @@ class Engine:
         lease.pplug = soft is not None
         return soft
 
+    def _enqueue(self, lease: Lease, kind: Kind, payload) -> Job:
+        """Queue a job on the lease's slot; the slot stays pinned until the job has left the batch, even if
+        the caller goes away first (its row may be running)."""
+        return self.scheduler.enqueue(kind, lease.slot, payload, done=lambda: self.adapters.release(lease))
+
     async def _submit(self, lease: Lease, kind: Kind, payload) -> object:
-        """Queue a job on the lease's slot; the slot stays pinned until the job is done,
-        even if the caller goes away first (its row may be in a running batch)."""
-        task = asyncio.get_running_loop().create_task(self.batcher.submit(kind, lease.slot, payload))
-        task.add_done_callback(lambda _: self.adapters.release(lease))
-        return await asyncio.shield(task)
+        """The job's result; a caller that goes away cancels its row at the next step."""
+        return await self.scheduler.wait(self._enqueue(lease, kind, payload))
 
     async def complete(self, user: str | None, prompt_ids: list[int], sampling: Sampling) -> Completion:
         """Generate for one request in whatever batch it lands in."""
@@ -172,7 +186,8 @@ class Engine:
             loop.call_soon_threadsafe(events.put_nowait, piece)
 
         row = GenRow(prompt_ids, lease.slot, sampling, emit=emit, cancelled=lambda: gone, soft=soft)
-        task = loop.create_task(self._submit(lease, "generate", row))
+        job = self._enqueue(lease, "generate", row)  # a full queue is refused now, before any header is sent
+        task = job.future
 
         async def pieces() -> AsyncIterator[Piece]:
             nonlocal gone

@@ -92,8 +92,8 @@ class PeftuServer:
 
     def check_health(self) -> None:
         """Unhealthy only if the batch loop died (a bad adapter never makes a replica unhealthy)."""
-        if self.engine.batcher.error is not None:
-            raise RuntimeError(f"the batch loop stopped: {self.engine.batcher.error!r}")
+        if self.engine.scheduler.error is not None:
+            raise RuntimeError(f"the batch loop stopped: {self.engine.scheduler.error!r}")
 
     # --- who is asking for which adapter ------------------------------------------------
 

@@ -1,0 +1,206 @@
+"""A running batch: generation rows join and leave between decode steps, each on its own bank slot.
+
+Every `step()` runs at most two forwards: one decode step for every row that is
+generating (its next token), then one chunk of prefill for the rows that joined
+(`add`) and are still reading their prompts, at most `chunk` tokens each, so a
+long prompt does not hold up everyone's next token. A row whose prompt is read
+picks its first token from that chunk's logits and moves into the decoding rows'
+cache; a row that is done (token budget, EOS, stop string) or whose caller went
+away (`GenRow.cancelled`) leaves at once and its KV memory with it
+(`peftu.inference.kv`). All rows joining at step 0 with no chunk limit is the
+static batch `generate_batch` runs: one prefill, then decode to the last row.
+
+A PEFT prompt-learning model puts its virtual tokens before every prompt as in
+its training: prompt tuning's embeddings are read with the prompt, prefix
+tuning's keys and values start each joining row's cache.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from peftu.bank import AdapterBank
+from peftu.inference.kv import KVRows
+from peftu.inference.rows import GenRow, RowState, slots_context
+from peftu.inference.sampling import pick_batch
+from peftu.inference.soft import soft_len
+
+
+class PromptLearning:
+    """What a PEFT prompt-learning model (prompt or prefix tuning) puts before every prompt; nothing for
+    any other model. `model` is the model the forwards run on (the one under a prompt-learning model)."""
+
+    def __init__(self, model):
+        config = getattr(model, "active_peft_config", None)
+        self.kind: str | None = None
+        self.n = 0
+        self.model = model
+        self.virtual: torch.Tensor | None = None
+        """Prompt tuning's virtual-token embeddings `[n, hidden]`."""
+        if config is None or not config.is_prompt_learning:
+            return
+        if config.peft_type not in ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING"):
+            raise ValueError(f"cannot generate with a {config.peft_type} model")
+        self.peft, self.n, self.model = model, config.num_virtual_tokens, model.get_base_model()
+        self.kind = "prefix" if config.peft_type == "PREFIX_TUNING" else "virtual"
+        if self.kind == "virtual":
+            self.virtual = model.get_prompt(batch_size=1)[0].detach()
+
+    def prefix(self, rows: int) -> tuple[DynamicCache | None, int]:
+        """Prefix tuning's keys and values for `rows` new rows, and their columns."""
+        if self.kind != "prefix":
+            return None, 0
+        return self.peft.get_prompt(rows), self.n
+
+
+class _Reading:
+    """A row still reading its input: token ids (placeholders where embeddings go) and, for rows with
+    soft or virtual tokens, the whole input's embeddings."""
+
+    def __init__(self, state: RowState, ids: list[int], embeds: torch.Tensor | None):
+        self.state, self.ids, self.embeds = state, ids, embeds
+        self.done = 0
+
+    def next_len(self, chunk: int | None) -> int:
+        left = len(self.ids) - self.done
+        return left if chunk is None else min(chunk, left)
+
+
+class RunningBatch:
+    """Rows of any users generating together; rows join (`add`) and leave between steps (`step`)."""
+
+    def __init__(self, model, bank: AdapterBank | None, tokenizer, *, chunk: int | None = None):
+        if chunk is not None and chunk < 1:
+            raise ValueError(f"prefill chunk must be at least 1 token, got {chunk}")
+        self.learning = PromptLearning(model)
+        self.model, self.bank, self.tokenizer, self.chunk = self.learning.model, bank, tokenizer, chunk
+        self.device = self.model.device
+        self.decoding: list[RowState] = []
+        self.next_tokens: list[int] = []
+        self.kv = KVRows.fresh(0, self.device)
+        self.reading: list[_Reading] = []
+        self.read_kv = KVRows.fresh(0, self.device)
+        self._gathered: dict = {}
+        self._gathered_slots: list[int] | None = None
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    @property
+    def rows(self) -> int:
+        """Rows in the batch: reading their prompts or generating."""
+        return len(self.decoding) + len(self.reading)
+
+    @property
+    def kv_tokens(self) -> int:
+        """KV cache columns held, padding included, over all rows."""
+        return self.kv.held + self.read_kv.held
+
+    @torch.no_grad()
+    def add(self, rows: list[GenRow]) -> list[RowState]:
+        """Rows join: they read their prompts from the next step on."""
+        if not rows:
+            return []
+        pad_id = self.tokenizer.pad_token_id
+        states = []
+        embed = self.model.get_input_embeddings()
+        for row in rows:
+            if not row.prompt_ids:
+                raise ValueError("a generation row needs at least one prompt token")
+            state = RowState(row, self.tokenizer.eos_token_id, self._decode)
+            lead = self.learning.n if self.learning.kind == "virtual" else 0
+            ids = [pad_id] * lead + row.prompt_ids + [pad_id] * soft_len(row.soft)  # room for soft tokens at the end
+            embeds = None
+            if lead or row.soft is not None:
+                embeds = embed(torch.tensor(ids, device=self.device))
+                if lead:
+                    embeds[:lead] = self.learning.virtual.to(embeds)
+                if row.soft is not None:
+                    embeds[len(ids) - len(row.soft):] = row.soft.to(embeds)
+            self.reading.append(_Reading(state, ids, embeds))
+            states.append(state)
+        prefix, n_prefix = self.learning.prefix(len(rows))
+        self.read_kv.merge(KVRows.fresh(len(rows), self.device, prefix, n_prefix))
+        return states
+
+    @torch.no_grad()
+    def step(self) -> list[RowState]:
+        """One decode step for the generating rows and one prefill chunk for the reading ones; the rows that
+        finished (each has its `result`)."""
+        finished = self._drop_cancelled()
+        if self.decoding:
+            finished += self._decode_step()
+        if self.reading:
+            finished += self._read_step()
+        return finished
+
+    def _drop_cancelled(self) -> list[RowState]:
+        gone = [st for st in self.decoding if st.row.cancelled()]
+        gone_reading = [r for r in self.reading if r.state.row.cancelled()]
+        for st in gone + [r.state for r in gone_reading]:
+            st.cancel()
+        if gone:
+            self._keep_decoding([i for i, st in enumerate(self.decoding) if st.result is None])
+        if gone_reading:
+            keep = [i for i, r in enumerate(self.reading) if r.state.result is None]
+            self.read_kv.select(keep)
+            self.reading = [self.reading[i] for i in keep]
+        return gone + [r.state for r in gone_reading]
+
+    def _keep_decoding(self, keep: list[int]) -> None:
+        self.kv.select(keep)
+        self.decoding = [self.decoding[i] for i in keep]
+        self.next_tokens = [self.next_tokens[i] for i in keep]
+
+    def _decode_step(self) -> list[RowState]:
+        slots = [st.row.slot for st in self.decoding]
+        if slots != self._gathered_slots:  # other rows: each layer gathers their weights again
+            self._gathered, self._gathered_slots = {}, slots
+        ids = torch.tensor(self.next_tokens, device=self.device).unsqueeze(-1)
+        with slots_context(self.bank, slots, self._gathered):
+            logits = self.kv.forward(self.model, [1] * len(slots), input_ids=ids)
+        picked = pick_batch(logits, [st.picker for st in self.decoding])
+        for st, p in zip(self.decoding, picked):
+            st.push(p)
+        self.next_tokens = [p.token for p in picked]
+        done = [st for st in self.decoding if st.result is not None]
+        if done:
+            self._keep_decoding([i for i, st in enumerate(self.decoding) if st.result is None])
+        return done
+
+    def _read_step(self) -> list[RowState]:
+        lengths = [r.next_len(self.chunk) for r in self.reading]
+        n = max(lengths)
+        pad_id = self.tokenizer.pad_token_id
+        ids = torch.full((len(self.reading), n), pad_id, dtype=torch.long)
+        for i, (r, k) in enumerate(zip(self.reading, lengths)):
+            ids[i, n - k:] = torch.tensor(r.ids[r.done:r.done + k])
+        ids = ids.to(self.device)
+        step = {"input_ids": ids}
+        if any(r.embeds is not None for r in self.reading):
+            embeds = self.model.get_input_embeddings()(ids)
+            for i, (r, k) in enumerate(zip(self.reading, lengths)):
+                if r.embeds is not None:
+                    embeds[i, n - k:] = r.embeds[r.done:r.done + k]
+            step = {"inputs_embeds": embeds}
+        with slots_context(self.bank, [r.state.row.slot for r in self.reading]):
+            logits = self.read_kv.forward(self.model, lengths, **step)
+        for r, k in zip(self.reading, lengths):
+            r.done += k
+        ready = [i for i, r in enumerate(self.reading) if r.done == len(r.ids)]
+        if not ready:
+            return []
+        states = [self.reading[i].state for i in ready]
+        picked = pick_batch(logits[ready], [st.picker for st in states])
+        for st, p in zip(states, picked):
+            st.push(p)
+        going = [i for i in ready if self.reading[i].state.result is None]  # on to decoding
+        joined = self.read_kv.take(ready)
+        joined.select([ready.index(i) for i in going])
+        self.kv.merge(joined)
+        self.decoding += [self.reading[i].state for i in going]
+        self.next_tokens += [p.token for i, p in zip(ready, picked) if i in going]
+        left = set(ready)
+        self.reading = [r for i, r in enumerate(self.reading) if i not in left]
+        return [st for st in states if st.result is not None]
