@@ -21,7 +21,7 @@ from peftu.store import AdapterStore
 from tests.faults import FAKE_AWS, fake_aws_env, free_port, metric, wait_for
 
 TASK = "synth-cls"
-SECRET, ADMIN = "test-token-secret", "test-admin-key"
+SECRET, ADMIN = "test-token-secret-of-at-least-32-bytes", "test-admin-key"
 PROMPT = "Review: the lamp was great. Sentiment:"
 USERS = [f"u{i}" for i in range(8)]
 
@@ -54,7 +54,7 @@ def served(local_ray, tiny_base, s3_server, tmp_path_factory):
 
 
 def _auth(user: str | None) -> dict:
-    return {"Authorization": f"Bearer {make_token(SECRET, user)}"} if user else {}
+    return {"Authorization": f"Bearer {make_token(SECRET, user, 'tiny-test')}"} if user else {}
 
 
 def complete(url: str, user: str | None, prompt: str = PROMPT, **options) -> requests.Response:
@@ -259,6 +259,12 @@ def test_user_tokens_are_required_and_bound_to_their_user(served):
     post = lambda headers: requests.post(f"{url}/v1/completions", json=body, headers=headers, timeout=30)  # noqa: E731
     assert post({}).status_code == 401
     assert post({"Authorization": "Bearer peftu1.dTA.AAAA"}).status_code == 401
+    expired = make_token(SECRET, USERS[0], "tiny-test", now=0)
+    refused = post({"Authorization": f"Bearer {expired}"})
+    assert refused.status_code == 401 and "expired" in refused.json()["error"]["message"]
+    assert expired.split(".")[2] not in refused.text
+    other_model = post({"Authorization": f"Bearer {make_token(SECRET, USERS[0], 'another-model')}"})
+    assert other_model.status_code == 401 and "aud must be 'tiny-test'" in other_model.json()["error"]["message"]
     wrong = post(_auth(USERS[1]))
     assert wrong.status_code == 403 and USERS[0] in wrong.json()["error"]["message"]
     assert post(_auth(USERS[0])).status_code == 200

@@ -60,7 +60,8 @@ def app(tiny_base):
         versions = publish_random_adapters(store, TASK, USERS, tiny_base, std=0.2, seed=3)
         config = {"base": tiny_base, "store": uri, "endpoint_url": s3.url, "task": TASK,
                   "max_adapters": MAX_ADAPTERS, "version_ttl_s": 0.5, "max_prompt_tokens": 64,
-                  "max_tokens_limit": 16, "batch_wait_ms": 10, "admin_without_key": True}
+                  "max_tokens_limit": 16, "batch_wait_ms": 10, "admin_without_key": True,
+                  "user_tokens": False}
         try:
             with local_app(config) as url:
                 yield url, store, s3, versions, tiny_base

@@ -27,7 +27,7 @@ def test_64_clients_for_60_s_over_1000_users(tiny_base):
     with tempfile.TemporaryDirectory(prefix="peftu-soak-") as store_dir:
         publish_random_adapters(AdapterStore.open(store_dir), TASK, users, tiny_base, std=0.2, seed=7)
         config = {"base": tiny_base, "store": store_dir, "task": TASK, "max_adapters": 64, "max_rank": 8,
-                  "max_tokens_limit": 8, "admin_without_key": True}
+                  "max_tokens_limit": 8, "admin_without_key": True, "user_tokens": False}
         with local_app(config) as url:
             models = [f"tiny-test:{u}" for u in users]
             warm = soak(url, models, PROMPT, clients=64, seconds=10)

@@ -24,10 +24,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_base(p)
     add_store(p)
     sub = p.add_subparsers(dest="serve_command")
-    t = sub.add_parser("token", help="print a user's token (HMAC with the server's secret)")
+    t = sub.add_parser("token", help="print a user's token (a JWT signed with the server's first HS256 key)")
     t.add_argument("user")
+    t.add_argument("--ttl", default="1h", help="how long it is valid: 3600, 90s, 15m, 1h, 7d (default %(default)s)")
+    t.add_argument("--model-name", help="its audience: the served model name (default: the --base folder's name, "
+                   "as the server names it)")
     t.add_argument("--secret-env", default=ServeConfig.model_fields["token_secret_env"].default,
-                   help="variable holding the secret (default %(default)s)")
+                   help="variable holding the server's keys (default %(default)s)")
     return p
 
 
@@ -74,12 +77,22 @@ def run_app(args: argparse.Namespace) -> None:
 
 
 def token(args: argparse.Namespace) -> None:
+    """Print a JWT for one user, signed with the first key of the secret variable."""
     import os
+    from pathlib import Path
 
-    from peftu.serving.auth import make_token
-    from peftu.store import validate_id
+    from peftu.serving.auth import make_token, parse_duration, parse_secrets
 
     secret = os.environ.get(args.secret_env)
     if not secret:
         raise PeftuError(f"set ${args.secret_env} to the server's token secret")
-    print(make_token(secret, validate_id(args.user)))
+    audience = args.model_name
+    if not audience:
+        from peftu.model.base import default_base_dir
+
+        audience = Path((args.base or str(default_base_dir())).rstrip("/")).name
+    try:
+        kid, key = next(iter(parse_secrets(secret, f"${args.secret_env}").items()))
+        print(make_token(key, args.user, audience, ttl_s=parse_duration(args.ttl), kid=kid))
+    except ValueError as e:
+        raise PeftuError(str(e)) from None

@@ -8,6 +8,7 @@ cluster) unless one is already initialised.
 
 from __future__ import annotations
 
+import secrets
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ import requests
 
 from peftu.data.schema import TaskSpec
 from peftu.inference.predict import answer_sampling
+from peftu.serving.auth import make_token
 
 
 def free_port() -> int:
@@ -26,8 +28,8 @@ def free_port() -> int:
 
 
 @contextmanager
-def local_app(config: dict, port: int = 0) -> Iterator[str]:
-    """Serve the app at http://127.0.0.1:<port> for the duration of the block."""
+def local_app(config: dict, port: int = 0, env: dict[str, str] | None = None) -> Iterator[str]:
+    """Serve the app at http://127.0.0.1:<port> for the duration of the block; `env`: the replica's secrets."""
     import ray
     from ray import serve
 
@@ -39,7 +41,9 @@ def local_app(config: dict, port: int = 0) -> Iterator[str]:
     port = port or free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(PeftuServer.bind(config), name="peftu", route_prefix="/")
+        app = PeftuServer.options(ray_actor_options={"num_cpus": 1, "runtime_env": {"env_vars": env}}) if env \
+            else PeftuServer
+        serve.run(app.bind(config), name="peftu", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
@@ -55,13 +59,17 @@ def ask_users(base: str, store: str, spec: TaskSpec, users: list[str], texts: li
     generation tasks by a greedy completion. Of `texts`, the first on which
     `show` users answer differently is used (else the one with the most
     different answers); those users' answers and the base's are printed and
-    the users' come back.
+    the users' come back. User tokens are on, as in production: each user's requests
+    carry a token minted for them under this run's own secret.
     """
     best: tuple[str, str, dict[str, tuple[str, str]], int] | None = None
-    with local_app({"base": base, "store": store, "task": spec.name}) as url:
+    secret = secrets.token_hex(32)
+    with local_app({"base": base, "store": store, "task": spec.name, "user_tokens": True},
+                   env={"PEFTU_TOKEN_SECRET": secret}) as url:
         model = requests.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
+        tokens = {user: make_token(secret, user, model, ttl_s=3600) for user in users}
         for text in texts:
-            asked = {user: _ask(url, f"{model}:{user}", spec, text) for user in users}
+            asked = {user: _ask(url, f"{model}:{user}", spec, text, tokens[user]) for user in users}
             distinct: dict[str, tuple[str, str]] = {}
             for user, (answer, version) in asked.items():
                 if answer not in {a for a, _ in distinct.values()}:
@@ -80,17 +88,18 @@ def ask_users(base: str, store: str, spec: TaskSpec, users: list[str], texts: li
     return {user: answers[user][0] for user in chosen}
 
 
-def _ask(url: str, model: str, spec: TaskSpec, text: str) -> tuple[str, str]:
+def _ask(url: str, model: str, spec: TaskSpec, text: str, token: str | None = None) -> tuple[str, str]:
     """The task's answer as evaluation gives it (`peftu.inference.predict`), and which adapter gave it."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     if spec.kind == "generation":
         sampling = answer_sampling(spec)
-        r = requests.post(f"{url}/v1/completions", timeout=60, json={
+        r = requests.post(f"{url}/v1/completions", timeout=60, headers=headers, json={
             "model": model, "prompt": spec.render(text), "max_tokens": sampling.max_tokens,
             "temperature": sampling.temperature, "stop": sampling.stop})
         r.raise_for_status()
         answer = r.json()["choices"][0]["text"].strip()
     else:
-        r = requests.post(f"{url}/v1/score", json={"model": model, "input": text}, timeout=60)
+        r = requests.post(f"{url}/v1/score", json={"model": model, "input": text}, headers=headers, timeout=60)
         r.raise_for_status()
         answer = r.json()["label"]
     return answer, r.headers["x-peftu-adapter"]
