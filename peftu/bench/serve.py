@@ -1,26 +1,36 @@
-"""Serving speed: the base alone vs batches split per user vs our mixed batches.
+"""Serving speed: continuous vs static scheduling, the base alone vs users' adapters, closed and open loop.
 
 One run, one machine: random adapters for `users` users go into a local store
-through the real publish path; the app runs on a local Ray and a closed loop of
-`clients` concurrent HTTP clients sends `requests` completions per phase:
+through the real publish path; the app runs on a local Ray and clients stream
+completions over HTTP. The workload mixes lengths: each request's max_tokens is
+drawn from 1..`max_tokens` and its prompt is one to four of the task's inputs
+(so prompts of about 10 to 60 tokens); EOS is biased away, so every request
+writes exactly its max_tokens. Per app (each freshly deployed, so its adapter
+cache starts cold):
 
-- (a) base: every request for the base model (no adapter at all);
-- (b) split: requests for users' adapters, batches hold one user each (what
-  `@serve.batch` does: it splits batches by multiplexed model id);
-- (c) mixed: the same, with batches that mix users (our batcher).
+- closed loop, `clients` concurrent clients, `requests` requests: users' adapters
+  with uniform popularity (first: it meets the cold cache), then Zipf, then the base
+  alone (no adapter);
+- open loop, Poisson arrivals at each rate of the sweep (`rates` times the continuous
+  app's closed-loop requests/s, so the sweep goes past saturation), users uniform.
 
-(b) and (c) each run on a freshly deployed app (a cold cache), first with
-uniform user popularity, then Zipf. Cold loads and the hit rate come from the
-response headers (`x-peftu-cache`, `x-peftu-load-ms`).
+The apps: `scheduling: continuous` (the default), `scheduling: static` (one batch
+at a time, users mixed), and with `split` also static with `batching: split` (one
+user per batch, what `@serve.batch` does), closed loop uniform only. Time to first
+token, inter-token latency (the gaps between streamed chunks) and end-to-end latency
+are measured by the client; cold loads and the hit rate come from the response
+headers (`x-peftu-cache`, `x-peftu-load-ms`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from rich.table import Table
@@ -31,24 +41,31 @@ from peftu.serving.local import local_app
 from peftu.store import AdapterStore
 
 TASK = "synth-gen"
-"""Headlines of ~10 tokens: answers long enough that decoding, not HTTP, dominates."""
+"""Headlines of ~10 tokens, joined one to four per prompt for prompts of mixed length."""
 
 
 @dataclass
 class Phase:
-    """One closed-loop run against the app."""
+    """One load shape against one app."""
 
     name: str
-    batching: str
+    scheduling: str
     popularity: str
+    load: str
+    """closed: `clients` at a time; open: Poisson arrivals at `rate`."""
+    rate: float | None
     requests: int
     seconds: float
     tokens: int
-    latencies_ms: list[float] = field(repr=False)
+    ttft_ms: list[float] = field(repr=False)
+    itl_ms: list[float] = field(repr=False)
+    e2e_ms: list[float] = field(repr=False)
     load_ms: list[float] = field(repr=False)
     hits: int
     adapter_requests: int
     errors: int
+    asked: int = 0
+    """Tokens the answered requests asked for (max_tokens): with EOS biased away, `tokens` should equal it."""
 
     @property
     def rps(self) -> float:
@@ -58,11 +75,8 @@ class Phase:
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds
 
-    def latency(self, q: float) -> float:
-        return _quantile(self.latencies_ms, q)
-
-    def cold_load(self, q: float) -> float:
-        return _quantile(self.load_ms, q)
+    def q(self, values: str, q: float) -> float:
+        return _quantile(getattr(self, values), q)
 
     @property
     def hit_rate(self) -> float:
@@ -85,17 +99,32 @@ class ServeBench:
     cache_size: int
     phases: dict[str, Phase]
 
+    def get(self, scheduling: str, popularity: str, load: str = "closed") -> Phase | None:
+        return self.phases.get(f"{scheduling} {popularity} {load}")
+
     def summary(self) -> dict:
-        """The JSON line: ratios under uniform popularity, as the targets are set."""
-        base, split, mixed = (self.phases[k] for k in ("base", "split uniform", "mixed uniform"))
-        return {"users": self.users, "base_rps": round(base.rps, 2), "split_rps": round(split.rps, 2),
-                "mixed_rps": round(mixed.rps, 2), "mixed_vs_base": round(mixed.rps / base.rps, 3),
-                "mixed_vs_split": round(mixed.rps / split.rps, 3), "p50_ms": round(mixed.latency(0.5), 1),
-                "p99_ms": round(mixed.latency(0.99), 1), "cold_load_p99_ms": round(mixed.cold_load(0.99), 1),
-                "hit_rate": round(mixed.hit_rate, 3)}
+        """The JSON line: closed loop, users' adapters under uniform popularity, as the targets are set."""
+        base, mixed, static = self.get("continuous", "base"), self.get("continuous", "uniform"), \
+            self.get("static", "uniform")
+        split = self.get("split", "uniform")
+        out = {"users": self.users, "base_rps": round(base.rps, 2), "mixed_rps": round(mixed.rps, 2),
+               "mixed_vs_base": round(mixed.rps / base.rps, 3), "p50_ms": round(mixed.q("e2e_ms", 0.5), 1),
+               "p99_ms": round(mixed.q("e2e_ms", 0.99), 1), "cold_load_p99_ms": round(mixed.q("load_ms", 0.99), 1),
+               "hit_rate": round(mixed.hit_rate, 3)}
+        if split is not None:
+            out |= {"split_rps": round(split.rps, 2), "mixed_vs_split": round(mixed.rps / split.rps, 3)}
+        return out | {
+            "continuous_vs_static": round(mixed.tokens_per_s / static.tokens_per_s, 3),
+            "users_vs_base_tokens": round(mixed.tokens_per_s / base.tokens_per_s, 3),
+            "ttft_p50_ms": round(mixed.q("ttft_ms", 0.5), 1), "ttft_p99_ms": round(mixed.q("ttft_ms", 0.99), 1),
+            "itl_p50_ms": round(mixed.q("itl_ms", 0.5), 1), "itl_p99_ms": round(mixed.q("itl_ms", 0.99), 1),
+            "static_ttft_p99_ms": round(static.q("ttft_ms", 0.99), 1),
+            "cold_load_p50_ms": round(mixed.q("load_ms", 0.5), 1)}
 
 
 def _user_sampler(users: list[str], popularity: str, rng: random.Random, zipf_s: float):
+    if popularity == "base":
+        return lambda: None
     if popularity == "uniform":
         return lambda: rng.choice(users)
     ranked = users[:]
@@ -104,123 +133,220 @@ def _user_sampler(users: list[str], popularity: str, rng: random.Random, zipf_s:
     return lambda: rng.choices(ranked, weights)[0]
 
 
-async def _closed_loop(url: str, model_name: str, pick_user, prompts: list[str], n: int, clients: int,
-                       max_tokens: int) -> tuple[float, list[dict]]:
+@dataclass
+class Workload:
+    """What each request asks: its user, prompt and max_tokens, drawn per request."""
+
+    model_name: str
+    pick_user: Callable[[], str | None]
+    prompts: list[str]
+    max_tokens: int
+    eos_id: int
+    rng: random.Random
+
+    def body(self) -> tuple[str | None, dict]:
+        user = self.pick_user()
+        prompt = " ".join(self.rng.choice(self.prompts) for _ in range(self.rng.randint(1, 4)))
+        return user, {"model": f"{self.model_name}:{user}" if user else self.model_name, "prompt": prompt,
+                      "max_tokens": self.rng.randint(1, self.max_tokens), "temperature": 0, "stream": True,
+                      "stream_options": {"include_usage": True}, "logit_bias": {str(self.eos_id): -100}}
+
+
+async def _one(session, url: str, work: Workload) -> dict:
+    """Send one streamed completion; its timings as the client sees them."""
+    user, body = work.body()
+    start = time.perf_counter()
+    chunks: list[float] = []
+    tokens = 0
+    async with session.post(f"{url}/v1/completions", json=body) as r:
+        if r.status == 200:
+            async for line in r.content:
+                if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                    continue
+                data = json.loads(line[6:])
+                if data.get("usage"):
+                    tokens = data["usage"]["completion_tokens"]
+                if data.get("choices") and data["choices"][0].get("text"):
+                    chunks.append(time.perf_counter())
+        else:
+            await r.read()
+        end = time.perf_counter()
+        return {"status": r.status, "user": user, "asked": body["max_tokens"], "cache": r.headers.get("x-peftu-cache"),
+                "load_ms": float(r.headers.get("x-peftu-load-ms", "nan")), "tokens": tokens, "start": start,
+                "end": end, "chunks": chunks}
+
+
+async def _closed_loop(url: str, work: Workload, n: int, clients: int) -> tuple[float, list[dict]]:
     """`clients` workers each send one request at a time until `n` are done."""
     import aiohttp
 
     records: list[dict] = []
     left = n
 
-    async def worker(session: aiohttp.ClientSession, rng: random.Random) -> None:
+    async def worker(session) -> None:
         nonlocal left
         while left > 0:
             left -= 1
-            user = pick_user()
-            body = {"model": f"{model_name}:{user}" if user else model_name, "prompt": rng.choice(prompts),
-                    "max_tokens": max_tokens, "temperature": 0}
-            start = time.perf_counter()
-            async with session.post(f"{url}/v1/completions", json=body) as r:
-                answer = await r.json()
-                records.append({"ms": (time.perf_counter() - start) * 1000, "status": r.status,
-                                "user": user, "cache": r.headers.get("x-peftu-cache"),
-                                "load_ms": float(r.headers.get("x-peftu-load-ms", "nan")),
-                                "tokens": answer.get("usage", {}).get("completion_tokens", 0)})
+            records.append(await _one(session, url, work))
 
-    connector = aiohttp.TCPConnector(limit=clients)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as session:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients),
+                                     timeout=aiohttp.ClientTimeout(total=600)) as session:
         start = time.perf_counter()
-        await asyncio.gather(*(worker(session, random.Random(i)) for i in range(clients)))
+        await asyncio.gather(*(worker(session) for _ in range(clients)))
         return time.perf_counter() - start, records
 
 
-def _phase(name: str, batching: str, popularity: str, seconds: float, records: list[dict]) -> Phase:
-    ok = [r for r in records if r["status"] == 200]
+async def _open_loop(url: str, work: Workload, n: int, rate: float, rng: random.Random) -> tuple[float, list[dict]]:
+    """`n` requests sent at Poisson arrivals of `rate` per second, whatever the answers' pace."""
+    import aiohttp
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                     timeout=aiohttp.ClientTimeout(total=600)) as session:
+        start = time.perf_counter()
+        tasks, at = [], 0.0
+        for _ in range(n):
+            at += rng.expovariate(rate)
+            await asyncio.sleep(max(0.0, start + at - time.perf_counter()))  # the arrival process itself
+            tasks.append(asyncio.create_task(_one(session, url, work)))
+        records = await asyncio.gather(*tasks)
+        return time.perf_counter() - start, list(records)
+
+
+def _phase(name: str, scheduling: str, popularity: str, load: str, rate: float | None, seconds: float,
+           records: list[dict]) -> Phase:
+    ok = [r for r in records if r["status"] == 200 and r["chunks"]]
     adapter = [r for r in ok if r["user"] is not None]
-    return Phase(name, batching, popularity, len(ok), seconds, sum(r["tokens"] for r in ok),
-                 [r["ms"] for r in ok], [r["load_ms"] for r in ok if r["cache"] == "load"],
-                 sum(r["cache"] == "hit" for r in adapter), len(adapter), len(records) - len(ok))
+    return Phase(name, scheduling, popularity, load, rate, len(ok), seconds, sum(r["tokens"] for r in ok),
+                 [(r["chunks"][0] - r["start"]) * 1000 for r in ok],
+                 [(b - a) * 1000 for r in ok for a, b in zip(r["chunks"], r["chunks"][1:])],
+                 [(r["end"] - r["start"]) * 1000 for r in ok],
+                 [r["load_ms"] for r in ok if r["cache"] == "load"],
+                 sum(r["cache"] == "hit" for r in adapter), len(adapter), len(records) - len(ok),
+                 sum(r["asked"] for r in ok))
 
 
-def bench_serve(base: str, *, users: int = 1000, clients: int = 32, requests: int = 2000, max_tokens: int = 16,
-                cache_size: int = 0, zipf_s: float = 1.1, seed: int = 0, port: int = 0, log=print) -> ServeBench:
-    """Run the three modes (see the module docs) and return their phases."""
+def bench_serve(base: str, *, users: int = 1000, clients: int = 32, requests: int = 300, open_requests: int = 150,
+                rates: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 1.5), max_tokens: int = 64, cache_size: int = 0,
+                split: bool = True, zipf_s: float = 1.1, seed: int = 0, port: int = 0, log=print) -> ServeBench:
+    """Run every app and load shape (see the module docs) and return their phases."""
     import ray
     import requests as http
+    from transformers import AutoTokenizer
 
     rng = random.Random(seed)
     ids = [f"user{i:05d}" for i in range(users)]
     spec, gen_users, _ = generate(TASK, 50, seed=seed)
-    prompts = [spec.render(e.input) for u in gen_users for e in u.test]
+    prompts = [e.input for u in gen_users for e in u.test]
+    eos_id = AutoTokenizer.from_pretrained(base).eos_token_id
     cache_size = cache_size or users
     phases: dict[str, Phase] = {}
+    apps = [("continuous", {"scheduling": "continuous"}), ("static", {"scheduling": "static", "batching": "mixed"})]
+    if split:
+        apps.append(("split", {"scheduling": "static", "batching": "split"}))
     with tempfile.TemporaryDirectory(prefix="peftu-bench-serve-") as store_dir:
         start = time.monotonic()
         publish_random_adapters(AdapterStore.open(store_dir), TASK, ids, base, seed=seed, progress=True)
         log(f"published {users} random adapters in {time.monotonic() - start:.0f} s")
         if not ray.is_initialized():
             ray.init(address="local", include_dashboard=False, log_to_driver=False)
-        for batching in ("mixed", "split"):
-            config = {"base": base, "store": store_dir, "task": TASK, "batching": batching,
-                      "max_adapters": cache_size, "max_rank": 8, "max_tokens_limit": max(16, max_tokens)}
+        capacity = None
+        for app, settings in apps:
+            config = {"base": base, "store": store_dir, "task": TASK, "max_adapters": cache_size, "max_rank": 8,
+                      "max_tokens_limit": max(16, max_tokens), "user_tokens": False, **settings}
             with local_app(config, port) as url:
                 model_name = http.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
-                runs = [("base", "uniform", lambda: None)] if batching == "mixed" else []
-                runs += [(f"{batching} {pop}", pop, _user_sampler(ids, pop, rng, zipf_s))
-                         for pop in ("uniform", "zipf")]
-                for name, pop, pick in runs:
-                    seconds, records = asyncio.run(_closed_loop(url, model_name, pick, prompts, requests,
-                                                                clients, max_tokens))
-                    phases[name] = _phase(name, batching, pop, seconds, records)
-                    log(f"{name}: {phases[name].rps:.1f} requests/s, p50 {phases[name].latency(0.5):.0f} ms")
-    order = ["base", "split uniform", "mixed uniform", "split zipf", "mixed zipf"]
-    return ServeBench(users, clients, max_tokens, cache_size, {k: phases[k] for k in order})
+                pops = ["uniform"] if app == "split" else ["uniform", "zipf", "base"]
+                for pop in pops:
+                    work = Workload(model_name, _user_sampler(ids, pop, rng, zipf_s), prompts, max_tokens, eos_id,
+                                    random.Random(seed))
+                    seconds, records = asyncio.run(_closed_loop(url, work, requests, clients))
+                    name = f"{app} {pop} closed"
+                    phases[name] = p = _phase(name, app, pop, "closed", None, seconds, records)
+                    log(f"{name}: {p.rps:.1f} requests/s, {p.tokens_per_s:.0f} tokens/s, "
+                        f"TTFT p99 {p.q('ttft_ms', 0.99):.0f} ms, errors {p.errors}")
+                if app == "continuous":
+                    capacity = phases["continuous uniform closed"].rps
+                for rate in ([] if app == "split" else [round(capacity * m, 2) for m in rates]):
+                    work = Workload(model_name, _user_sampler(ids, "uniform", rng, zipf_s), prompts, max_tokens,
+                                    eos_id, random.Random(seed))
+                    seconds, records = asyncio.run(_open_loop(url, work, open_requests, rate, random.Random(seed)))
+                    name = f"{app} uniform open {rate:g}/s"
+                    phases[name] = p = _phase(name, app, "uniform", "open", rate, seconds, records)
+                    log(f"{name}: {p.rps:.1f} requests/s, TTFT p50 {p.q('ttft_ms', 0.5):.0f} ms, "
+                        f"p99 {p.q('ttft_ms', 0.99):.0f} ms, errors {p.errors}")
+    return ServeBench(users, clients, max_tokens, cache_size, phases)
+
+
+COLUMNS = ("phase", "requests/s", "tokens/s", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "e2e p50", "e2e p99",
+           "cold load p50", "cold load p99", "hit rate", "errors")
+
+
+def serve_rows(result: ServeBench) -> list[list[str]]:
+    """One row per phase, latencies in ms, in COLUMNS' order."""
+    rows = []
+    for p in result.phases.values():
+        rows.append([p.name, f"{p.rps:.1f}", f"{p.tokens_per_s:.0f}"]
+                    + [f"{p.q(k, q):.0f}" for k in ("ttft_ms", "itl_ms", "e2e_ms") for q in (0.5, 0.99)]
+                    + [f"{p.q('load_ms', q):.1f}" for q in (0.5, 0.99)]
+                    + ["-" if p.popularity == "base" else f"{p.hit_rate:.2f}", str(p.errors)])
+    return rows
 
 
 def render_serve_table(result: ServeBench) -> Table:
-    base = result.phases["base"].rps
-    table = Table(title=f"Serving: {result.users} users, {result.clients} clients, "
-                  f"{result.max_tokens} tokens per answer, cache {result.cache_size} adapters")
-    for col in ("phase", "requests/s", "vs base", "tokens/s", "p50 ms", "p99 ms", "cold load p50 ms",
-                "cold load p99 ms", "hit rate", "errors"):
+    table = Table(title=f"Serving: {result.users} users, {result.clients} closed-loop clients, max_tokens "
+                  f"1..{result.max_tokens}, cache {result.cache_size} adapters (latencies in ms)")
+    for col in COLUMNS:
         table.add_column(col, justify="left" if col == "phase" else "right")
-    for p in result.phases.values():
-        table.add_row(p.name, f"{p.rps:.1f}", f"{p.rps / base:.2f}x", f"{p.tokens_per_s:.0f}",
-                      f"{p.latency(0.5):.0f}", f"{p.latency(0.99):.0f}", f"{p.cold_load(0.5):.1f}",
-                      f"{p.cold_load(0.99):.1f}", "-" if p.name == "base" else f"{p.hit_rate:.2f}",
-                      str(p.errors))
+    for row in serve_rows(result):
+        table.add_row(*row)
     return table
 
 
+def render_serve_markdown(result: ServeBench) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in serve_rows(result)])
+
+
 def plot_serve(result: ServeBench, path: str) -> None:
-    """Requests/s and latency of every phase."""
+    """Throughput and TTFT against the offered rate (open loop), and latency CDFs (closed loop, users uniform)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    phases = list(result.phases.values())
-    names = [p.name for p in phases]
-    colors = ["tab:gray" if p.name == "base" else "tab:orange" if p.batching == "split" else "tab:blue"
-              for p in phases]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
-    rates = [p.rps for p in phases]
-    left.bar(names, rates, color=colors)
-    for i, rate in enumerate(rates):
-        left.annotate(f"{rate:.1f}", (i, rate), ha="center", va="bottom")
-    left.axhline(0.7 * rates[0], color="tab:gray", linestyle="--", linewidth=0.8, label="0.7x base (target)")
-    left.set_ylabel("requests / s")
-    left.set_title(f"{result.users} users, {result.clients} clients")
-    left.legend()
-    x = range(len(phases))
-    right.bar([i - 0.2 for i in x], [p.latency(0.5) for p in phases], width=0.4, label="p50", color="tab:cyan")
-    right.bar([i + 0.2 for i in x], [p.latency(0.99) for p in phases], width=0.4, label="p99", color="tab:purple")
-    right.set_xticks(list(x), names)
-    right.set_ylabel("latency, ms")
-    right.set_title("latency per request")
-    right.legend()
-    for ax in (left, right):
-        ax.tick_params(axis="x", labelrotation=20)
+    fig, (tput, ttft, cdf) = plt.subplots(1, 3, figsize=(16, 4.5))
+    colors = {"continuous": "tab:blue", "static": "tab:orange", "split": "tab:red"}
+    for app in ("continuous", "static"):
+        sweep = sorted((p for p in result.phases.values() if p.scheduling == app and p.load == "open"),
+                       key=lambda p: p.rate)
+        if not sweep:
+            continue
+        rates = [p.rate for p in sweep]
+        tput.plot(rates, [p.tokens_per_s for p in sweep], "o-", color=colors[app], label=app)
+        ttft.plot(rates, [p.q("ttft_ms", 0.99) for p in sweep], "o-", color=colors[app], label=f"{app} p99")
+        ttft.plot(rates, [p.q("ttft_ms", 0.5) for p in sweep], "o--", color=colors[app], label=f"{app} p50")
+    tput.set_xlabel("offered requests / s (Poisson)")
+    tput.set_ylabel("output tokens / s")
+    tput.set_title("throughput vs arrival rate")
+    ttft.set_xlabel("offered requests / s (Poisson)")
+    ttft.set_ylabel("time to first token, ms")
+    ttft.set_yscale("log")
+    ttft.set_title("TTFT vs arrival rate")
+    for app in ("continuous", "static"):
+        p = result.get(app, "uniform")
+        if p is None:
+            continue
+        for key, style in (("ttft_ms", "-"), ("e2e_ms", ":")):
+            values = sorted(getattr(p, key))
+            cdf.plot(values, [(i + 1) / len(values) for i in range(len(values))], style, color=colors[app],
+                     label=f"{app} {key.removesuffix('_ms').upper()}")
+    cdf.set_xscale("log")
+    cdf.set_xlabel("ms")
+    cdf.set_ylabel("fraction of requests")
+    cdf.set_title(f"latency CDF, closed loop, {result.clients} clients")
+    for ax in (tput, ttft, cdf):
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)

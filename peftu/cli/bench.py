@@ -63,13 +63,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_outputs(p)
     add_base(p)
 
-    p = sub.add_parser("serve", help="requests/s and latency: base alone vs per-user batches vs mixed")
+    p = sub.add_parser("serve", help="throughput and latency: continuous vs static scheduling, base vs users' "
+                       "adapters, closed loop and Poisson arrivals, mixed output lengths")
     p.add_argument("--users", type=int, default=1000, help="users with a (random) adapter in the store")
     p.add_argument("--clients", type=int, default=32, help="concurrent clients of the closed loop")
-    p.add_argument("--requests", type=int, default=2000, help="requests per phase")
-    p.add_argument("--max-tokens", type=int, default=16, help="most tokens generated per request")
+    p.add_argument("--requests", type=int, default=300, help="requests per closed-loop phase")
+    p.add_argument("--open-requests", type=int, default=150, help="requests per rate of the open-loop sweep")
+    p.add_argument("--rates", type=comma_list(float), default=[0.25, 0.5, 0.75, 1.0, 1.5],
+                   help="open-loop arrival rates as multiples of the continuous app's closed-loop requests/s "
+                        "(default 0.25,0.5,0.75,1,1.5; empty: no open loop)")
+    p.add_argument("--max-tokens", type=int, default=64, help="each request's max_tokens is drawn from 1..N")
     p.add_argument("--cache-size", type=int, default=0, help="adapters held per replica (default: all users)")
+    p.add_argument("--no-split", action="store_true", help="skip the static app with one user per batch")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
     p.add_argument("--port", type=int, default=0, help="HTTP port of the app under test (default: a free one)")
     add_outputs(p)
     add_base(p)
@@ -160,11 +167,14 @@ def fit(args: argparse.Namespace) -> None:
 def serve(args: argparse.Namespace) -> None:
     from rich.console import Console
 
-    from peftu.bench.serve import bench_serve, plot_serve, render_serve_table
+    from peftu.bench.serve import bench_serve, plot_serve, render_serve_markdown, render_serve_table
 
     result = bench_serve(base_path(args), users=args.users, clients=args.clients, requests=args.requests,
-                         max_tokens=args.max_tokens, cache_size=args.cache_size, seed=args.seed, port=args.port)
-    Console(width=150).print(render_serve_table(result))
+                         open_requests=args.open_requests, rates=tuple(args.rates), max_tokens=args.max_tokens,
+                         cache_size=args.cache_size, split=not args.no_split, seed=args.seed, port=args.port)
+    Console(width=200).print(render_serve_table(result))
+    if args.markdown:
+        print(render_serve_markdown(result))
     if args.plot:
         plot_serve(result, args.plot)
     if args.json:

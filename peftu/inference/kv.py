@@ -99,9 +99,10 @@ class KVRows:
         width = max(self.width, other.width)
         mine, theirs = self._layers(), other._layers()
         if mine or theirs:
-            a, b = _padded_kv(mine, theirs, self.rows, width), _padded_kv(theirs, mine, other.rows, width)
-            self.cache = _cache_of([(torch.cat([ka, kb]), torch.cat([va, vb]))
-                                    for (ka, va), (kb, vb) in zip(a, b, strict=True)])
+            n, rows = len(mine or theirs), [self.rows, other.rows]
+            self.cache = _cache_of([(_stack([a and a.keys, b and b.keys], rows, width),
+                                     _stack([a and a.values, b and b.values], rows, width))
+                                    for a, b in zip(mine or [None] * n, theirs or [None] * n, strict=True)])
         self.mask = torch.cat([_pad_mask(self.mask, width), _pad_mask(other.mask, width)])
         self.positions = self.positions + other.positions
 
@@ -137,19 +138,14 @@ def _pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
     return torch.cat([mask.new_zeros((mask.shape[0], width - mask.shape[1])), mask], dim=-1)
 
 
-def _padded_kv(layers: list, like: list, rows: int, width: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each layer's keys and values padded with zeros on the left to `width` columns; rows with nothing
-    cached yet (no layers) get zeros shaped and typed like `like`'s."""
-    if not layers:
-        return [(_zeros(layer.keys, rows, width), _zeros(layer.values, rows, width)) for layer in like]
-    return [(_left_pad(layer.keys, width), _left_pad(layer.values, width)) for layer in layers]
-
-
-def _zeros(like: torch.Tensor, rows: int, width: int) -> torch.Tensor:
-    return like.new_zeros((rows, like.shape[1], width, like.shape[3]))
-
-
-def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
-    if t.shape[2] == width:
-        return t
-    return torch.cat([_zeros(t, t.shape[0], width - t.shape[2]), t], dim=2)
+def _stack(parts: list[torch.Tensor | None], rows: list[int], width: int) -> torch.Tensor:
+    """Parts `[rows_i, heads, columns_i, dim]` one above the other, each right-aligned in `width` columns,
+    written once into one new tensor; a None part: rows with nothing cached yet (zeros)."""
+    like = next(p for p in parts if p is not None)
+    out = like.new_zeros((sum(rows), like.shape[1], width, like.shape[3]))
+    start = 0
+    for part, n in zip(parts, rows, strict=True):
+        if part is not None:
+            out[start:start + n, :, width - part.shape[2]:] = part
+        start += n
+    return out
