@@ -99,6 +99,22 @@ def tiny_base(tmp_path_factory) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def bank_with_users(tiny_base):
+    """(model, tokenizer, bank, adapter folders): slots 1..3 hold three users' random adapters (tests/banks.py)."""
+    from tests.banks import users_bank
+
+    yield from users_bank(tiny_base)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_base, bank_with_users):
+    """slot -> that user's PeftModel on a separate copy of the base (the base itself for slot 0)."""
+    from tests.banks import peft_reference
+
+    return peft_reference(tiny_base, bank_with_users[3])
+
+
 # ---------------------------------------------------------------- Ray
 
 

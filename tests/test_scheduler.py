@@ -22,22 +22,9 @@ from peftu.model.encode import encode
 from peftu.serving.batcher import Overloaded
 from peftu.serving.metrics import Metrics
 from peftu.serving.scheduler import Scheduler
-from tests.banks import peft_reference, users_bank
 
 PROMPTS = ["Review: the lamp was great and the shade kept its colour for years. Sentiment:", "Review: bad",
            "Review: the chair broke. Sentiment:", "A headline:"]
-
-
-@pytest.fixture(scope="module")
-def bank_with_users(tiny_base):
-    """A serving bank holding three users' random adapters (see tests/banks.py)."""
-    yield from users_bank(tiny_base)
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_base, bank_with_users):
-    """A user's PEFT model on a separate copy of the base (None: the base alone)."""
-    return peft_reference(tiny_base, bank_with_users[3])
 
 
 def _greedy(max_tokens: int) -> Sampling:

@@ -15,7 +15,6 @@ from peftu.model.base import load_base
 from peftu.model.encode import encode
 from peftu.serving.batcher import Batcher
 from peftu.serving.cache import SlotCache
-from tests.banks import peft_reference, users_bank
 
 # --- the slot cache --------------------------------------------------------------
 
@@ -82,18 +81,6 @@ def test_mixed_batches_take_every_user_split_batches_one():
 
 
 # --- mixed batches against PEFT ------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def bank_with_users(tiny_base):
-    """A serving bank holding three users' random adapters (see tests/banks.py)."""
-    yield from users_bank(tiny_base)
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_base, bank_with_users):
-    """A user's PEFT model on a separate copy of the base (None: the base alone)."""
-    return peft_reference(tiny_base, bank_with_users[3])
 
 
 def test_mixed_batch_scores_equal_each_users_peft_model(bank_with_users, reference):

@@ -225,8 +225,8 @@ def _phase(name: str, scheduling: str, popularity: str, load: str, rate: float |
                  sum(r["asked"] for r in ok))
 
 
-def bench_serve(base: str, *, users: int = 1000, clients: int = 32, requests: int = 300, open_requests: int = 150,
-                rates: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 1.5), max_tokens: int = 64, cache_size: int = 0,
+def bench_serve(base: str, *, users: int = 1000, clients: int = 32, requests: int = 200, open_requests: int = 100,
+                rates: tuple[float, ...] = (0.5, 1.0, 1.5), max_tokens: int = 64, cache_size: int = 0,
                 split: bool = True, zipf_s: float = 1.1, seed: int = 0, port: int = 0, log=print) -> ServeBench:
     """Run every app and load shape (see the module docs) and return their phases."""
     import ray

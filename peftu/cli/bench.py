@@ -67,11 +67,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        "adapters, closed loop and Poisson arrivals, mixed output lengths")
     p.add_argument("--users", type=int, default=1000, help="users with a (random) adapter in the store")
     p.add_argument("--clients", type=int, default=32, help="concurrent clients of the closed loop")
-    p.add_argument("--requests", type=int, default=300, help="requests per closed-loop phase")
-    p.add_argument("--open-requests", type=int, default=150, help="requests per rate of the open-loop sweep")
-    p.add_argument("--rates", type=comma_list(float), default=[0.25, 0.5, 0.75, 1.0, 1.5],
+    p.add_argument("--requests", type=int, default=200, help="requests per closed-loop phase")
+    p.add_argument("--open-requests", type=int, default=100, help="requests per rate of the open-loop sweep")
+    p.add_argument("--rates", type=comma_list(float), default=[0.5, 1.0, 1.5],
                    help="open-loop arrival rates as multiples of the continuous app's closed-loop requests/s "
-                        "(default 0.25,0.5,0.75,1,1.5; empty: no open loop)")
+                        "(default 0.5,1,1.5; empty: no open loop)")
     p.add_argument("--max-tokens", type=int, default=64, help="each request's max_tokens is drawn from 1..N")
     p.add_argument("--cache-size", type=int, default=0, help="adapters held per replica (default: all users)")
     p.add_argument("--no-split", action="store_true", help="skip the static app with one user per batch")
@@ -179,6 +179,7 @@ def serve(args: argparse.Namespace) -> None:
         plot_serve(result, args.plot)
     if args.json:
         print(json.dumps(result.summary()))
+
 
 def store(args: argparse.Namespace) -> None:
     from rich.console import Console

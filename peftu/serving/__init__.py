@@ -1,9 +1,10 @@
 """Serving users' adapters on one base model with Ray Serve.
 
 `cache` (which user sits in which bank slot, LRU by count and bytes),
-`adapters` (store -> slots, version TTL, invalidation), `batcher` (the
-in-replica batcher that mixes users), `engine` (one replica's model, bank and
-batcher over `peftu.inference.generate`), `pplug` (PPlug's soft tokens for
+`adapters` (store -> slots, version TTL, invalidation), `scheduler` (the
+continuous step loop: rows of any users join and leave the running batch),
+`batcher` (the static batcher, and the job queue both share), `engine` (one
+replica's model, bank and scheduler over `peftu.inference`), `pplug` (PPlug's soft tokens for
 users without an adapter), `api` (OpenAI-compatible request and answer
 shapes, errors), `auth` (per-user HMAC tokens, admin key), `metrics`
 (Prometheus), `server` (the `PeftuServer` deployment) and `local` (the app on
