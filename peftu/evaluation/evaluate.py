@@ -14,7 +14,8 @@ from __future__ import annotations
 import contextlib
 import json
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import torch
 from peft import LoraConfig
@@ -27,6 +28,8 @@ from peftu.inference.generate import BASE_SLOT
 from peftu.inference.predict import Soft, predict
 from peftu.model.bases import load_users_base
 from peftu.store import AdapterStore
+
+T = TypeVar("T")
 
 
 def evaluate_examples(model, tokenizer, spec: TaskSpec, examples: list[Example]) -> dict[str, float]:
@@ -77,15 +80,24 @@ def user_adapter(model: torch.nn.Module, files: dict[str, bytes], where: str
         bank.remove()
 
 
-def predict_user(base, tokenizer, spec: TaskSpec, store: AdapterStore, task: str, user_id: str,
-                 inputs: list[str], *, base_fp: str | None, soft: Soft = None) -> tuple[list[str], bool]:
-    """A user's answers with their own adapter of `task` from the store (checked: sha256, base
-    fingerprint), or the base's if they have none; the second value says whether they had one."""
+def with_user_adapter(base, store: AdapterStore, task: str, user_id: str, answer: Callable[..., T], *,
+                      base_fp: str | None) -> tuple[T, bool]:
+    """`answer(bank=, slot=)` with the user's own adapter of `task` from the store (checked: sha256,
+    base fingerprint) in a bank slot over `base`, or `answer()` on the base if they have none; the
+    second value says whether they had one."""
     if not store.has_adapter(task, user_id):
-        return predict(base, tokenizer, spec, inputs, soft=soft), False
+        return answer(), False
     files, _ = store.fetch_bytes(task, user_id, expect_base=base_fp)
     with user_adapter(base, files, f"adapter of user {user_id!r} in task {task!r}") as (bank, slot):
-        return predict(base, tokenizer, spec, inputs, bank=bank, slot=slot, soft=soft), True
+        return answer(bank=bank, slot=slot), True
+
+
+def predict_user(base, tokenizer, spec: TaskSpec, store: AdapterStore, task: str, user_id: str,
+                 inputs: list[str], *, base_fp: str | None, soft: Soft = None) -> tuple[list[str], bool]:
+    """A user's answers with their own adapter of `task` from the store, or the base's if they have
+    none (`with_user_adapter`)."""
+    return with_user_adapter(base, store, task, user_id,
+                             lambda **slot: predict(base, tokenizer, spec, inputs, soft=soft, **slot), base_fp=base_fp)
 
 
 def evaluate_adapters(base, tokenizer, spec: TaskSpec, users: list[UserRecord], store: AdapterStore,

@@ -38,13 +38,21 @@ def _soft(soft: Soft, n: int) -> list[torch.Tensor | None]:
     return [None] * n if soft is None else soft
 
 
+def label_logprobs(model, tokenizer, spec: TaskSpec, inputs: list[str], *, bank: AdapterBank | None = None,
+                   slot: int = BASE_SLOT, soft: Soft = None, max_len: int = 256, batch_size: int = 16
+                   ) -> list[list[float]]:
+    """Each input's log-likelihood of every label (in `spec.labels` order) after its prompt."""
+    rows = [ScoreRow([encode(tokenizer, spec, text, label, max_len) for label in spec.labels], slot, p)
+            for text, p in zip(inputs, _soft(soft, len(inputs)), strict=True)]
+    return [s for i in range(0, len(rows), batch_size)
+            for s in score_batch(model, bank, tokenizer, rows[i:i + batch_size])]
+
+
 def score_labels(model, tokenizer, spec: TaskSpec, inputs: list[str], *, bank: AdapterBank | None = None,
                  slot: int = BASE_SLOT, soft: Soft = None, max_len: int = 256, batch_size: int = 16) -> list[str]:
     """The label with the highest log-likelihood after each input's prompt."""
-    rows = [ScoreRow([encode(tokenizer, spec, text, label, max_len) for label in spec.labels], slot, p)
-            for text, p in zip(inputs, _soft(soft, len(inputs)), strict=True)]
-    scores = [s for i in range(0, len(rows), batch_size)
-              for s in score_batch(model, bank, tokenizer, rows[i:i + batch_size])]
+    scores = label_logprobs(model, tokenizer, spec, inputs, bank=bank, slot=slot, soft=soft, max_len=max_len,
+                            batch_size=batch_size)
     return [spec.labels[max(range(len(s)), key=s.__getitem__)] for s in scores]
 
 

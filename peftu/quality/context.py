@@ -33,6 +33,8 @@ class QualityContext:
     """PPlug's `min_steps`: the fewest steps its plug is fitted for."""
     progress: bool = True
     log: Callable[[str], None] = print
+    notes: dict = field(default_factory=dict)
+    """What methods leave for the results beside their rows (`selected`'s per-user choices)."""
     _base: tuple | None = field(default=None, repr=False)
 
     def base(self) -> tuple[torch.nn.Module, object]:

@@ -117,7 +117,7 @@ def _majority(ctx: QualityContext) -> PerUser:
 # --- the pooled fit (global, retrieval, profile) and OPPU on top of it -------------------
 
 
-def _pooled_fit(ctx: QualityContext, how: str | None) -> tuple[TaskSpec, list[UserRecord], TaskSpec]:
+def pooled_fit(ctx: QualityContext, how: str | None) -> tuple[TaskSpec, list[UserRecord], TaskSpec]:
     """The (augmented) task and users, and the store spec under which their pooled fit now is current."""
     from peftu.fitting.oppu import ensure_task_adapter
 
@@ -131,7 +131,7 @@ def pooled_scores(ctx: QualityContext, how: str | None) -> PerUser:
     """The pooled fit merged into the base, scored on the users' plain or augmented test prompts."""
     from peftu.model.bases import load_merged_base
 
-    spec, users, stored = _pooled_fit(ctx, how)
+    spec, users, stored = pooled_fit(ctx, how)
     model, tokenizer, _ = load_merged_base(ctx.base_path, ctx.store, stored.name)
     return evaluate_users(model, tokenizer, spec, users)
 
@@ -147,7 +147,7 @@ def oppu_scores(ctx: QualityContext, how: str | None) -> PerUser:
     from peftu.fitting.banked import fit_users_banked
     from peftu.model.bases import load_merged_base
 
-    spec, users, stored = _pooled_fit(ctx, how)
+    spec, users, stored = pooled_fit(ctx, how)
     model, tokenizer, merged_fp = load_merged_base(ctx.base_path, ctx.store, stored.name)
     per_user_spec = ctx.store_spec(spec, "oppu")
     with tqdm(total=len(users), desc=f"oppu{'+' + how if how else ''} per user", unit="user",
@@ -232,7 +232,7 @@ def _pplug_oppu(ctx: QualityContext) -> PerUser:
 # --- names ---------------------------------------------------------------------------------
 
 ORDER = ["base", "global", "stored", "majority", "retrieval", "profile", "oppu", "oppu+retrieval", "oppu+profile",
-         "ia3", "prompt-tuning", "prefix-tuning", "pplug", "pplug+oppu"]
+         "ia3", "prompt-tuning", "prefix-tuning", "pplug", "pplug+oppu", "selected"]
 """The table's rows, in the order they read best; methods registered later follow."""
 
 
@@ -256,3 +256,6 @@ def parse_methods(text: str | None) -> list[str]:
         raise PeftuError(f"unknown method(s) {', '.join(unknown) or repr(text)}; "
                          f"choose from {', '.join(method_names())}")
     return list(dict.fromkeys(names))
+
+
+import peftu.quality.selected  # noqa: E402, F401 - registers the `selected` row, which builds on the rows above

@@ -33,6 +33,9 @@ def merge_reports(reports: list[dict]) -> dict:
         merged[key] = dict(sorted(merged[key].items(), key=lambda kv: order.index(kv[0])
                                   if kv[0] in order else len(order)))
     merged["settings"] = {**first["settings"], "methods": list(merged["methods"])}
+    for report in reports:  # the run that had the `selected` row says who won
+        if "choices" in report:
+            merged["choices"] = report["choices"]
     return merged
 
 

@@ -60,6 +60,7 @@ class QualityResult:
     settings: dict
     per_user: dict[str, PerUser] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    notes: dict = field(default_factory=dict)
 
     def buckets(self, name: str) -> dict[str, dict[str, float]]:
         return macro_average(self.per_user[name], self.users)
@@ -83,7 +84,7 @@ class QualityResult:
             "kind": self.spec.kind, "settings": self.settings,
             "examples": {s: sum(len(getattr(u, s)) for u in self.users) for s in ("train", "val", "test")},
             "buckets": {name: self.buckets(name) for name in self.per_user},
-            "per_user": self.per_user, "seconds": self.seconds}
+            "per_user": self.per_user, "seconds": self.seconds, **self.notes}
 
 
 def run_quality(ctx: QualityContext, names: list[str]) -> QualityResult:
@@ -97,4 +98,5 @@ def run_quality(ctx: QualityContext, names: list[str]) -> QualityResult:
         start = time.perf_counter()
         result.per_user[name] = METHODS[name](ctx)
         result.seconds[name] = round(time.perf_counter() - start, 1)
+    result.notes = ctx.notes
     return result

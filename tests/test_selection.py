@@ -1,0 +1,101 @@
+"""Never worse: per-user choice on validation (pure rules), the `selected` row, and soft tokens that move."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from peftu.data.schema import Example, TaskSpec, UserRecord
+from peftu.fitting.selection import PRIOR_WEIGHTS, Choice, best_prior_weight, choose, log_prior, with_prior
+
+CLS = TaskSpec(name="t", kind="classification", prompt="{input}", labels=["a", "b", "c"])
+
+
+def test_choose_takes_the_best_and_a_tie_goes_to_the_simpler():
+    assert choose("accuracy", {"oppu": 0.8, "base": 0.6, "majority": 0.7}) == "oppu"
+    assert choose("accuracy", {"oppu": 0.7, "oppu+prior": 0.7, "majority": 0.7}) == "majority"
+    assert choose("accuracy", {"oppu+prior": 0.7, "oppu": 0.7}) == "oppu"
+    assert choose("mae", {"oppu": 0.5, "base": 0.4, "global": 0.4}) == "base"  # lower is better
+    with pytest.raises(ValueError, match="no candidate"):
+        choose("mae", {})
+
+
+def test_log_prior_counts_the_users_training_labels_smoothed():
+    user = UserRecord("u", train=[Example(str(i), "x", lab) for i, lab in enumerate("aab")])
+    prior = log_prior(CLS, user)
+    assert {k: math.exp(v) for k, v in prior.items()} == pytest.approx({"a": 3 / 6, "b": 2 / 6, "c": 1 / 6})
+
+
+def test_the_prior_weight_is_chosen_on_validation():
+    prior = {"a": math.log(0.8), "b": math.log(0.1), "c": math.log(0.1)}
+    scores = [[-1.0, -0.5, -3.0], [-2.0, -0.1, -3.0], [-0.1, -2.0, -3.0]]  # the model says b, b, a
+    assert with_prior(CLS, scores, prior, 0.0) == ["b", "b", "a"]
+    assert with_prior(CLS, scores, prior, 8.0) == ["a", "a", "a"]
+    # The user answers a, b, a: a weight that turns the first answer to "a" but not the second wins.
+    weight, metrics = best_prior_weight(CLS, scores, ["a", "b", "a"], prior)
+    assert metrics["accuracy"] == 1.0 and with_prior(CLS, scores, prior, weight) == ["a", "b", "a"]
+    assert weight == min(w for w in PRIOR_WEIGHTS if with_prior(CLS, scores, prior, w) == ["a", "b", "a"])
+    # Nothing to gain: the model alone (weight 0).
+    assert best_prior_weight(CLS, scores, ["b", "b", "a"], prior)[0] == 0.0
+
+
+def test_a_choice_carries_the_prior_only_when_it_answers():
+    assert Choice("oppu", {"oppu": 1.0}, 2.0, {"a": -0.1}).record() == {"method": "oppu", "val": {"oppu": 1.0}}
+    rec = Choice("oppu+prior", {"oppu+prior": 1.0}, 2.0, {"a": -0.1}).record()
+    assert rec["prior_weight"] == 2.0 and rec["log_prior"] == {"a": -0.1}
+
+
+# --- the `selected` row on a real (tiny) run ---------------------------------------------------------
+
+
+def test_selected_answers_each_user_with_their_validation_winner(tmp_path, tiny_base):
+    from peftu.config import LoraHParams
+    from peftu.data.synthetic import generate
+    from peftu.quality.context import QualityContext
+    from peftu.quality.run import run_quality
+    from peftu.store import AdapterStore
+
+    spec, users, _ = generate("synth-rating", 3, seed=0)
+    users[0].val = []  # judged on their training split instead
+    ctx = QualityContext(spec, users, tiny_base, AdapterStore.open(str(tmp_path / "store")), LoraHParams(epochs=1),
+                         progress=False, log=lambda _: None)
+    result = run_quality(ctx, ["base", "global", "majority", "oppu", "selected"]).full()
+    for user in users:
+        choice = result["choices"][user.user_id]
+        val, winner = choice["val"], choice["method"]
+        assert set(val) >= {"majority", "base", "base+prior", "global", "global+prior", "oppu", "oppu+prior"}
+        assert val[winner] == min(val.values())  # mae: lower is better; never worse than majority or base on val
+        assert winner == choose("mae", val)
+        if winner in result["per_user"]:  # a plain row: its test answers are the row's
+            assert result["per_user"]["selected"][user.user_id] == result["per_user"][winner][user.user_id]
+        else:
+            assert winner.endswith("+prior") and choice["prior_weight"] in PRIOR_WEIGHTS
+
+
+# --- prompt and prefix tuning move off the base -----------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["prompt-tuning", "prefix-tuning"])
+def test_soft_tokens_move_the_label_scores_at_their_own_learning_rate(tiny_base, name):
+    from peftu.config import LoraHParams
+    from peftu.data.synthetic import TASKS, generate
+    from peftu.fitting.peft_methods import PEFT_METHODS, SOFT_TOKEN_LR
+    from peftu.fitting.reference import fit_adapter, release
+    from peftu.inference.predict import label_logprobs
+    from peftu.model.base import load_base
+
+    spec = TASKS["synth-rating"]
+    _, users, _ = generate("synth-rating", 4, seed=0)
+    user = max(users, key=lambda u: len(u.train))
+    inputs = [e.input for e in user.test + user.val]
+    base, tokenizer = load_base(tiny_base)
+    before = label_logprobs(base, tokenizer, spec, inputs)
+    moved = {}
+    for lr in (LoraHParams().lr, SOFT_TOKEN_LR[name]):
+        model, _ = fit_adapter(base, tokenizer, spec, user.train, LoraHParams(epochs=2, lr=lr),
+                               peft_config=PEFT_METHODS[name]())
+        after = label_logprobs(model, tokenizer, spec, inputs)  # the virtual tokens reach the scoring forward
+        base = release(model)
+        moved[lr] = max(abs(x - y) for a, b in zip(after, before) for x, y in zip(a, b))
+    assert moved[SOFT_TOKEN_LR[name]] > 0.2 and moved[SOFT_TOKEN_LR[name]] > 3 * moved[LoraHParams().lr], moved
