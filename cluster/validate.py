@@ -1,7 +1,8 @@
 """Validate Kubernetes objects strictly, as the API server would, without a cluster.
 
-KubeRay objects (ray.io/v1) are checked against the `openAPIV3Schema` of their CRD (the
-folder `shared/kuberay-crds`, beside the repository). CRD schemas are structural: Kubernetes
+KubeRay objects (ray.io/v1) and the Prometheus Operator's (monitoring.coreos.com/v1: the
+PodMonitor of k8s/monitoring) are checked against the `openAPIV3Schema` of their CRD (the
+folders `shared/kuberay-crds` and `shared/prometheus-operator-crds`, beside the repository). CRD schemas are structural: Kubernetes
 prunes or, with kubectl's default strict field validation, rejects any field the schema does
 not name, so every object schema without `additionalProperties` or
 `x-kubernetes-preserve-unknown-fields` is closed here (an object schema with no properties at
@@ -11,7 +12,7 @@ are not evaluated: setting a field that carries one is reported, so it cannot pa
 Object metadata and core kinds (Secret, ConfigMap, ServiceAccount, ...) are checked with the
 strict Kubernetes schemas of the `kubernetes-validate` package.
 
-    python -m cluster.validate k8s/overlays/cpu k8s/overlays/gpu   # render + validate, exit 1 on errors
+    python -m cluster.validate k8s/overlays/cpu k8s/overlays/gpu k8s/monitoring   # exit 1 on errors
 """
 
 from __future__ import annotations
@@ -30,12 +31,14 @@ import yaml
 KUBERNETES_VERSION = "1.32"
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CRDS = REPO.parent / "shared" / "kuberay-crds"
+DEFAULT_PROMETHEUS_CRDS = REPO.parent / "shared" / "prometheus-operator-crds"
 _INT_RANGES = {"int32": (-2**31, 2**31 - 1), "int64": (-2**63, 2**63 - 1)}
 
 
-def crd_dir() -> Path:
-    """`$PEFTU_KUBERAY_CRDS`, else ../shared/kuberay-crds beside the repository."""
-    return Path(os.environ.get("PEFTU_KUBERAY_CRDS") or DEFAULT_CRDS)
+def crd_dirs() -> tuple[Path, ...]:
+    """`$PEFTU_KUBERAY_CRDS` and `$PEFTU_PROMETHEUS_CRDS`, else ../shared/{kuberay,prometheus-operator}-crds."""
+    return (Path(os.environ.get("PEFTU_KUBERAY_CRDS") or DEFAULT_CRDS),
+            Path(os.environ.get("PEFTU_PROMETHEUS_CRDS") or DEFAULT_PROMETHEUS_CRDS))
 
 
 def strict_schema(schema: Any) -> Any:
@@ -70,12 +73,14 @@ _CrdValidator = jsonschema.validators.extend(jsonschema.Draft7Validator, {"x-kub
 
 
 @cache
-def crd_validators(folder: Path | None = None) -> dict[tuple[str, str], jsonschema.protocols.Validator]:
-    """(apiVersion, kind) -> a strict validator, for every served version of every CRD in `folder`."""
-    folder = folder or crd_dir()
-    files = sorted(folder.glob("*.yaml"))
-    if not files:
-        raise FileNotFoundError(f"no CRD files in {folder} (set PEFTU_KUBERAY_CRDS to the kuberay-crds folder)")
+def crd_validators(folders: tuple[Path, ...] | None = None) -> dict[tuple[str, str], jsonschema.protocols.Validator]:
+    """(apiVersion, kind) -> a strict validator, for every served version of every CRD in `folders`."""
+    files = []
+    for folder in folders or crd_dirs():
+        found = sorted(folder.glob("*.yaml"))
+        if not found:
+            raise FileNotFoundError(f"no CRD files in {folder} (set PEFTU_KUBERAY_CRDS / PEFTU_PROMETHEUS_CRDS)")
+        files += found
     validators = {}
     for path in files:
         crd = yaml.safe_load(path.read_text())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import json
 import re
 import shlex
 import shutil
@@ -305,3 +306,44 @@ def test_import_paths_and_deployment_names_exist_in_the_app(rendered) -> None:
                 app = app(application.get("args", {}))
             names = {d.name for d in build_app(app, name=application["name"]).deployments}
             assert {d["name"] for d in application["deployments"]} <= names
+
+
+# ---------------------------------------------------------------- monitoring (k8s/monitoring)
+
+
+def test_the_pod_monitor_is_valid_and_scrapes_every_ray_node_on_its_metrics_port() -> None:
+    objects = build(REPO / "k8s" / "monitoring")
+    assert [(o["apiVersion"], o["kind"]) for o in objects] == [("monitoring.coreos.com/v1", "PodMonitor")]
+    assert {e for o in objects for e in errors(o)} == set()
+    spec = objects[0]["spec"]
+    [node_type] = [e for e in spec["selector"]["matchExpressions"] if e["key"] == "ray.io/node-type"]
+    assert node_type["operator"] == "In" and set(node_type["values"]) == {"head", "worker"}
+    assert [e["port"] for e in spec["podMetricsEndpoints"]] == ["metrics"]  # KubeRay's name for port 8080
+    bad = copy.deepcopy(objects[0])
+    bad["spec"]["podMetricsEndpoints"][0]["intervall"] = "15s"
+    assert any("intervall" in e for e in errors(bad))
+
+
+def _exported_series() -> set[str]:
+    """The names Ray's export gives the app's series: ray_<name>, counters with _total, histograms' parts."""
+    from peftu.serving.metrics import Metrics
+
+    suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
+    return {f"ray_{name}{s}" for name, kind in Metrics().names.items() for s in suffixes[kind]}
+
+
+def test_every_dashboard_panel_queries_series_the_app_exports() -> None:
+    dashboard = json.loads((REPO / "k8s" / "monitoring" / "peftu-dashboard.json").read_text())
+    exported = _exported_series()
+    named: set[str] = set()
+    for panel in dashboard["panels"]:
+        exprs = [t["expr"] for t in panel["targets"]]
+        assert exprs, f"panel {panel['title']!r} has no query"
+        for expr in exprs:
+            series = set(re.findall(r"\bray_peftu_[a-z_]+", expr))
+            assert series, f"panel {panel['title']!r}: {expr!r} names no peftu series"
+            assert series <= exported, f"panel {panel['title']!r} names {series - exported}, not exported"
+            named |= series
+    for family in ("requests", "tokens", "time_to_first_token", "inter_token", "adapter_hits", "adapter_loads",
+                   "adapter_errors", "requests_waiting", "queue_wait", "kv_tokens"):
+        assert any(family in s for s in named), f"no panel shows {family}"
