@@ -158,7 +158,7 @@ class TaskIndex:
                 entries.pop(owner, None)
             else:
                 entries[owner] = entry
-        if tagged is None and (entries or marks) or len(marks) >= compact_at:
+        if (tagged is None and (entries or marks)) or (marks and len(marks) >= compact_at):
             truth = {o: entries.get(o) for o in {m.owner for m in marks}}
             self._compact(entries, tagged[1] if tagged else None, marks, truth)
         return entries
