@@ -157,6 +157,7 @@ async def _one(session, url: str, work: Workload) -> dict:
     user, body = work.body()
     start = time.perf_counter()
     chunks: list[float] = []
+    first = None
     tokens = 0
     async with session.post(f"{url}/v1/completions", json=body) as r:
         if r.status == 200:
@@ -166,14 +167,17 @@ async def _one(session, url: str, work: Workload) -> dict:
                 data = json.loads(line[6:])
                 if data.get("usage"):
                     tokens = data["usage"]["completion_tokens"]
-                if data.get("choices") and data["choices"][0].get("text"):
-                    chunks.append(time.perf_counter())
+                if data.get("choices"):
+                    now = time.perf_counter()
+                    first = first or now
+                    if data["choices"][0].get("text"):
+                        chunks.append(now)
         else:
             await r.read()
         end = time.perf_counter()
         return {"status": r.status, "user": user, "asked": body["max_tokens"], "cache": r.headers.get("x-peftu-cache"),
                 "load_ms": float(r.headers.get("x-peftu-load-ms", "nan")), "tokens": tokens, "start": start,
-                "end": end, "chunks": chunks}
+                "first": first, "end": end, "chunks": chunks}
 
 
 async def _closed_loop(url: str, work: Workload, n: int, clients: int) -> tuple[float, list[dict]]:
@@ -214,10 +218,10 @@ async def _open_loop(url: str, work: Workload, n: int, rate: float, rng: random.
 
 def _phase(name: str, scheduling: str, popularity: str, load: str, rate: float | None, seconds: float,
            records: list[dict]) -> Phase:
-    ok = [r for r in records if r["status"] == 200 and r["chunks"]]
+    ok = [r for r in records if r["status"] == 200 and r["first"] is not None]
     adapter = [r for r in ok if r["user"] is not None]
     return Phase(name, scheduling, popularity, load, rate, len(ok), seconds, sum(r["tokens"] for r in ok),
-                 [(r["chunks"][0] - r["start"]) * 1000 for r in ok],
+                 [(r["first"] - r["start"]) * 1000 for r in ok],
                  [(b - a) * 1000 for r in ok for a, b in zip(r["chunks"], r["chunks"][1:])],
                  [(r["end"] - r["start"]) * 1000 for r in ok],
                  [r["load_ms"] for r in ok if r["cache"] == "load"],

@@ -8,6 +8,7 @@ gone), streaming `Piece`s through the row's `emit` as text becomes safe to send.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ import torch
 
 from peftu.bank import AdapterBank
 from peftu.inference.sampling import Picked, Picker, Sampling
+
+log = logging.getLogger("peftu.inference")
 
 BASE_SLOT = 0
 """The bank slot kept at zero: rows of users without an adapter."""
@@ -119,7 +122,11 @@ class RowState:
     def _send(self, safe: str, text: str, finish: str | None) -> None:
         delta = safe[len(self.sent):] if len(safe) > len(self.sent) else ""
         if delta or finish:
-            self.row.emit(Piece(delta, finish, self.unsent))
+            try:
+                self.row.emit(Piece(delta, finish, self.unsent))
+            except Exception:  # noqa: BLE001 - whoever read this row is gone: it ends, the batch goes on
+                log.warning("a row's reader failed; the row ends", exc_info=True)
+                finish = finish or "cancelled"
             self.unsent = []
             self.sent = safe if len(safe) > len(self.sent) else self.sent
         if finish:
