@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from peftu.inference.sampling import Picker, Sampling, pick_batch
@@ -43,3 +44,22 @@ def test_a_seeded_row_samples_the_same_alone_or_beside_others():
 
     alone = run(1)
     assert run(5) == alone and len(set(alone)) > 1
+
+
+def test_echo_reads_each_prompt_token_from_the_logits_before_it(tiny_base):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftu.inference.echo import PromptRow, prompt_logprobs
+
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    ids = tok("the lamp was great")["input_ids"]
+    long, short = prompt_logprobs(model, None, tok, [PromptRow(ids, 0, top=2), PromptRow(ids[:3], 0)])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+    assert [p.token for p in long] == [t for t in ids if t not in tok.all_special_ids] == ids  # no BOS here
+    assert long[0].logprob is None and long[0].top == []  # nothing before the first token
+    for t, p in enumerate(long[1:], start=1):
+        assert math.isclose(p.logprob, float(logp[t - 1, ids[t]]), rel_tol=1e-4, abs_tol=1e-5)
+        assert [tok_id for tok_id, _ in p.top] == logp[t - 1].topk(2).indices.tolist()
+    assert [p.logprob for p in short[1:]] == pytest.approx([p.logprob for p in long[1:3]], abs=1e-5)  # padding is inert

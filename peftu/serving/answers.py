@@ -25,11 +25,11 @@ class Choice:
     finish_reason: str
     picked: list[Picked] = field(default_factory=list)
     echo: str = ""
-    echo_picked: list[Picked | None] = field(default_factory=list)
+    echo_picked: list[Picked] = field(default_factory=list)
     """The prompt's tokens, each with its log-probability (the first has none), when echo asks for them."""
 
     @classmethod
-    def of(cls, result: GenResult, echo: str = "", echo_picked: list[Picked | None] | None = None) -> Choice:
+    def of(cls, result: GenResult, echo: str = "", echo_picked: list[Picked] | None = None) -> Choice:
         return cls(result.text, result.finish_reason, result.picked, echo, echo_picked or [])
 
 
@@ -62,13 +62,11 @@ class TokenText:
             ids.append(p.token)
         return tokens
 
-    def completion_logprobs(self, picked: list[Picked | None], start: int = 0) -> dict:
-        """Completions' shape; None entries are tokens with no log-probability (an echoed prompt's first)."""
+    def completion_logprobs(self, picked: list[Picked]) -> dict:
+        """Completions' shape; a token without a log-probability (an echoed prompt's first) has nulls."""
         tokens, logprobs, tops, offsets = [], [], [], []
-        offset = start
+        offset = 0
         for p in picked:
-            if p is None:
-                continue
             piece = self(p.token)
             tokens.append(piece)
             logprobs.append(p.logprob)
