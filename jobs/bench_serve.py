@@ -1,7 +1,7 @@
-"""Benchmark: serving requests/s and latency, base alone vs batches split per user vs mixed batches.
+"""Benchmark: serving throughput and latency, continuous vs static scheduling, base vs users' adapters.
 
-    python -m jobs.bench_serve [--users 1000] [--clients 32] [--requests 2000] \\
-        [--max-tokens 8] [--plot docs/benchmarks_serve.png] [--json]
+    python -m jobs.bench_serve [--users 1000] [--clients 32] [--requests 200] [--rates 0.5,1,1.5] \\
+        [--max-tokens 64] [--no-split] [--plot docs/benchmarks_serve.png] [--json]
 
 The same options as `peftu bench serve` (see `peftu bench serve --help`); what
 each phase does and the numbers are in docs/benchmarks.md.
