@@ -13,8 +13,6 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import requests
-
 from peftu.data.schema import TaskSpec
 from peftu.inference.predict import answer_sampling
 from peftu.serving.auth import make_token
@@ -59,23 +57,26 @@ def ask_users(base: str, store: str, spec: TaskSpec, users: list[str], texts: li
     generation tasks by a greedy completion. Of `texts`, the first on which
     `show` users answer differently is used (else the one with the most
     different answers); those users' answers and the base's are printed and
-    the users' come back. User tokens are on, as in production: each user's requests
-    carry a token minted for them under this run's own secret.
+    the users' come back. Every request goes through the official `openai` SDK,
+    as a client of the app would send it. User tokens are on, as in production:
+    each user's client carries a token minted for them under this run's own
+    secret as its API key.
     """
     best: tuple[str, str, dict[str, tuple[str, str]], int] | None = None
     secret = secrets.token_hex(32)
     with local_app({"base": base, "store": store, "task": spec.name, "user_tokens": True},
                    env={"PEFTU_TOKEN_SECRET": secret}) as url:
-        model = requests.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
-        tokens = {user: make_token(secret, user, model, ttl_s=3600) for user in users}
+        anonymous = _client(url)
+        model = anonymous.models.list().data[0].id
+        clients = {user: _client(url, make_token(secret, user, model, ttl_s=3600)) for user in users}
         for text in texts:
-            asked = {user: _ask(url, f"{model}:{user}", spec, text, tokens[user]) for user in users}
+            asked = {user: _ask(clients[user], f"{model}:{user}", spec, text) for user in users}
             distinct: dict[str, tuple[str, str]] = {}
             for user, (answer, version) in asked.items():
                 if answer not in {a for a, _ in distinct.values()}:
                     distinct[user] = (answer, version)
             if best is None or len(distinct) > best[3]:
-                best = (text, _ask(url, model, spec, text)[0], distinct | asked, len(distinct))
+                best = (text, _ask(anonymous, model, spec, text)[0], distinct | asked, len(distinct))
             if len(distinct) >= show:
                 break
     text, base_answer, answers, n_distinct = best
@@ -88,18 +89,26 @@ def ask_users(base: str, store: str, spec: TaskSpec, users: list[str], texts: li
     return {user: answers[user][0] for user in chosen}
 
 
-def _ask(url: str, model: str, spec: TaskSpec, text: str, token: str | None = None) -> tuple[str, str]:
-    """The task's answer as evaluation gives it (`peftu.inference.predict`), and which adapter gave it."""
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
+def _client(url: str, token: str | None = None):
+    """The official SDK's client of the app; a user's token is their API key."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=token or "no-token", max_retries=0, timeout=60)
+
+
+def _ask(client, model: str, spec: TaskSpec, text: str) -> tuple[str, str]:
+    """The task's answer as evaluation gives it (`peftu.inference.predict`), and which adapter gave it.
+
+    A generation task's is a greedy completion; a classification or rating task's the label that
+    `/v1/score` finds likeliest (not an OpenAI endpoint: the SDK's own `post` sends it).
+    """
+    import httpx
+
     if spec.kind == "generation":
         sampling = answer_sampling(spec)
-        r = requests.post(f"{url}/v1/completions", timeout=60, headers=headers, json={
-            "model": model, "prompt": spec.render(text), "max_tokens": sampling.max_tokens,
-            "temperature": sampling.temperature, "stop": sampling.stop})
-        r.raise_for_status()
-        answer = r.json()["choices"][0]["text"].strip()
-    else:
-        r = requests.post(f"{url}/v1/score", json={"model": model, "input": text}, headers=headers, timeout=60)
-        r.raise_for_status()
-        answer = r.json()["label"]
-    return answer, r.headers["x-peftu-adapter"]
+        raw = client.completions.with_raw_response.create(
+            model=model, prompt=spec.render(text), max_tokens=sampling.max_tokens,
+            temperature=sampling.temperature, stop=sampling.stop)
+        return raw.parse().choices[0].text.strip(), raw.headers["x-peftu-adapter"]
+    r = client.post("/score", cast_to=httpx.Response, body={"model": model, "input": text})
+    return r.json()["label"], r.headers["x-peftu-adapter"]
