@@ -261,3 +261,13 @@ def test_peft_methods_hand_the_base_back_unchanged(tiny_base):
         after = model.state_dict()
         assert set(after) == set(before), name
         assert all(torch.equal(before[k], after[k]) for k in before), name
+
+
+def test_bootstrap_interval_over_users():
+    from peftu.quality.report import bootstrap_interval
+
+    assert bootstrap_interval([0.5] * 10) == (0.5, 0.5)
+    values = [0.0, 1.0] * 20
+    low, high = bootstrap_interval(values)
+    assert 0.0 < low < 0.5 < high < 1.0 and bootstrap_interval(values) == (low, high)  # seeded
+    assert high - low > bootstrap_interval(values * 4)[1] - bootstrap_interval(values * 4)[0]  # more users, narrower

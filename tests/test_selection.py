@@ -99,3 +99,28 @@ def test_soft_tokens_move_the_label_scores_at_their_own_learning_rate(tiny_base,
         base = release(model)
         moved[lr] = max(abs(x - y) for a, b in zip(after, before) for x, y in zip(a, b))
     assert moved[SOFT_TOKEN_LR[name]] > 0.2 and moved[SOFT_TOKEN_LR[name]] > 3 * moved[LoraHParams().lr], moved
+
+
+def test_a_fit_records_who_answers_each_user(tmp_path, tiny_base):
+    """After a fit, `select_fitted` publishes every user's validation winner for serving to read."""
+    from peftu.config import LoraHParams
+    from peftu.data.synthetic import generate
+    from peftu.fitting.reference import fit_users
+    from peftu.fitting.selection import select_fitted, selected_counts
+    from peftu.model.base import base_fingerprint, load_base
+    from peftu.store import AdapterStore
+    from peftu.store.kinds import SELECTION
+
+    spec, users, _ = generate("synth-cls", 2, seed=1)
+    store = AdapterStore.open(str(tmp_path / "store"))
+    model, tokenizer = load_base(tiny_base)
+    fit_users(model, tokenizer, spec, users, LoraHParams(epochs=1), store, base_fp=base_fingerprint(tiny_base),
+              progress=False)
+    chosen = select_fitted(tiny_base, store, spec, users)
+    record = store.get_record(SELECTION.of(spec.name))
+    assert record == {"task": spec.name, "users": chosen} and set(chosen) == {u.user_id for u in users}
+    for user in users:
+        val = chosen[user.user_id]["val"]
+        assert set(val) == {"majority", "base", "base+prior", "adapter", "adapter+prior"}  # no OPPU: no global
+        assert chosen[user.user_id]["method"] == choose("accuracy", val)
+    assert sum(selected_counts(chosen).values()) == 2

@@ -28,12 +28,15 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 from peftu.data.schema import TaskSpec, UserRecord
 from peftu.evaluation.metrics import Golds, better, task_metrics
+from peftu.quality.personalize import bm25_top_k
 
-SIMPLEST_FIRST = ("majority", "base", "global", "base+prior", "global+prior", "oppu", "oppu+prior",
+SIMPLEST_FIRST = ("majority", "base", "global", "base+prior", "global+prior", "adapter", "adapter+prior",
+                  "oppu", "oppu+prior",
                   "oppu+retrieval", "oppu+profile", "ia3", "prompt-tuning", "prefix-tuning", "pplug", "pplug+oppu")
 """Candidates from the simplest (no model) to the most personal: ties go to the first."""
 
@@ -104,3 +107,137 @@ def choose(metric: str, val: dict[str, float]) -> str:
         if better(metric, val[name], val[best]):
             best = name
     return best
+
+
+def majority_answer(spec: TaskSpec, user: UserRecord, query: str) -> str:
+    """The user's own baseline answer to `query` from their history (see the module doc)."""
+    answered = [h.output for h in user.history if h.output.strip()]
+    if spec.kind == "classification":
+        counts = Counter(answered)
+        order = {lab: i for i, lab in enumerate(spec.labels)}
+        return min(counts, key=lambda lab: (-counts[lab], order.get(lab, len(order)), lab)) if counts else spec.labels[0]
+    if spec.kind == "rating":
+        scale = spec.level_values()
+        values = [scale[a] for a in answered if a in scale]
+        return spec.nearest_level(sum(values) / len(values)) if values else spec.labels[len(spec.labels) // 2]
+    nearest = bm25_top_k(user.history, query, 1)
+    return nearest[0].output if nearest else ""
+
+
+Answers = Callable[..., list]
+"""answer(inputs, **slot) -> per input, label scores (label tasks) or the answer text."""
+
+
+@dataclass
+class Judged:
+    """One candidate's metrics for one user: on the split it is judged by, and on test."""
+
+    val: dict[str, float]
+    test: dict[str, float]
+    prior_weight: float | None = None
+
+
+def judged_users(users: list[UserRecord]) -> list[UserRecord]:
+    """Users with the split they are judged by as `val`: their own, or their training split if they have none."""
+    return [u if u.val else replace(u, val=u.train) for u in users]
+
+
+def _answers(fn: Answers, spec: TaskSpec, user: UserRecord, **slot) -> tuple[list, list]:
+    """A candidate's outputs on the user's judged and test inputs, in one call."""
+    inputs = [e.input for e in user.val] + [e.input for e in user.test]
+    out = fn(inputs, **slot)
+    return out[:len(user.val)], out[len(user.val):]
+
+
+def judge(spec: TaskSpec, name: str, user: UserRecord, val_out: list, test_out: list) -> dict[str, Judged]:
+    """A model candidate's metrics for a user, and on label tasks its `+prior` twin's at the weight val picks."""
+    val_golds, test_golds = [e.golds for e in user.val], [e.golds for e in user.test]
+    if not uses_prior(spec):
+        return {name: Judged(task_metrics(spec, val_out, val_golds), task_metrics(spec, test_out, test_golds))}
+    prior = log_prior(spec, user)
+    weight, val_metrics = best_prior_weight(spec, val_out, val_golds, prior)
+
+    def at(w: float, outs: list, golds: list) -> dict[str, float]:
+        return task_metrics(spec, with_prior(spec, outs, prior, w), golds)
+
+    return {name: Judged(at(0.0, val_out, val_golds), at(0.0, test_out, test_golds)),
+            name + PRIOR: Judged(val_metrics, at(weight, test_out, test_golds), weight)}
+
+
+def _majority(spec: TaskSpec, user: UserRecord) -> Judged:
+    def answers(split: str) -> list[str]:
+        return [majority_answer(spec, user, e.input) for e in getattr(user, split)]
+
+    return Judged(task_metrics(spec, answers("val"), [e.golds for e in user.val]),
+                  task_metrics(spec, answers("test"), [e.golds for e in user.test]))
+
+
+def model_answers(spec: TaskSpec, model, tokenizer) -> Answers:
+    """A model as a candidate: label scores on label tasks (so the prior can be added), else answer texts."""
+    from peftu.inference.predict import label_logprobs, predict
+
+    answer = label_logprobs if uses_prior(spec) else predict
+    return lambda inputs, **slot: answer(model, tokenizer, spec, inputs, **slot)
+
+
+def own_adapter(spec: TaskSpec, base, tokenizer, store, task: str, base_fp: str
+                ) -> Callable[[UserRecord], tuple[list, list] | None]:
+    """A user's own adapter of `task` from the store (on `base`, as a replica holds it) as a candidate."""
+    from peftu.evaluation.evaluate import with_user_adapter
+
+    answers = model_answers(spec, base, tokenizer)
+
+    def own(user: UserRecord) -> tuple[list, list] | None:
+        outs, had = with_user_adapter(base, store, task, user.user_id,
+                                      lambda **slot: _answers(answers, spec, user, **slot), base_fp=base_fp)
+        return outs if had else None
+    return own
+
+
+def choose_users(spec: TaskSpec, users: list[UserRecord], models: dict[str, Answers],
+                 own: Callable[[UserRecord], tuple[list, list] | None], own_name: str
+                 ) -> dict[str, tuple[Choice, dict[str, Judged]]]:
+    """Every user's choice among `majority`, the shared `models` and their own adapter (`own`: its
+    outputs on the user's judged and test inputs, None if they have none), and every candidate's metrics.
+
+    A user without a validation split is judged on their training split (`judged_users`)."""
+    out = {}
+    for user in judged_users([u for u in users if u.test]):
+        scores = {"majority": _majority(spec, user)}
+        for name, fn in models.items():
+            scores |= judge(spec, name, user, *_answers(fn, spec, user))
+        mine = own(user)
+        if mine is not None:
+            scores |= judge(spec, own_name, user, *mine)
+        val = {name: j.val[spec.metric] for name, j in scores.items() if j.val}
+        winner = choose(spec.metric, val)
+        out[user.user_id] = (Choice(winner, val, scores[winner].prior_weight,
+                                    log_prior(spec, user) if winner.endswith(PRIOR) else {}), scores)
+    return out
+
+
+def select_fitted(base_path: str, store, spec: TaskSpec, users: list[UserRecord]) -> dict[str, dict]:
+    """After a fit: each user's choice among `majority`, the plain base, the base their adapters were
+    fitted on (`global`: OPPU's merged task adapter, where they were) and their own adapter (`oppu`, or
+    `adapter` without OPPU), each `+prior` on label tasks; published as the task's selection record
+    (`kinds.SELECTION`: `{"task", "users": {user_id: Choice.record()}}`), which serving reads."""
+    from peftu.model.base import base_fingerprint, load_base
+    from peftu.model.bases import load_users_base
+    from peftu.store.kinds import SELECTION
+
+    users_base, tokenizer, users_fp = load_users_base(base_path, store, spec.name)
+    oppu = users_fp != base_fingerprint(base_path)
+    plain = load_base(base_path) if oppu else (users_base, tokenizer)
+    models = {"base": model_answers(spec, *plain)}
+    if oppu:
+        models["global"] = model_answers(spec, users_base, tokenizer)
+    own = own_adapter(spec, users_base, tokenizer, store, spec.name, users_fp)
+    chosen = {uid: choice.record() for uid, (choice, _) in
+              choose_users(spec, users, models, own, "oppu" if oppu else "adapter").items()}
+    store.put_record(SELECTION.of(spec.name), {"task": spec.name, "users": chosen})
+    return chosen
+
+
+def selected_counts(choices: dict[str, dict]) -> dict[str, int]:
+    """How many users each method answers: the `selected` line of a run summary."""
+    return dict(Counter(c["method"] for c in choices.values()).most_common())

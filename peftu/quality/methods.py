@@ -35,6 +35,10 @@ What each row is:
   Ray Train, its own defaults and one epoch) giving the frozen base personal
   soft tokens; `pplug+oppu`: the same plug over each user's OPPU adapter.
 
+- `selected`: each user answered by the candidate that won on their own
+  validation split (`peftu.fitting.selection`): `majority`, `base`, `global`,
+  `oppu`, and on label tasks each model with the user's label prior added.
+
 What a run fits goes to the store under task names of its own
 (`kinds.quality_task`: `quality.<task>...`), so a benchmark never replaces a
 task's real adapters; a re-run with the same data and settings reuses them.
@@ -49,8 +53,9 @@ from peftu.data.schema import TaskSpec, UserRecord
 from peftu.errors import PeftuError
 from peftu.evaluation.evaluate import evaluate_adapters, evaluate_users
 from peftu.evaluation.metrics import task_metrics
+from peftu.fitting.selection import majority_answer
 from peftu.quality.context import PerUser, QualityContext
-from peftu.quality.personalize import AUGMENTATIONS, augment_users, bm25_top_k
+from peftu.quality.personalize import AUGMENTATIONS, augment_users
 
 Method = Callable[[QualityContext], PerUser]
 METHODS: dict[str, Method] = {}
@@ -90,21 +95,6 @@ def _stored(ctx: QualityContext) -> PerUser:
 
 
 # --- the trivial personal baseline -----------------------------------------------------
-
-
-def majority_answer(spec: TaskSpec, user: UserRecord, query: str) -> str:
-    """The user's own baseline answer to `query` from their history (see the module doc)."""
-    answered = [h.output for h in user.history if h.output.strip()]
-    if spec.kind == "classification":
-        counts = Counter(answered)
-        order = {lab: i for i, lab in enumerate(spec.labels)}
-        return min(counts, key=lambda lab: (-counts[lab], order.get(lab, len(order)), lab)) if counts else spec.labels[0]
-    if spec.kind == "rating":
-        scale = spec.level_values()
-        values = [scale[a] for a in answered if a in scale]
-        return spec.nearest_level(sum(values) / len(values)) if values else spec.labels[len(spec.labels) // 2]
-    nearest = bm25_top_k(user.history, query, 1)
-    return nearest[0].output if nearest else ""
 
 
 @method("majority")
@@ -229,6 +219,31 @@ def _pplug_oppu(ctx: QualityContext) -> PerUser:
                           adapters_task=ctx.store_spec(ctx.spec, "oppu").name, base_fp=merged_fp)
 
 
+# --- never worse: each user's validation winner ------------------------------------------------
+
+
+@method("selected")
+def _selected(ctx: QualityContext) -> PerUser:
+    """Each user answered by the candidate that won on their validation split (`peftu.fitting.selection`):
+    `majority`, the base, the pooled fit (`global`) and their OPPU adapter, each also `+prior` on label
+    tasks. Who won goes into the results (`choices`). The retrieval and profile variants, IA3, prompt and
+    prefix tuning and PPlug are not candidates: each would add its own fit to every run."""
+    from peftu.fitting.selection import choose_users, model_answers, own_adapter
+    from peftu.model.bases import load_merged_base
+
+    spec = ctx.spec
+    base, tokenizer = ctx.base()
+    _, _, stored = pooled_fit(ctx, None)
+    oppu_scores(ctx, None)  # the users' OPPU adapters, fitted where not current
+    merged, merged_tok, merged_fp = load_merged_base(ctx.base_path, ctx.store, stored.name)
+    models = {"base": model_answers(spec, base, tokenizer), "global": model_answers(spec, merged, merged_tok)}
+    own = own_adapter(spec, merged, merged_tok, ctx.store, ctx.store_spec(spec, "oppu").name, merged_fp)
+    chosen = choose_users(spec, ctx.users, models, own, "oppu")
+    ctx.notes["choices"] = {uid: choice.record() for uid, (choice, _) in chosen.items()}
+    ctx.log(f"[{spec.name}] selected: {dict(Counter(c.method for c, _ in chosen.values()).most_common())}")
+    return {uid: scores[choice.method].test for uid, (choice, scores) in chosen.items()}
+
+
 # --- names ---------------------------------------------------------------------------------
 
 ORDER = ["base", "global", "stored", "majority", "retrieval", "profile", "oppu", "oppu+retrieval", "oppu+profile",
@@ -256,6 +271,3 @@ def parse_methods(text: str | None) -> list[str]:
         raise PeftuError(f"unknown method(s) {', '.join(unknown) or repr(text)}; "
                          f"choose from {', '.join(method_names())}")
     return list(dict.fromkeys(names))
-
-
-import peftu.quality.selected  # noqa: E402, F401 - registers the `selected` row, which builds on the rows above

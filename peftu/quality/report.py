@@ -39,11 +39,30 @@ def merge_reports(reports: list[dict]) -> dict:
     return merged
 
 
+def bootstrap_interval(values: list[float], *, rounds: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """The 95% interval of the mean of `values` (one per user) by resampling users with replacement."""
+    import random
+
+    rng = random.Random(seed)
+    means = sorted(sum(rng.choices(values, k=len(values))) / len(values) for _ in range(rounds))
+    return means[int(0.025 * rounds)], means[int(0.975 * rounds) - 1]
+
+
+def _interval(report: dict, name: str) -> str:
+    values = [m[report["metric"]] for m in report["per_user"][name].values() if report["metric"] in m]
+    if len(values) < 2:
+        return "-"
+    low, high = bootstrap_interval(values)
+    return f"{low:.3f}-{high:.3f}"
+
+
 def _rows(report: dict) -> tuple[list[str], list[list[str]]]:
-    """The table's header and rows: one row per method, one column per activity bucket."""
+    """The table's header and rows: one row per method, one column per activity bucket, and the
+    95% bootstrap interval over users of the overall score."""
     any_method = next(iter(report["buckets"].values()))
     present = [b for b in BUCKETS if b in any_method]
-    header = ["method", *[f"{b} ({any_method[b]['n']} users)" for b in present], "vs majority", "seconds"]
+    header = ["method", f"all ({any_method['all']['n']} users)", "95% interval",
+              *[f"{b} ({any_method[b]['n']} users)" for b in present[1:]], "vs majority", "seconds"]
     metric = report["metric"]
     reference = report["methods"].get("majority")
     rows = []
@@ -54,7 +73,7 @@ def _rows(report: dict) -> tuple[list[str], list[list[str]]]:
             verdict = ""
         else:
             verdict = "beats" if better(metric, value, reference) else "does not beat"
-        rows.append([name, *cells, verdict, f"{report['seconds'][name]:.0f}"])
+        rows.append([name, cells[0], _interval(report, name), *cells[1:], verdict, f"{report['seconds'][name]:.0f}"])
     return header, rows
 
 

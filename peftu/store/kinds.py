@@ -115,7 +115,10 @@ RUN_SUMMARY = Kind("run-summary", "run summary", "records/runs", (RECORD_FILE,),
 TASK_SPEC = Kind("task-spec", "task spec", "records/task-specs", (RECORD_FILE,))
 """A task's TaskSpec (kind, prompt, labels) as its fit runs read it: what a replica serves it with."""
 
-KINDS = (ADAPTER, TASK_ADAPTER, PLUG, EMBEDDINGS, TUNE_RESULTS, QUALITY_RESULTS, RUN_SUMMARY, TASK_SPEC)
+SELECTION = Kind("selection", "per-user selection", "records/selection", (RECORD_FILE,))
+"""Who answers each user of a task, chosen on their validation split after a fit (`peftu.fitting.selection`)."""
+
+KINDS = (ADAPTER, TASK_ADAPTER, PLUG, EMBEDDINGS, TUNE_RESULTS, QUALITY_RESULTS, RUN_SUMMARY, TASK_SPEC, SELECTION)
 """Every kind, for what walks them all (`peftu store sweep`)."""
 
 BEST = "best"
