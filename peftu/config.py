@@ -316,6 +316,10 @@ class ServeConfig(Settings):
     """When set, tokens must carry this `iss`."""
     token_leeway_s: float = Field(30.0, ge=0)
     """Clock skew allowed on `exp`, `nbf` and `iat`."""
+    max_body_bytes: int = Field(1 << 20, ge=1)
+    """Request bodies over this are refused with a 413 before they are read (docs/serving.md#limits)."""
+    body_timeout_s: float = Field(30.0, gt=0)
+    """A request body not fully arrived this long after the request began: 408 and the connection closed."""
     admin_key_env: str = "PEFTU_ADMIN_KEY"
     admin_without_key: bool = False
     """Allow the admin endpoints with no key set (local use only)."""

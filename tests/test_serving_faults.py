@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import socket
 import threading
 import time
 import uuid
@@ -61,7 +62,7 @@ def app(tiny_base):
         config = {"base": tiny_base, "store": uri, "endpoint_url": s3.url, "task": TASK,
                   "max_adapters": MAX_ADAPTERS, "version_ttl_s": 0.5, "max_prompt_tokens": 64,
                   "max_tokens_limit": 16, "batch_wait_ms": 10, "admin_without_key": True,
-                  "user_tokens": False}
+                  "user_tokens": False, "body_timeout_s": 2.0}
         try:
             with local_app(config) as url:
                 yield url, store, s3, versions, tiny_base
@@ -280,6 +281,88 @@ def test_the_openapi_schema_routes_all_answer_without_5xx(app):
 
 
 # --- the S3 endpoint goes down while serving ------------------------------------------------------
+
+
+def _publish_corrupt(store: AdapterStore, user: str, base: str, seed: int) -> str:
+    """A new version whose weights no longer match its manifest; its version."""
+    version = publish_random_adapters(store, TASK, [user], base, std=0.2, seed=seed)[user]
+    store.backend.put(f"adapters/{TASK}/{user}/versions/{version}/adapter_model.safetensors", b"not weights")
+    return version
+
+
+def test_a_bad_new_version_never_replaces_a_good_old_one(app):
+    """A corrupt new version: the resident user keeps their loaded one, a cold user gets their previous
+    good one, both say so, it is counted once each however often the pointer is re-read, and the next
+    good version is picked up."""
+    url, store, _, _, base = app
+    warm, cold = "flip-warm", "flip-cold"
+    first = publish_random_adapters(store, TASK, [warm, cold], base, std=0.2, seed=21)
+    before = complete(url, warm)
+    assert before.headers["x-peftu-adapter"] == first[warm] and "x-peftu-fallback" not in before.headers
+    errors = metric(url, 'peftu_adapter_errors_total{reason="corrupt"}')
+    for i, user in enumerate((warm, cold)):
+        _publish_corrupt(store, user, base, seed=22 + i)
+    kept = wait_for(lambda: (r := complete(url, warm)).headers.get("x-peftu-fallback") == "newer-version-unusable"
+                    and r, "the resident user to find the bad version")
+    assert kept.headers["x-peftu-adapter"] == first[warm] and answer(kept) == answer(before)
+    older = complete(url, cold)
+    assert older.headers["x-peftu-adapter"] == first[cold], older.headers
+    assert older.headers["x-peftu-fallback"] == "newer-version-unusable"
+    until = time.monotonic() + 4 * 0.5  # four version TTLs of requests: the pointer is re-read again and again
+    while time.monotonic() < until:
+        for user in (warm, cold):
+            r = complete(url, user)
+            assert r.headers["x-peftu-adapter"] == first[user] and r.headers["x-peftu-fallback"] == \
+                "newer-version-unusable"
+    assert metric(url, 'peftu_adapter_errors_total{reason="corrupt"}') - errors == 2
+    fixed = publish_random_adapters(store, TASK, [warm], base, std=0.2, seed=30)[warm]
+    after = wait_for(lambda: (r := complete(url, warm)).headers["x-peftu-adapter"] == fixed and r,
+                     "the next good version")
+    assert "x-peftu-fallback" not in after.headers
+
+
+def _raw_post(url: str, head: str, chunks: list[bytes]) -> bytes:
+    """Send a request as raw bytes (as much of `chunks` as the server takes); the whole answer."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as s:
+        s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\n{head}\r\n".encode())
+        try:
+            for chunk in chunks:
+                s.sendall(chunk)
+        except (BrokenPipeError, ConnectionResetError):  # refused and closed under us
+            pass
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < _length(answer):
+            data = s.recv(65536)
+            if not data:
+                break
+            answer += data
+    return answer
+
+
+def _length(answer: bytes) -> int:
+    for line in answer.partition(b"\r\n\r\n")[0].split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return int(line.split(b":")[1])
+    return 0
+
+
+def test_oversized_and_never_finished_bodies_are_refused(app):
+    """Over 1 MiB: a declared length is refused before any of it is sent, a chunked body at the limit;
+    a body that stops coming is a 408 after body_timeout_s; the replica stays healthy."""
+    url = app[0]
+    declared = _raw_post(url, "Content-Type: application/json\r\nContent-Length: 52428800\r\n", [])
+    assert declared.startswith(b"HTTP/1.1 413") and b"52428800 bytes" in declared, declared[:300]
+    piece = b"x" * 65536
+    chunked = _raw_post(url, "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n",
+                        [b"%x\r\n%s\r\n" % (len(piece), piece)] * 40)
+    assert chunked.startswith(b"HTTP/1.1 413") and b"over 1048576 bytes" in chunked, chunked[:300]
+    start = time.monotonic()
+    stalled = _raw_post(url, "Content-Type: application/json\r\nContent-Length: 1000\r\n", [b'{"model": '])
+    assert stalled.startswith(b"HTTP/1.1 408") and b"did not arrive within 2 s" in stalled, stalled[:300]
+    assert time.monotonic() - start < 30
+    assert answer(complete(url, None))
+    assert metric(url, 'peftu_requests_total{endpoint="/v1/completions",status="413"}') >= 2
 
 
 def test_s3_down_while_serving_resident_users_keep_theirs_others_get_the_base(app):

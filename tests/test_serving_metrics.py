@@ -1,8 +1,9 @@
-"""The app's series reach Ray's per-node metrics export, tagged per replica, and add up over replicas.
+"""Two replicas: the app's series add up in Ray's metrics export; a delete or invalidate reaches both.
 
 A Ray of its own (Ray's metrics export port on, which `local_ray` leaves off) and two
-replicas; requests of many users without the multiplexing header, so the proxy spreads
-them over both. Slow: two replicas each load a base.
+replicas; requests without the multiplexing header, so the proxy spreads them over both.
+The version TTL is long, so only the broadcast can make the other replica forget a user.
+Slow: two replicas each load a base.
 """
 
 from __future__ import annotations
@@ -45,10 +46,11 @@ def two_replicas(tiny_base):
             port = free_port()
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             config = {"base": tiny_base, "store": store_dir, "task": TASK, "user_tokens": False,
-                      "max_tokens_limit": 8, "max_prompt_tokens": 64}
+                      "max_tokens_limit": 8, "max_prompt_tokens": 64, "admin_without_key": True,
+                      "version_ttl_s": 600}
             app = PeftuServer.options(num_replicas=2, ray_actor_options={"num_cpus": 1})
             serve.run(app.bind(config), name="peftu", route_prefix="/")
-            yield f"http://127.0.0.1:{port}", f"http://127.0.0.1:{export}/metrics", versions
+            yield f"http://127.0.0.1:{port}", f"http://127.0.0.1:{export}/metrics", versions, store_dir
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -61,7 +63,7 @@ def _samples(export_url: str, name: str) -> list:
 
 
 def test_counters_summed_over_replicas_equal_the_requests_sent(two_replicas):
-    url, export_url, versions = two_replicas
+    url, export_url, versions, _ = two_replicas
 
     def ask(i: int) -> int:
         user = USERS[i % len(USERS)]
@@ -94,3 +96,46 @@ def test_counters_summed_over_replicas_equal_the_requests_sent(two_replicas):
     hits = sum(s.value for s in _samples(export_url, "ray_peftu_adapter_hits_total"))
     assert loads + hits == N and len(USERS) <= loads <= 2 * len(USERS)
     assert not any("user" in s.labels for s in _samples(export_url, "ray_peftu_requests_total"))
+
+
+def _ask(url: str, user: str) -> requests.Response:
+    r = requests.post(f"{url}/v1/completions", timeout=120, json={
+        "model": f"tiny-test:{user}", "prompt": "Review: fine. Sentiment:", "max_tokens": 2, "temperature": 0})
+    assert r.status_code == 200, r.text
+    return r
+
+
+def _on_both_replicas(url: str, user: str, held: bool) -> dict[str, bool]:
+    """Ask /admin/adapters until both replicas have answered; whether each holds `user` (loading it
+    on the way while `held` is wanted)."""
+    seen: dict[str, bool] = {}
+
+    def both() -> bool:
+        if held:
+            _ask(url, user)
+        answer = requests.get(f"{url}/admin/adapters", timeout=30).json()
+        seen[answer["replica"]] = user in answer["users"]
+        return len(seen) == 2 and all(v == held for v in seen.values())
+
+    wait_for(both, f"both replicas to {'hold' if held else 'have dropped'} user {user}", deadline_s=120, poll_s=0)
+    return seen
+
+
+def test_a_delete_or_invalidate_reaches_every_replica_before_it_answers(two_replicas, tiny_base):
+    url, _, versions, store_dir = two_replicas
+    user, renewed = USERS[1], USERS[2]
+    _on_both_replicas(url, user, held=True)
+    r = requests.delete(f"{url}/admin/users/{user}", timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.json()["deleted_versions"] == 1 and r.json()["replicas"] == {"replicas": 2, "applied": 2, "missing": []}
+    assert not AdapterStore.open(store_dir).has_adapter(TASK, user)
+    for _ in range(12):  # right after the answer, on either replica: never the deleted weights
+        assert _ask(url, user).headers["x-peftu-adapter"] == "none"
+    assert set(_on_both_replicas(url, user, held=False).values()) == {False}
+
+    _on_both_replicas(url, renewed, held=True)
+    new = publish_random_adapters(AdapterStore.open(store_dir), TASK, [renewed], tiny_base, seed=9)[renewed]
+    r = requests.post(f"{url}/admin/users/{renewed}/invalidate", timeout=120)
+    assert r.status_code == 200 and r.json()["replicas"]["applied"] == 2, r.text
+    for _ in range(12):
+        assert _ask(url, renewed).headers["x-peftu-adapter"] == new != versions[renewed]

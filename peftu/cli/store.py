@@ -1,4 +1,4 @@
-"""`peftu store sweep | gc`: look after the adapter store."""
+"""`peftu store sweep | gc | delete`: look after the adapter store."""
 
 from __future__ import annotations
 
@@ -23,12 +23,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--task", required=True)
     p.add_argument("--keep", type=int, default=3, help="versions kept per artifact (default %(default)s, at least 1)")
     add_store(p)
+    p = sub.add_parser("delete", help="delete a user for good: every version of their adapter and their PPlug "
+                       "history; with --server, through the app, which answers once every replica has evicted them")
+    p.add_argument("user")
+    p.add_argument("--task", help="the task whose adapter goes (without --server; the app knows its own)")
+    p.add_argument("--server", metavar="URL", help="the serving app (http://host:8000): it deletes and evicts")
+    p.add_argument("--admin-key-env", default="PEFTU_ADMIN_KEY", help="variable holding the app's admin key")
+    add_store(p)
     return parser
 
 
 def run(args: argparse.Namespace) -> None:
     from peftu.store.kinds import KINDS
 
+    if args.store_command == "delete":
+        delete(args)
+        return
     store = open_store(args)
     if args.store_command == "gc":
         removed = [key for kind in KINDS for key in store.gc_versions(args.task, keep=args.keep, kind=kind)]
@@ -44,3 +54,37 @@ def run(args: argparse.Namespace) -> None:
     for key in swept:
         print(key)
     print(f"removed {len(swept)} half-written version(s) of {args.task} started over {args.older_than:g} min ago")
+
+
+def delete(args: argparse.Namespace) -> None:
+    """Through the app when --server is given (so no replica keeps the user), else in the store alone."""
+    import os
+
+    from peftu.errors import PeftuError
+    from peftu.store import validate_id
+
+    user = validate_id(args.user)
+    if args.server:
+        import requests
+
+        key = os.environ.get(args.admin_key_env)
+        try:
+            r = requests.delete(f"{args.server.rstrip('/')}/admin/users/{user}", timeout=120,
+                                headers={"x-api-key": key} if key else {})
+        except requests.RequestException as e:
+            raise PeftuError(f"cannot reach {args.server}: {e}") from None
+        if r.status_code != 200:
+            raise PeftuError(f"{args.server} refused the delete ({r.status_code}): {r.text}")
+        done = r.json()
+        replicas = done["replicas"]
+        print(f"deleted {done['deleted_versions']} version(s) of user {user}; evicted on {replicas['applied']} of "
+              f"{replicas['replicas']} replica(s)" + (f", not confirmed: {', '.join(replicas['missing'])}"
+                                                     if replicas["missing"] else ""))
+        return
+    if not args.task:
+        raise PeftuError("--task is needed without --server")
+    from peftu.serving.adapters import delete_user_data
+
+    removed = delete_user_data(open_store(args), args.task, user)
+    print(f"deleted {removed} version(s) of user {user} from the store; running replicas drop it at their next "
+          "version check (version_ttl_s): use --server to evict it everywhere before this returns")

@@ -6,8 +6,12 @@ store's version pointer is re-read once a loaded version is older than the TTL,
 so a newly published version is picked up without a restart. Loads of
 different users run concurrently in threads; loads of one user are coalesced.
 A corrupt, foreign or incompatible adapter is logged and counted, and its user
-is answered by the base model. After the TTL only the pointer is re-read: the
-same bad version is not fetched, logged or counted again; a new one is loaded.
+is answered by the base model, unless it has an older good version: a bad new
+version never replaces a good old one. A resident user keeps the version they
+have; a cold one gets the newest good one of their last few versions; either is
+answered with `fallback="newer-version-unusable"`. After the TTL only the pointer
+is re-read: the same bad version is not fetched, logged or counted again; a new
+one is loaded.
 """
 
 from __future__ import annotations
@@ -26,10 +30,13 @@ from peftu.inference.generate import BASE_SLOT
 from peftu.serving.cache import Entry, SlotCache
 from peftu.serving.metrics import Metrics
 from peftu.store import AdapterStore
+from peftu.store.kinds import EMBEDDINGS
 
 log = logging.getLogger("peftu.serving")
 
 _MAX_REMEMBERED = 100_000  # users known to have no (usable) adapter
+_OLDER_TRIED = 3  # older versions a cold user's bad latest falls back to, newest first
+NEWER_UNUSABLE = "newer-version-unusable"
 
 
 @dataclass
@@ -45,7 +52,8 @@ class Lease:
     pplug: bool = False
     """The base answers with PPlug's soft tokens for this user (no adapter, cached history)."""
     fallback: str | None = None
-    """Why the base answers a user who has an adapter: "store-unavailable", "corrupt", "foreign", "incompatible"."""
+    """Why the base answers a user who has an adapter: "store-unavailable", "corrupt", "foreign", "incompatible";
+    or NEWER_UNUSABLE: an older version of theirs answers because their newest one is unusable."""
 
 
 @dataclass
@@ -57,6 +65,8 @@ class _Absent:
     """None: no adapter at all; else why the one there is unusable (the Lease's fallback)."""
     version: str | None = None
     """The unusable version: while the pointer still names it, it is not fetched again."""
+    older_tried: bool = False
+    """Its user's older versions were tried too, and none loads."""
 
 
 class AdapterManager:
@@ -73,6 +83,9 @@ class AdapterManager:
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._freed = asyncio.Condition()
         self._refreshing: set[str] = set()
+        self._invalidations = 0
+        self._invalidated: OrderedDict[str, int] = OrderedDict()
+        """When (in `_invalidations`) each recently invalidated user was: a load begun before that is not kept."""
 
     async def acquire(self, user: str | None) -> Lease:
         """A pinned lease for the user's adapter (the base's slot for None or no adapter)."""
@@ -137,14 +150,17 @@ class AdapterManager:
             self.cache.remove(user)
             self._remember_absent(user)
             return Lease(BASE_SLOT, None)
-        if entry.version == latest:
+        if latest in (entry.version, entry.unusable):  # current, or still the bad newer one: not fetched again
             entry.checked_at = now
+            if latest == entry.version:
+                entry.unusable = None
             return self._lease(entry)
-        return await self._load(user, latest)
+        return await self._load(user, latest, entry)
 
-    def _lease(self, entry: Entry) -> Lease:
+    def _lease(self, entry: Entry, loaded_ms: float | None = None) -> Lease:
         self.cache.pin(entry)
-        return Lease(entry.slot, entry.version, entry)
+        return Lease(entry.slot, entry.version, entry, loaded_ms=loaded_ms,
+                     fallback=NEWER_UNUSABLE if entry.unusable else None)
 
     def _unchecked(self, user: str, entry: Entry | None, error: Exception) -> Lease:
         """The store could not be read: keep serving what is loaded, else the base."""
@@ -152,16 +168,55 @@ class AdapterManager:
         log.warning("cannot check the adapter version of user %r: %s", user, error)
         return self._lease(entry) if entry is not None else Lease(BASE_SLOT, None, fallback="store-unavailable")
 
-    def _remember_absent(self, user: str, why: str | None = None, version: str | None = None) -> None:
+    def _remember_absent(self, user: str, why: str | None = None, version: str | None = None,
+                         older_tried: bool = False) -> None:
         """The user has no usable adapter: answer with the base without asking the store for a TTL."""
-        self._absent[user] = _Absent(time.monotonic(), why, version)
+        self._absent[user] = _Absent(time.monotonic(), why, version, older_tried)
         self._absent.move_to_end(user)
         while len(self._absent) > _MAX_REMEMBERED:
             self._absent.popitem(last=False)
 
-    async def _load(self, user: str, version: str | None) -> Lease:
-        """Fetch, verify and read `version` (None: the latest), then fill a slot."""
-        start = time.monotonic()
+    async def _load(self, user: str, version: str | None, resident: Entry | None = None) -> Lease:
+        """Fetch, verify and read `version` (None: the latest), then fill a slot.
+
+        If it is unusable, an older good version answers: `resident` (the one loaded now), else
+        the newest loadable of the few before it in the store.
+        """
+        lease = await self._load_one(user, version)
+        if lease.version is not None or lease.fallback is None:
+            return lease
+        keep = resident is not None and not resident.retired
+        if lease.fallback == "store-unavailable":
+            return self._lease(resident) if keep else lease
+        bad = self._absent.get(user)  # remembered by _failed, or still the one it remembered
+        if bad is None:
+            return lease
+        if keep:
+            self._absent.pop(user, None)
+            resident.checked_at, resident.unusable = time.monotonic(), bad.version
+            return self._lease(resident)
+        if bad.older_tried or bad.version is None:
+            return lease
+        return await self._older(user, bad) or lease
+
+    async def _older(self, user: str, bad: _Absent) -> Lease | None:
+        """The newest loadable of the user's few versions before the bad one (None: none loads)."""
+        try:
+            versions = await asyncio.to_thread(self.store.list_versions, self.task, user)
+        except (StoreError, OSError):
+            return None
+        before = versions[:versions.index(bad.version)] if bad.version in versions else versions
+        for candidate in reversed(before[-_OLDER_TRIED:]):
+            lease = await self._load_one(user, candidate, count_errors=False)
+            if lease.entry is not None:
+                lease.entry.unusable, lease.fallback = bad.version, NEWER_UNUSABLE
+                return lease
+        self._remember_absent(user, bad.fallback, bad.version, older_tried=True)
+        return None
+
+    async def _load_one(self, user: str, version: str | None, *, count_errors: bool = True) -> Lease:
+        """One version into a slot; the base's lease, saying why, if it is unusable."""
+        start, began = time.monotonic(), self._invalidations
         try:
             if version is None:  # named first, so that a failure below knows which version failed
                 version = await asyncio.to_thread(self.store.latest_version, self.task, user)
@@ -169,7 +224,7 @@ class AdapterManager:
                     raise NotFoundError(f"no adapter for user {user!r}")
                 failed = self._absent.get(user)
                 if failed is not None and failed.version == version:  # still the bad one: not fetched again
-                    self._remember_absent(user, failed.fallback, version)
+                    self._remember_absent(user, failed.fallback, version, failed.older_tried)
                     return Lease(BASE_SLOT, None, fallback=failed.fallback)
             state, scale = await asyncio.to_thread(self._read, user, version)
             slot = await self._reserve()
@@ -178,22 +233,24 @@ class AdapterManager:
             self._remember_absent(user)
             return Lease(BASE_SLOT, None)
         except Exception as e:  # noqa: BLE001 - any unusable adapter means: answer with the base
-            return self._failed(user, version, e)
+            return self._failed(user, version, e, count_errors)
         try:
             self.bank.load_slot(slot, state, scale)
         except (KeyError, ValueError) as e:
             self.cache.cancel(slot, self.slot_bytes)
-            return self._failed(user, version, e)
+            return self._failed(user, version, e, count_errors)
         self._absent.pop(user, None)
         entry = self.cache.insert(user, version, slot, self.slot_bytes)
         elapsed = time.monotonic() - start
         self.metrics.adapter_loads.inc()
         self.metrics.load_latency.observe(elapsed)
-        self.metrics.resident.set(len(self.cache))
         log.debug("loaded the adapter of user %r (version %s) into slot %d in %.0f ms",
                   user, version, slot, elapsed * 1000)
-        self.cache.pin(entry)
-        return Lease(slot, version, entry, loaded_ms=elapsed * 1000)
+        lease = self._lease(entry, loaded_ms=elapsed * 1000)
+        if self._invalidated.get(user, -1) >= began:  # invalidated while it loaded: this request only
+            self.cache.remove(user)
+        self.metrics.resident.set(len(self.cache))
+        return lease
 
     def _read(self, user: str, version: str) -> tuple[dict, float]:
         files, _ = self.store.fetch_bytes(self.task, user, version, expect_base=self.base_fp)
@@ -211,33 +268,54 @@ class AdapterManager:
                     return slot
                 await self._freed.wait()
 
-    def _failed(self, user: str, version: str | None, error: Exception) -> Lease:
+    def _failed(self, user: str, version: str | None, error: Exception, count: bool = True) -> Lease:
+        """Log and count an unusable version (once: it is remembered); what answers instead is _load's choice."""
         reason = ("corrupt" if isinstance(error, CorruptAdapterError) else
                   "foreign" if isinstance(error, ForeignAdapterError) else
                   "store" if isinstance(error, (StoreUnavailableError, OSError)) else "incompatible")
         fallback = "store-unavailable" if reason == "store" else reason
-        self.metrics.adapter_errors.labels(reason=reason).inc()
-        log.error("the adapter of user %r (version %s) is unusable (%s), answering with the base: %s",
-                  user, version or "latest", reason, error)
-        self.cache.remove(user)
+        if count:
+            self.metrics.adapter_errors.labels(reason=reason).inc()
+            log.error("the adapter of user %r (version %s) is unusable (%s): %s",
+                      user, version or "latest", reason, error)
         if reason != "store":  # a store outage is retried on the next request
             self._remember_absent(user, fallback, version)
         return Lease(BASE_SLOT, None, fallback=fallback)
 
     def invalidate(self, user: str) -> bool:
-        """Forget the user's loaded adapter: the next request re-reads the store."""
+        """Forget the user's loaded adapter: the next request re-reads the store.
+
+        A request already running keeps its (pinned) slot to the end; a load that began before
+        this call answers the request that waited for it and is then dropped.
+        """
         self._absent.pop(user, None)
+        self._invalidated[user] = self._invalidations
+        self._invalidated.move_to_end(user)
+        self._invalidations += 1
+        while len(self._invalidated) > _MAX_REMEMBERED:
+            self._invalidated.popitem(last=False)
         removed = self.cache.remove(user)
         self.metrics.resident.set(len(self.cache))
         return removed
 
     async def delete(self, user: str) -> int:
-        """Delete the user's adapter from the store and from this replica; versions removed."""
+        """Delete the user's adapter (and PPlug history) from the store and from this replica; versions removed."""
         try:
-            removed = await asyncio.to_thread(self.store.delete_user, self.task, user)
+            removed = await asyncio.to_thread(delete_user_data, self.store, self.task, user)
         finally:
             self.invalidate(user)
         return removed
 
     def resident(self) -> list[str]:
         return self.cache.users()
+
+
+def delete_user_data(store: AdapterStore, task: str, user: str) -> int:
+    """Remove every version of the user's adapter and their cached PPlug history embeddings; adapter
+    versions removed. NotFoundError if the user has no adapter."""
+    removed = store.delete_user(task, user)
+    try:
+        store.delete_artifact(EMBEDDINGS.of(task, user))
+    except NotFoundError:
+        pass
+    return removed

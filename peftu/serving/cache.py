@@ -26,6 +26,8 @@ class Entry:
     """When the store's pointer last said this version is current."""
     pins: int = 0
     retired: bool = False
+    unusable: str | None = None
+    """A newer version that failed to load: this older one answers until the pointer moves on."""
 
 
 class SlotCache:

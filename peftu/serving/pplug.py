@@ -69,6 +69,11 @@ class PlugServer:
             return None
         return soft_tokens(self.plug, self.encoder, [query], history)[0]
 
+    def forget(self, user: str) -> None:
+        """Drop the user's cached history (deleted or invalidated): the next request reads the store."""
+        with self._lock:
+            self._histories.pop(user, None)
+
     async def soft_tokens(self, user: str, query: str) -> torch.Tensor | None:
         """The user's soft tokens for this prompt, or None (no cached history: the base answers)."""
         return await asyncio.to_thread(self._soft_tokens, user, query)

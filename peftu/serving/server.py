@@ -32,13 +32,16 @@ from peftu.serving.api import (
 )
 from peftu.serving.auth import UserTokens, same_secret
 from peftu.serving.completions import Completions
+from peftu.serving.control import Broadcast
 from peftu.serving.engine import Engine
+from peftu.serving.limits import BodyLimits
 from peftu.store import validate_id
 
 log = logging.getLogger("peftu.serving")
 
 api = FastAPI(title="peftu", description="Per-user LoRA adapters on one base model (OpenAI-compatible).")
 install_error_handlers(api)
+api.add_middleware(BodyLimits)  # innermost: _count below sees its 413s and 408s
 
 _ENDPOINTS = {"/v1/completions", "/v1/chat/completions", "/v1/score", "/v1/models", "/healthz", "/metrics"}
 
@@ -83,7 +86,9 @@ class PeftuServer:
         self.tokens = UserTokens.from_config(self.cfg, self.engine.model_name)
         if not self.cfg.user_tokens:
             log.warning("user_tokens is false: any client may use any user's adapter")
+        self.broadcast = Broadcast(self._forget)
         api.state.metrics = self.engine.metrics
+        api.state.body_limits = (self.cfg.max_body_bytes, self.cfg.body_timeout_s)
 
         async def register(model_id: str) -> str:
             return model_id  # routing bookkeeping only; AdapterManager does the loading
@@ -97,7 +102,14 @@ class PeftuServer:
 
     # --- who is asking for which adapter ------------------------------------------------
 
+    def _forget(self, user: str) -> None:
+        """Evict the user here (running requests keep their weights) and forget their PPlug history."""
+        self.engine.adapters.invalidate(user)
+        if self.engine.plug is not None:
+            self.engine.plug.forget(user)
+
     async def _user(self, model: str, authorization: str | None) -> str | None:
+        self.broadcast.listen()  # a replica holds users only once it has served one
         header = serve.get_multiplexed_model_id() or None
         user = resolve_user(model, header, self.engine.model_name)
         if user is not None and self.cfg.user_tokens:
@@ -188,20 +200,21 @@ class PeftuServer:
 
     @api.get("/admin/adapters")
     async def admin_adapters(self, x_api_key: str | None = Header(None)) -> dict:
-        """Users whose adapters this replica holds, least recently used first."""
+        """Users whose adapters this replica holds, least recently used first, and which replica it is."""
         self._admin(x_api_key)
-        return {"users": self.engine.adapters.resident()}
+        return {"users": self.engine.adapters.resident(), "replica": self.broadcast.replica}
 
     @api.post("/admin/users/{user_id}/invalidate")
     async def admin_invalidate(self, user_id: str, x_api_key: str | None = Header(None)) -> dict:
-        """Drop the user's loaded adapter here; the next request reads the store's latest version."""
+        """Drop the user's loaded adapter on every replica; the next request reads the store's latest version."""
         self._admin(x_api_key)
         user = self._admin_user(user_id)
-        return {"user": user, "was_loaded": self.engine.adapters.invalidate(user)}
+        was_loaded = user in self.engine.adapters.resident()
+        return {"user": user, "was_loaded": was_loaded, "replicas": await self.broadcast.publish(user, "invalidate")}
 
     @api.delete("/admin/users/{user_id}")
     async def admin_delete(self, user_id: str, x_api_key: str | None = Header(None)) -> dict:
-        """Delete the user's adapter from the store and evict it (other replicas: within the version TTL)."""
+        """Delete every version of the user's adapter from the store; answer once every replica has evicted it."""
         self._admin(x_api_key)
         user = self._admin_user(user_id)
         try:
@@ -210,7 +223,7 @@ class PeftuServer:
             raise ApiError(404, str(e), "user_id", "not_found_error") from None
         except StoreError as e:
             raise ApiError(503, f"the store could not delete the adapter: {e}", kind="server_error") from None
-        return {"user": user, "deleted_versions": removed}
+        return {"user": user, "deleted_versions": removed, "replicas": await self.broadcast.publish(user, "delete")}
 
 
 def build_app(args: dict | None = None) -> serve.Application:
