@@ -95,6 +95,14 @@ def test_echo_puts_the_prompt_before_the_text(client):
     assert greedy(sdk, echo=True).choices[0].text == PROMPT + plain
     only = greedy(sdk, echo=True, max_tokens=0)
     assert only.choices[0].text == PROMPT and only.usage.completion_tokens == 0
+    scored = greedy(sdk, echo=True, max_tokens=0, logprobs=1).choices[0].logprobs  # how eval harnesses score
+    assert "".join(scored.tokens) == PROMPT and scored.token_logprobs[0] is None
+    assert all(lp <= 0 for lp in scored.token_logprobs[1:]) and scored.text_offset[0] == 0
+    both = greedy(sdk, echo=True, logprobs=1).choices[0]
+    assert "".join(both.logprobs.tokens) == both.text == PROMPT + plain
+    n = len(scored.tokens)
+    assert both.logprobs.token_logprobs[0] is None
+    assert both.logprobs.token_logprobs[1:n] == pytest.approx(scored.token_logprobs[1:], abs=1e-4)
 
 
 def test_logit_bias_and_penalties_change_the_tokens(client):

@@ -20,13 +20,14 @@ from dataclasses import dataclass
 import torch
 
 from peftu.bank import AdapterBank
+from peftu.inference.echo import PromptRow, prompt_logprobs
 from peftu.inference.rows import BASE_SLOT, GenResult, GenRow, Piece, slots_context
 from peftu.inference.running import RunningBatch
 from peftu.inference.soft import plugged_forward
 from peftu.model.encode import IGNORE, collate
 
 __all__ = ["BASE_SLOT", "GenResult", "GenRow", "Piece", "ScoreRow", "answer_logprobs", "generate_batch",
-           "score_batch"]
+           "read_batch", "score_batch"]
 
 
 @torch.no_grad()
@@ -76,4 +77,16 @@ def score_batch(model, bank: AdapterBank | None, tokenizer, rows: list[ScoreRow]
     for r in rows:
         out.append(scores[start:start + len(r.encoded)])
         start += len(r.encoded)
+    return out
+
+
+def read_batch(model, bank: AdapterBank | None, tokenizer, rows: list[ScoreRow | PromptRow]) -> list:
+    """Rows that only read and write no token, in their order: label scores (`ScoreRow`) and an
+    echoed prompt's log-probabilities (`PromptRow`), each kind in one forward."""
+    out: list = [None] * len(rows)
+    for kind, read in ((ScoreRow, score_batch), (PromptRow, prompt_logprobs)):
+        at = [i for i, r in enumerate(rows) if isinstance(r, kind)]
+        if at:
+            for i, result in zip(at, read(model, bank, tokenizer, [rows[i] for i in at]), strict=True):
+                out[i] = result
     return out

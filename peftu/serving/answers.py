@@ -13,7 +13,6 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from peftu.inference.generate import GenResult
 from peftu.inference.sampling import Picked
 
 
@@ -27,10 +26,6 @@ class Choice:
     echo: str = ""
     echo_picked: list[Picked] = field(default_factory=list)
     """The prompt's tokens, each with its log-probability (the first has none), when echo asks for them."""
-
-    @classmethod
-    def of(cls, result: GenResult, echo: str = "", echo_picked: list[Picked] | None = None) -> Choice:
-        return cls(result.text, result.finish_reason, result.picked, echo, echo_picked or [])
 
 
 def new_id(chat: bool) -> tuple[str, int]:

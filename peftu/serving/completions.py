@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from peftu.config import ServeConfig
 from peftu.inference.generate import GenResult, Piece
-from peftu.inference.sampling import Sampling
+from peftu.inference.sampling import Picked, Sampling
 from peftu.serving.adapters import Lease
 from peftu.serving.answers import Choice, StreamShape, TokenText, body
 from peftu.serving.api import ApiError, CompletionRequest, RequestLimits, SamplingFields, error_body
@@ -92,18 +92,26 @@ class Completions:
             streams = [await self.engine.stream(user, ids, s) for _, ids, s in rows.each()]
             return StreamingResponse(self._sse(shape, rows, [pieces for _, pieces in streams]),
                                      media_type="text/event-stream", headers=self.headers(streams[0][0]))
-        results = await asyncio.gather(*(self._one(user, ids, s) for _, ids, s in rows.each()))
-        choices = [Choice.of(result, rows.echoes[i]) for (i, _, _), (result, _) in zip(rows.each(), results)]
+        results = await asyncio.gather(*(self._one(user, ids, s, bool(rows.echoes[i]))
+                                         for i, ids, s in rows.each()))
+        choices = [Choice(r.text, r.finish_reason, r.picked, rows.echoes[i], echoed)
+                   for (i, _, _), (r, _, echoed) in zip(rows.each(), results)]
         return JSONResponse(body(chat, request.model, choices, rows.prompt_tokens, self.texts, logprobs),
                             headers=self.headers(results[0][1]))
 
-    async def _one(self, user: str | None, ids: list[int], sampling: Sampling) -> tuple[GenResult, Lease]:
+    async def _one(self, user: str | None, ids: list[int], sampling: Sampling, echo: bool
+                   ) -> tuple[GenResult, Lease, list[Picked]]:
+        """One row's result, its lease, and with echo and logprobs the prompt's own tokens."""
+        echoed, lease = [], None
+        if echo and sampling.logprobs is not None:
+            echoed, lease = await self.engine.prompt_logprobs(user, ids, sampling.logprobs)
         if sampling.max_tokens == 0:  # echo alone: nothing to write
-            lease = await self.engine.adapters.acquire(user)
-            self.engine.adapters.release(lease)
-            return GenResult("", "length", 0), lease
+            if lease is None:
+                lease = await self.engine.adapters.acquire(user)
+                self.engine.adapters.release(lease)
+            return GenResult("", "length", 0), lease, echoed
         done = await self.engine.complete(user, ids, sampling)
-        return done.result, done.lease
+        return done.result, done.lease, echoed
 
     async def _sse(self, shape: StreamShape, rows: Rows, streams: list[AsyncIterator[Piece]]) -> AsyncIterator[str]:
         """Every row's pieces as they come, tagged with their choice index, then usage and [DONE]."""

@@ -29,8 +29,9 @@ from peftu.config import ServeConfig
 from peftu.data.schema import TaskSpec
 from peftu.data.synthetic import TASKS
 from peftu.errors import PeftuError
-from peftu.inference.generate import GenResult, GenRow, Piece, ScoreRow, generate_batch, score_batch
-from peftu.inference.sampling import Sampling
+from peftu.inference.echo import PromptRow
+from peftu.inference.generate import GenResult, GenRow, Piece, ScoreRow, generate_batch, read_batch
+from peftu.inference.sampling import Picked, Sampling
 from peftu.model.base import default_base_dir
 from peftu.model.bases import load_users_base
 from peftu.model.encode import encode
@@ -133,7 +134,7 @@ class Engine:
     def _run(self, kind: Kind, jobs: list[Job]) -> list:
         if kind == "generate":
             return generate_batch(self.model, self.bank, self.tokenizer, [j.payload for j in jobs])
-        return score_batch(self.model, self.bank, self.tokenizer, [j.payload for j in jobs])
+        return read_batch(self.model, self.bank, self.tokenizer, [j.payload for j in jobs])
 
     def _count_batch(self, jobs: list[Job]) -> None:
         self.metrics.batch_size.observe(len(jobs))
@@ -217,6 +218,13 @@ class Engine:
         scores = await self._submit(lease, "score", ScoreRow(encoded, lease.slot, soft=soft))
         self._count_tokens(sum(len(ids) for ids, _ in encoded), 0)
         return scores, lease
+
+    async def prompt_logprobs(self, user: str | None, prompt_ids: list[int], top: int) -> tuple[list[Picked], Lease]:
+        """Each prompt token's log-probability under the user's adapter (echo with logprobs), between steps."""
+        lease = await self.adapters.acquire(user)
+        picked = await self._submit(lease, "score", PromptRow(prompt_ids, lease.slot, top))
+        self._count_tokens(len(prompt_ids), 0)
+        return picked, lease
 
     def score_spec(self, labels: list[str]) -> TaskSpec:
         """The served task's prompt with these labels."""

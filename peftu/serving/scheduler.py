@@ -25,7 +25,7 @@ from collections import deque
 
 from peftu.bank import AdapterBank
 from peftu.errors import PeftuError
-from peftu.inference.generate import GenRow, score_batch
+from peftu.inference.generate import GenRow, read_batch
 from peftu.inference.rows import RowState
 from peftu.inference.running import RunningBatch
 from peftu.inference.soft import soft_len
@@ -152,7 +152,7 @@ class Scheduler(JobQueue):
             for job in chunk:
                 self.metrics.queue_wait.observe(now - job.queued_at)
             try:
-                results = score_batch(self.model, self.bank, self.tokenizer, [j.payload for j in chunk])
+                results = read_batch(self.model, self.bank, self.tokenizer, [j.payload for j in chunk])
             except Exception as e:  # noqa: BLE001 - these scores failed: their callers hear why
                 for job in chunk:
                     settle(job, error=e)
