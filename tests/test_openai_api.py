@@ -8,6 +8,8 @@ cannot parse, fails here.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import openai
 import pytest
 
@@ -34,7 +36,7 @@ def client(local_ray, tiny_base, tmp_path_factory):
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         config = {"base": tiny_base, "store": uri, "task": TASK, "user_tokens": False, "max_tokens_limit": 32,
-                  "max_choices": 6, "max_logprobs": 5, "batch_wait_ms": 20}
+                  "max_choices": 6, "max_logprobs": 5, "max_batch": 4, "max_waiting": 6}
         serve.run(PeftuServer.bind(config), name="peftu", route_prefix="/")
         yield (openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60),
                AutoTokenizer.from_pretrained(tiny_base))
@@ -185,3 +187,21 @@ def test_completion_fields_out_of_range_are_400s(client):
         with pytest.raises(openai.BadRequestError) as e:
             greedy(sdk, **options)
         assert field in e.value.message, (options, e.value.message)
+
+
+def test_a_flood_past_the_queue_is_refused_with_429_at_once_and_the_admitted_finish(client):
+    sdk, _ = client
+
+    def ask(i: int) -> tuple[str, object]:
+        try:
+            answer = greedy(sdk, USERS[i % 3], n=6, max_tokens=16)
+            return "ok", len(answer.choices)
+        except openai.RateLimitError as e:
+            return "refused", (e.response.headers.get("retry-after"), e.message)
+
+    with ThreadPoolExecutor(8) as pool:  # 48 rows at once; 4 run and 6 wait
+        got = list(pool.map(ask, range(8)))
+    refused = [detail for kind, detail in got if kind == "refused"]
+    assert refused and all(after == "1" and "queue is full" in message for after, message in refused)
+    assert all(n == 6 for kind, n in got if kind == "ok")  # a request is answered whole or refused whole
+    assert len(greedy(sdk, n=6).choices) == 6  # the refused rows left nothing behind

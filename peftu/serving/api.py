@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException
 
 from peftu.errors import InvalidIdError
 from peftu.inference.sampling import Sampling
+from peftu.serving.batcher import Overloaded, TooLarge
 from peftu.store import validate_id
 
 MAX_PROMPT_CHARS = 64_000
@@ -60,6 +61,15 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
         return JSONResponse(error_body(message, param=param), status_code=400)
+
+    @app.exception_handler(Overloaded)
+    async def _overloaded(request: Request, exc: Overloaded) -> JSONResponse:
+        """A full queue says no at once; the client may come back in a second."""
+        return JSONResponse(error_body(str(exc), "rate_limit_error"), status_code=429, headers={"Retry-After": "1"})
+
+    @app.exception_handler(TooLarge)
+    async def _too_large(request: Request, exc: TooLarge) -> JSONResponse:
+        return JSONResponse(error_body(str(exc), param="max_tokens"), status_code=400)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:

@@ -34,6 +34,10 @@ class Overloaded(PeftuError):
     """The replica's queue of waiting requests is full: refused now rather than queued without bound."""
 
 
+class TooLarge(PeftuError):
+    """A request that could never fit this replica's KV budget: refused, not queued for ever."""
+
+
 @dataclass(eq=False)
 class Job:
     """One request waiting for a batch; `future` gets its result."""

@@ -25,7 +25,7 @@ from peftu.inference.sampling import Picked, Sampling
 from peftu.serving.adapters import Lease
 from peftu.serving.answers import Choice, StreamShape, TokenText, body
 from peftu.serving.api import ApiError, CompletionRequest, RequestLimits, SamplingFields, error_body
-from peftu.serving.engine import Engine
+from peftu.serving.engine import Engine, RowStream
 
 log = logging.getLogger("peftu.serving")
 
@@ -89,11 +89,23 @@ class Completions:
         logprobs = rows.sampling.logprobs is not None
         if request.stream:
             shape = StreamShape(chat, request.model, logprobs, request.include_usage, self.texts)
-            streams = [await self.engine.stream(user, ids, s) for _, ids, s in rows.each()]
+            streams: list[tuple[Lease, RowStream]] = []
+            try:
+                for _, ids, s in rows.each():
+                    streams.append(await self.engine.stream(user, ids, s))
+            except BaseException:  # a later row refused (a full queue): the earlier ones stop too
+                for _, pieces in streams:
+                    await pieces.aclose()
+                raise
             return StreamingResponse(self._sse(shape, rows, [pieces for _, pieces in streams]),
                                      media_type="text/event-stream", headers=self.headers(streams[0][0]))
-        results = await asyncio.gather(*(self._one(user, ids, s, bool(rows.echoes[i]))
-                                         for i, ids, s in rows.each()))
+        tasks = [asyncio.create_task(self._one(user, ids, s, bool(rows.echoes[i]))) for i, ids, s in rows.each()]
+        try:
+            results = await asyncio.gather(*tasks)
+        except BaseException:  # one row failed or was refused: the others stop at their next step
+            for task in tasks:
+                task.cancel()
+            raise
         choices = [Choice(r.text, r.finish_reason, r.picked, rows.echoes[i], echoed)
                    for (i, _, _), (r, _, echoed) in zip(rows.each(), results)]
         return JSONResponse(body(chat, request.model, choices, rows.prompt_tokens, self.texts, logprobs),
@@ -113,11 +125,11 @@ class Completions:
         done = await self.engine.complete(user, ids, sampling)
         return done.result, done.lease, echoed
 
-    async def _sse(self, shape: StreamShape, rows: Rows, streams: list[AsyncIterator[Piece]]) -> AsyncIterator[str]:
+    async def _sse(self, shape: StreamShape, rows: Rows, streams: list[RowStream]) -> AsyncIterator[str]:
         """Every row's pieces as they come, tagged with their choice index, then usage and [DONE]."""
         queue: asyncio.Queue[tuple[int, Piece | BaseException]] = asyncio.Queue()
 
-        async def pump(index: int, pieces: AsyncIterator[Piece]) -> None:
+        async def pump(index: int, pieces: RowStream) -> None:
             try:
                 async for piece in pieces:
                     await queue.put((index, piece))

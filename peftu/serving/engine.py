@@ -83,6 +83,21 @@ class Completion:
     lease: Lease
 
 
+class RowStream:
+    """A streamed row's pieces. Closing it cancels the row at its next step, even if it was never read
+    (a request whose later rows were refused)."""
+
+    def __init__(self, job: Job, pieces: AsyncIterator[Piece]):
+        self.job, self._pieces = job, pieces
+
+    def __aiter__(self) -> AsyncIterator[Piece]:
+        return self._pieces
+
+    async def aclose(self) -> None:
+        self.job.cancelled = True
+        await self._pieces.aclose()
+
+
 class Engine:
     """Base model + adapter bank + scheduler of one replica."""
 
@@ -175,7 +190,7 @@ class Engine:
         return Completion(result, len(prompt_ids), lease)
 
     async def stream(self, user: str | None, prompt_ids: list[int], sampling: Sampling
-                     ) -> tuple[Lease, AsyncIterator[Piece]]:
+                     ) -> tuple[Lease, RowStream]:
         """The lease (for the response headers) and an iterator of the row's pieces, the last with its finish reason."""
         lease = await self.adapters.acquire(user)
         soft = await self._plugged(lease, user, self._text(prompt_ids))
@@ -207,7 +222,7 @@ class Engine:
             finally:
                 gone = True  # a client that left stops its row at the next step
 
-        return lease, pieces()
+        return lease, RowStream(job, pieces())
 
     async def score(self, user: str | None, text: str, labels: list[str]) -> tuple[list[float], Lease]:
         """Log-likelihood of each label as the answer to `text` under the task's prompt."""

@@ -24,12 +24,11 @@ import time
 from collections import deque
 
 from peftu.bank import AdapterBank
-from peftu.errors import PeftuError
 from peftu.inference.generate import GenRow, read_batch
 from peftu.inference.rows import RowState
 from peftu.inference.running import RunningBatch
 from peftu.inference.soft import soft_len
-from peftu.serving.batcher import Job, JobQueue, settle
+from peftu.serving.batcher import Job, JobQueue, TooLarge, settle
 from peftu.serving.metrics import Metrics
 
 log = logging.getLogger("peftu.serving")
@@ -76,7 +75,7 @@ class Scheduler(JobQueue):
             raise RuntimeError(f"the step loop stopped: {self._error!r}")
         if job.kind == "generate" and self.need(job.payload) > self.kv_budget:
             row = job.payload
-            raise PeftuError(f"the prompt ({len(row.prompt_ids)} tokens) and max_tokens ({row.sampling.max_tokens}) "
+            raise TooLarge(f"the prompt ({len(row.prompt_ids)} tokens) and max_tokens ({row.sampling.max_tokens}) "
                              f"need {self.need(row)} KV tokens, more than this replica's kv_budget_tokens "
                              f"({self.kv_budget})")
 
