@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import pytest
 
@@ -42,8 +43,9 @@ def test_the_prior_weight_is_chosen_on_validation():
 
 def test_a_choice_carries_the_prior_only_when_it_answers():
     assert Choice("oppu", {"oppu": 1.0}, 2.0, {"a": -0.1}).record() == {"method": "oppu", "val": {"oppu": 1.0}}
-    rec = Choice("oppu+prior", {"oppu+prior": 1.0}, 2.0, {"a": -0.1}).record()
-    assert rec["prior_weight"] == 2.0 and rec["log_prior"] == {"a": -0.1}
+    rec = Choice("oppu+prior", {"oppu+prior": 1.0}, 2.0, {"a": -0.1}, answer="a").record()
+    assert rec["prior_weight"] == 2.0 and rec["log_prior"] == {"a": -0.1} and "answer" not in rec
+    assert Choice("majority", {"majority": 1.0}, None, {}, answer="b").record()["answer"] == "b"
 
 
 # --- the `selected` row on a real (tiny) run ---------------------------------------------------------
@@ -123,4 +125,6 @@ def test_a_fit_records_who_answers_each_user(tmp_path, tiny_base):
         val = chosen[user.user_id]["val"]
         assert set(val) == {"majority", "base", "base+prior", "adapter", "adapter+prior"}  # no OPPU: no global
         assert chosen[user.user_id]["method"] == choose("accuracy", val)
+        if chosen[user.user_id]["method"] == "majority":  # serving answers them with their usual label
+            assert chosen[user.user_id]["answer"] == Counter(e.output for e in user.train).most_common(1)[0][0]
     assert sum(selected_counts(chosen).values()) == 2

@@ -19,9 +19,11 @@ prior `prior_user(label)` (their training labels, add-one smoothed):
 
 What a user's choice is, as the fit and the benchmark record it and serving
 reads it (`Choice.record`): ``{"method": name, "val": {candidate: metric},
-"prior_weight": w, "log_prior": {label: log p}}``; the last two only where
-the winner uses the prior, so a server scoring the user's labels adds
-``w * log_prior[label]`` to each label's log-likelihood before taking the best.
+"prior_weight": w, "log_prior": {label: log p}, "answer": label}``;
+`prior_weight` and `log_prior` only where the winner uses the prior, so a
+server scoring the user's labels adds ``w * log_prior[label]`` to each
+label's log-likelihood before taking the best; `answer` only where
+`majority` won a label task: the one label that user is answered with.
 """
 
 from __future__ import annotations
@@ -88,10 +90,14 @@ class Choice:
     val: dict[str, float]
     prior_weight: float | None = None
     log_prior: dict[str, float] = field(default_factory=dict)
+    answer: str | None = None
+    """The one answer `majority` gives on a label task (what serving answers such a user)."""
 
     def record(self) -> dict:
         """The JSON a fit and the benchmark write and serving reads (see the module doc)."""
         out = {"method": self.method, "val": self.val}
+        if self.method == "majority" and self.answer is not None:
+            out["answer"] = self.answer
         if self.method.endswith(PRIOR) and self.prior_weight is not None:
             out |= {"prior_weight": self.prior_weight, "log_prior": self.log_prior}
         return out
@@ -212,7 +218,8 @@ def choose_users(spec: TaskSpec, users: list[UserRecord], models: dict[str, Answ
         val = {name: j.val[spec.metric] for name, j in scores.items() if j.val}
         winner = choose(spec.metric, val)
         out[user.user_id] = (Choice(winner, val, scores[winner].prior_weight,
-                                    log_prior(spec, user) if winner.endswith(PRIOR) else {}), scores)
+                                    log_prior(spec, user) if winner.endswith(PRIOR) else {},
+                                    majority_answer(spec, user, "") if uses_prior(spec) else None), scores)
     return out
 
 
