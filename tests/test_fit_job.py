@@ -37,15 +37,19 @@ def test_every_user_is_published_once_and_a_rerun_skips_all(local_ray, tiny_base
     assert all(len(store.list_versions("synth-cls", u)) == 1 for u in users)
     assert "test_accuracy" in store.manifest("synth-cls", users[0]).metrics
 
-    # A worker killed mid-publish (before its manifest) leaves files the next run sweeps away.
+    # A worker killed mid-publish (before its manifest) leaves files the next run that fits the user
+    # sweeps away; the others are skipped, planned from the index the first run compacted.
+    assert store.backend.list("indexes/adapters/synth-cls/changes") == []
+    store.delete_user("synth-cls", users[0])
     half = f"adapters/synth-cls/{users[0]}/versions/{time.time_ns():020d}-deadbeef"
     store.backend.put(f"{half}/adapter_model.safetensors", b"half-written")
     again = run_fit_job(job)
-    assert again.summary.fitted == [] and sorted(again.summary.skipped) == users
+    assert again.summary.fitted == [users[0]] and sorted(again.summary.skipped) == users[1:]
     assert all(len(store.list_versions("synth-cls", u)) == 1 for u in users)
     assert store.backend.list(half) == []
     record = store.get_record(RUN_SUMMARY.of("synth-cls", again.run_id))
-    assert record["skipped"] == users and record["error"] is None
+    assert (record["fitted"], record["skipped"], record["failed"], record["failures"]) == (1, 9, 0, {})
+    assert record["error"] is None
 
 
 def _adapter(store: AdapterStore, user: str, dest) -> dict:
@@ -199,13 +203,41 @@ def test_a_lost_progress_actor_leaves_the_store_as_the_record(local_ray, tmp_pat
     publish(store, users[0].user_id, task="synth-cls")  # before the run: not this run's work
     started_ns = time.time_ns()
     publish(store, users[1].user_id, task="synth-cls")
+    ids = [u.user_id for u in users]
     live = FitProgress.remote(3)
     ray.get(live.record.remote({users[2].user_id: "skipped"}, {}))
-    assert _final_status(live, store, "synth-cls", users, started_ns) == ({users[2].user_id: "skipped"}, {})
+    assert _final_status(live, store, "synth-cls", ids, started_ns) == ({users[2].user_id: "skipped"}, {})
 
     lost = FitProgress.remote(3)
     ray.kill(lost)
-    status, reasons = _final_status(lost, store, "synth-cls", users, started_ns)
+    status, reasons = _final_status(lost, store, "synth-cls", ids, started_ns)
     assert status == {users[0].user_id: "failed", users[1].user_id: "fitted", users[2].user_id: "failed"}
     assert set(reasons) == {users[0].user_id, users[2].user_id}
     assert all("progress actor was lost" in r for r in reasons.values())
+
+
+def test_progress_counts_work_left_per_worker(local_ray):
+    """The ETA comes from each worker's examples left at its examples per second, the slowest worker's."""
+    from peftu.fitting.job import FitProgress, _progress_line
+
+    progress = FitProgress.remote(5)
+    ray.get(progress.plan.remote("0", {"a": 30, "b": 10}))
+    ray.get(progress.plan.remote("1", {"c": 20}))
+    ray.get(progress.record.remote({"d": "skipped", "e": "failed"}, {"e": "no examples"}, "1"))
+    snap = ray.get(progress.snapshot.remote())
+    assert (snap["done"], snap["fitted"]) == (2, 0)
+    assert snap["workers"]["0"] == {"fitted": 0, "left_users": 2, "left_examples": 40, "eta_s": None}
+    assert "ETA unknown (60 examples left)" in _progress_line(snap, 0.01)
+
+    ray.get(progress.record.remote({"a": "fitted"}, {}, "0"))
+    ray.get(progress.record.remote({"c": "fitted"}, {}, "1"))
+    snap = ray.get(progress.snapshot.remote())
+    w0, w1 = snap["workers"]["0"], snap["workers"]["1"]
+    assert (w0["left_examples"], w0["fitted"], w1["left_examples"], w1["eta_s"]) == (10, 1, 0, 0.0)
+    assert w0["eta_s"] is not None and w0["eta_s"] > 0
+    line = _progress_line(snap, 0.01)
+    assert "users done 4 / 5 (fitted 2), 200 users/hour" in line and "(10 examples left)" in line
+    assert "worker 0: fitted 1, 1 users / 10 examples left" in line
+    status, reasons = ray.get(progress.final.remote())
+    assert status == {"a": "fitted", "c": "fitted", "d": "skipped", "e": "failed"} and reasons == {"e": "no examples"}
+

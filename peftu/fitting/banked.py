@@ -337,14 +337,16 @@ def plan_users(store: AdapterStore, spec: TaskSpec, users: list[UserRecord], hp:
 
 def fit_users_banked(model: torch.nn.Module, tokenizer, spec: TaskSpec, users: list[UserRecord],
                      hp: LoraHParams, store: AdapterStore, *, base_fp: str, pack_size: int = 16,
-                     token_budget: int = 0, on_progress=None) -> FitSummary:
+                     token_budget: int = 0, on_progress=None,
+                     planned: tuple[FitSummary, list[UserRecord]] | None = None) -> FitSummary:
     """The banked counterpart of `peftu.fitting.reference.fit_users`: same skips, metrics and store records.
 
     Users stream through one bank of `slot_count(pack_size, ...)` slots and
     each is published as soon as their fit ends. `on_progress(summary)` is
     called with every published user's summary, for progress reporting.
+    `planned`: `plan_users`' answer for `users`, where the caller planned already.
     """
-    summary, todo = plan_users(store, spec, users, hp, base_fp)
+    summary, todo = planned or plan_users(store, spec, users, hp, base_fp)
     if not todo:
         return summary
     init_state = peft_initial_state(model, lora_config(hp), hp.seed)

@@ -1,13 +1,15 @@
 """Fitting every user's adapter across a Ray cluster with Ray Train.
 
-The driver reads the task, hands the users to a `TorchTrainer` as a Ray
+The driver reads the task and hands the users to a `TorchTrainer` as a Ray
 Dataset, and each worker takes its own disjoint shard (split with
-`equal=False`, so no user is ever dropped to even out the shards). A worker
-streams its users through one bank (`peftu.fitting.banked.fit_users_banked`) and
-publishes each user's adapter as soon as that user's fit ends. Workers exchange nothing
-but progress, which they send to a small actor that the driver reads for the
-log (users done / total, users per hour, ETA) and for the run summary it
-writes to the store.
+`equal=False`, so no user is ever dropped to even out the shards). A worker plans its shard once against the
+task's index (which users are current: `plan_users`), streams the rest
+through one bank (`peftu.fitting.banked.fit_users_banked`) and publishes each
+user's adapter as soon as that user's fit ends. Workers exchange nothing but
+progress, which they send to a small actor that the driver reads for the log
+(users done / total, users per hour, and an ETA from the training examples
+left, overall and per worker) and for the run summary it writes to the store
+(counts, and the failures listed).
 
 Resume is by fingerprint: a worker skips users whose adapter exists from the
 same base, data and hyper-parameters. When a worker dies, `FailureConfig`
@@ -44,25 +46,48 @@ STATUS_RANK = {"skipped": 0, "failed": 1, "fitted": 2}
 
 @ray.remote(num_cpus=0)
 class FitProgress:
-    """Where workers report finished users; the driver reads it for the log and summary.
+    """Where workers report their plans and finished users; the driver reads it for the log and summary.
 
     A user's status is the best it reached in this run: a user fitted before a
-    worker restart and skipped after it counts as fitted.
+    worker restart and skipped after it counts as fitted. Each worker's plan
+    says how much work (training examples) each user it will fit costs; a
+    restarted worker plans again, and its rate starts over.
     """
 
     def __init__(self, total: int):
         self.total = total
         self.status: dict[str, str] = {}
         self.reasons: dict[str, str] = {}
+        self.workers: dict[str, dict] = {}
 
-    def record(self, statuses: dict[str, str], reasons: dict[str, str]) -> None:
+    def plan(self, worker: str, work: dict[str, int]) -> None:
+        self.workers[worker] = {"work": dict(work), "done": 0, "fitted": 0, "started": time.monotonic()}
+
+    def record(self, statuses: dict[str, str], reasons: dict[str, str], worker: str | None = None) -> None:
         for user, status in statuses.items():
             if STATUS_RANK[status] >= STATUS_RANK[self.status.get(user, "skipped")]:
                 self.status[user] = status
+            w = self.workers.get(worker)
+            if w is not None and user in w["work"]:  # skipped (pack-parallel plans late): no work done
+                work = w["work"].pop(user)
+                w["done"] += work if status != "skipped" else 0
+                w["fitted"] += status == "fitted"
         self.reasons |= reasons
 
     def snapshot(self) -> dict:
-        return {"total": self.total, "status": dict(self.status), "reasons": dict(self.reasons)}
+        """Counts and each worker's progress: small whatever the number of users."""
+        now = time.monotonic()
+        workers = {}
+        for name, w in sorted(self.workers.items()):
+            rate = w["done"] / (now - w["started"]) if w["done"] else 0.0  # examples per second
+            left = sum(w["work"].values())
+            workers[name] = {"fitted": w["fitted"], "left_users": len(w["work"]), "left_examples": left,
+                             "eta_s": left / rate if rate else (0.0 if not left else None)}
+        statuses = list(self.status.values())
+        return {"total": self.total, "done": len(statuses), "fitted": statuses.count("fitted"), "workers": workers}
+
+    def final(self) -> tuple[dict[str, str], dict[str, str]]:
+        return dict(self.status), dict(self.reasons)
 
 
 class UserShards(DataConfig):
@@ -127,29 +152,38 @@ def _worker_loop(config: dict) -> None:
     import ray.train.torch
     import torch
 
-    from peftu.fitting.banked import fit_users_banked
+    from peftu.data.io import _checked_row
+    from peftu.fitting.banked import fit_users_banked, plan_users
     from peftu.model.bases import load_users_base
     from peftu.store import AdapterStore
 
     spec = TaskSpec(**config["spec"])
     progress = ray.get_actor(config["progress_actor"])
-    users = [UserRecord.from_row(row) for row in ray.train.get_dataset_shard("users").iter_rows()]
+    users = [_checked_row(row, config["source"]) for row in ray.train.get_dataset_shard("users").iter_rows()]
     device = ray.train.torch.get_device() if job.use_gpu else torch.device("cpu")
     store = AdapterStore.open(job.store, endpoint_url=job.endpoint_url)
     base, tokenizer, base_fp = load_users_base(job.base, store, spec.name, oppu=job.oppu)
     base.to(device)
+    # Pack-parallel workers fit one stream together: their work is the world's, reported once.
+    rank = ray.train.get_context().get_world_rank()
+    worker = "all" if job.deepspeed else str(rank)
 
     def report(done: FitSummary) -> None:
-        ray.get(progress.record.remote(_summary_statuses(done), done.failed))
+        ray.get(progress.record.remote(_summary_statuses(done), done.failed, worker))
 
     common = dict(base_fp=base_fp, pack_size=job.pack_size, token_budget=job.token_budget,
                   on_progress=report)
     if job.deepspeed:
         from peftu.fitting.zero import fit_users_zero
+        if rank == 0:
+            ray.get(progress.plan.remote(worker, {u.user_id: len(u.train) for u in users}))
         summary = fit_users_zero(base, tokenizer, spec, users, job.hparams, store,
                                  config=config["deepspeed"], group_size=job.group_size, **common)
     else:
-        summary = fit_users_banked(base, tokenizer, spec, users, job.hparams, store, **common)
+        planned = plan_users(store, spec, users, job.hparams, base_fp)  # once per shard, from the index
+        ray.get(progress.plan.remote(worker, {u.user_id: len(u.train) for u in planned[1]}))
+        report(planned[0])  # skipped and failed at once: they are no work left
+        summary = fit_users_banked(base, tokenizer, spec, users, job.hparams, store, planned=planned, **common)
     report(FitSummary(skipped=summary.skipped, failed=summary.failed))
 
 
@@ -165,46 +199,60 @@ def _on_head_node():
     return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
 
 
-def _final_status(progress, store: AdapterStore, task: str, users: list[UserRecord], started_ns: int
+def _final_status(progress, store: AdapterStore, task: str, user_ids: list[str], started_ns: int
                   ) -> tuple[dict[str, str], dict[str, str]]:
     """Each user's status and failure reason as the progress actor has them; if the actor was lost,
-    what the store shows: a version published since the run started is a fit, and nothing else is
-    claimed (a re-run fits or skips the rest)."""
+    what the store's index shows: a version published since the run started is a fit, and nothing
+    else is claimed (a re-run fits or skips the rest)."""
     from peftu.store import version_started_ns
+    from peftu.store.kinds import ADAPTER
 
     try:
-        snap = ray.get(progress.snapshot.remote())
+        status, reasons = ray.get(progress.final.remote())
         ray.kill(progress)
-        return snap["status"], snap["reasons"]
+        return status, reasons
     except ray.exceptions.RayActorError as e:
         log.warning("lost the run's progress actor (%s); counting the users published since the run started", e)
+    entries = store.current_entries(ADAPTER, task)
     status, reasons = {}, {}
-    for user in users:
-        latest = store.latest_version(task, user.user_id)
-        if latest is not None and (version_started_ns(latest) or 0) >= started_ns:
-            status[user.user_id] = "fitted"
+    for user in user_ids:
+        entry = entries.get(user)
+        if entry is not None and (version_started_ns(entry.version) or 0) >= started_ns:
+            status[user] = "fitted"
         else:
-            status[user.user_id] = "failed"
-            reasons[user.user_id] = "unknown: the run's progress actor was lost; a re-run fits or skips this user"
+            status[user] = "failed"
+            reasons[user] = "unknown: the run's progress actor was lost; a re-run fits or skips this user"
     return status, reasons
 
 
+def _eta(seconds: float | None) -> str:
+    return "unknown" if seconds is None else f"{seconds / 60:.1f} min"
+
+
+def _progress_line(snap: dict, hours: float) -> str:
+    """Users done / total, users per hour, and the ETA of the slowest worker from its examples left
+    and its examples per second (users stream largest first, so users left would say too little)."""
+    rate = snap["fitted"] / hours if hours > 0 else 0.0
+    workers = snap["workers"]
+    etas = [w["eta_s"] for w in workers.values()]
+    eta = None if not etas or None in etas else max(etas)
+    left = sum(w["left_examples"] for w in workers.values())
+    per_worker = "; ".join(f"worker {name}: fitted {w['fitted']}, {w['left_users']} users / "
+                           f"{w['left_examples']} examples left, ETA {_eta(w['eta_s'])}"
+                           for name, w in workers.items())
+    return (f"users done {snap['done']} / {snap['total']} (fitted {snap['fitted']}), {rate:.0f} users/hour, "
+            f"ETA {_eta(eta)} ({left} examples left){'; ' + per_worker if per_worker else ''}")
+
+
 def _log_progress(progress, started: float, stop: threading.Event, interval: float) -> None:
-    """Every `interval` seconds: users done / total, users per hour, ETA."""
+    """Every `interval` seconds, a `_progress_line`."""
     while not stop.wait(interval):
         try:
             snap = ray.get(progress.snapshot.remote())
         except ray.exceptions.RayActorError:
             log.warning("lost the run's progress actor: no more progress lines in this run")
             return
-        done = len(snap["status"])
-        fitted = sum(s == "fitted" for s in snap["status"].values())
-        hours = (time.monotonic() - started) / 3600
-        rate = fitted / hours if hours > 0 else 0.0
-        left = snap["total"] - done
-        eta = f"{left / rate * 60:.1f} min" if rate > 0 else "unknown"
-        log.info("users done %d / %d (fitted %d), %.0f users/hour, ETA %s",
-                 done, snap["total"], fitted, rate, eta)
+        log.info("%s", _progress_line(snap, (time.monotonic() - started) / 3600))
 
 
 def _task_adapter_stage(job: FitJobConfig, spec: TaskSpec, users: list[UserRecord]) -> None:
@@ -267,15 +315,46 @@ def _run_by_bucket(job: FitJobConfig, spec: TaskSpec, users: list[UserRecord]) -
     return FitRunResult(run_id="+".join(run_ids), summary=summary, seconds=seconds)
 
 
-def _sweep_partial(store: AdapterStore, task: str, users: list[UserRecord]) -> None:
-    """This run's workers are all done or dead: what a killed one half-wrote can go."""
+def _sweep_partial(store: AdapterStore, task: str, user_ids: list[str]) -> None:
+    """This run's workers are all done or dead: what a killed one half-wrote can go (only the users
+    it was fitting can have any, so a re-run that skips everyone lists nothing)."""
     try:
-        swept = store.sweep_partial(task, [u.user_id for u in users], before_ns=time.time_ns())
+        swept = store.sweep_partial(task, user_ids, before_ns=time.time_ns())
     except PeftuError as e:  # the adapters are safe either way; only the clean-up failed
         log.warning("could not sweep half-written versions of %s: %s", task, e)
         return
     if swept:
         log.info("removed %d half-written version(s) left by killed workers", len(swept))
+
+
+def _compact_index(store: AdapterStore, task: str) -> None:
+    """Fold this run's publishes into the task's index, so the next plan reads two objects, not them."""
+    from peftu.store.kinds import ADAPTER
+
+    try:
+        store.compact_index(ADAPTER, task)
+    except PeftuError as e:  # the index only saves reads: a stale one is still right
+        log.warning("could not compact the index of %s: %s", task, e)
+
+
+def _users_source(job: FitJobConfig, loaded: tuple[TaskSpec, list[UserRecord]] | None
+                  ) -> tuple[TaskSpec, list[str], list[UserRecord], str]:
+    """The task, its user ids (`users_limit` applied), the users for the trainer, and where they come
+    from (for error messages).
+
+    The driver still reads every user (`load_task`): a Dataset over the saved Parquet file, read by
+    the workers, hung on a cluster whose CPUs the train workers all hold (its read tasks never got
+    a CPU); see docs/fitting.md."""
+    from peftu.data.io import USERS_FILE, load_task
+
+    spec, users = loaded or load_task(job.data, endpoint_url=job.endpoint_url)
+    users = users[: job.users_limit] if job.users_limit else users
+    source = spec.name if loaded else f"{str(job.data).rstrip('/')}/{USERS_FILE}"
+    return spec, [u.user_id for u in users], users, source
+
+
+FAILURES_LISTED = 1000
+"""A run summary lists at most this many failures (and counts them all): it stays small at any scale."""
 
 
 def run_fit_job(job: FitJobConfig, loaded: tuple[TaskSpec, list[UserRecord]] | None = None) -> FitRunResult:
@@ -285,17 +364,18 @@ def run_fit_job(job: FitJobConfig, loaded: tuple[TaskSpec, list[UserRecord]] | N
     from peftu.store import AdapterStore
     from peftu.store.task_spec import publish_task_spec
 
-    spec, users = loaded or load_task(job.data, endpoint_url=job.endpoint_url)
-    users = users[: job.users_limit] if job.users_limit else users
-    if job.bucket_hparams:
-        return _run_by_bucket(job, spec, users)
+    if job.bucket_hparams:  # one run per bucket: the driver sorts the users, so it reads them
+        spec, users = loaded or load_task(job.data, endpoint_url=job.endpoint_url)
+        return _run_by_bucket(job, spec, users[: job.users_limit] if job.users_limit else users)
     ds = _deepspeed_config(job) if job.deepspeed else None
+    run_id = start_run("fit")
+    spec, user_ids, users, source = _users_source(job, loaded)
     store = AdapterStore.open(job.store, endpoint_url=job.endpoint_url)
     publish_task_spec(store, spec)  # what a replica serves the task's adapters with
-    run_id = start_run("fit")
     progress_name = f"peftu-progress-{run_id}"
-    progress = FitProgress.options(name=progress_name, scheduling_strategy=_on_head_node()).remote(len(users))
-    loop_config = {"job": job.model_dump(), "spec": spec.model_dump(), "progress_actor": progress_name}
+    progress = FitProgress.options(name=progress_name, scheduling_strategy=_on_head_node()).remote(len(user_ids))
+    loop_config = {"job": job.model_dump(), "spec": spec.model_dump(), "progress_actor": progress_name,
+                   "source": source}
     if ds:
         loop_config["deepspeed"] = ds
         run_dir = peftu_home() / "ray-runs" / run_id
@@ -308,7 +388,7 @@ def run_fit_job(job: FitJobConfig, loaded: tuple[TaskSpec, list[UserRecord]] | N
     trainer = users_trainer(_worker_loop, loop_config, users, run_id=run_id, workers=job.workers,
                             use_gpu=job.use_gpu, cpus_per_worker=job.cpus_per_worker, split=not job.deepspeed,
                             max_failures=job.max_failures)
-    log.info("fitting %d users of %s on %d worker(s), %d at a time per bank", len(users), spec.name,
+    log.info("fitting %d users of %s on %d worker(s), %d at a time per bank", len(user_ids), spec.name,
              job.workers, job.pack_size)
     started, started_ns = time.monotonic(), time.time_ns()
     stop = threading.Event()
@@ -324,20 +404,22 @@ def run_fit_job(job: FitJobConfig, loaded: tuple[TaskSpec, list[UserRecord]] | N
         stop.set()
         ticker.join()
     seconds = time.monotonic() - started
-    _sweep_partial(store, spec.name, users)
-    status, reasons = _final_status(progress, store, spec.name, users, started_ns)
-    for user in users:
-        if user.user_id not in status:
-            status[user.user_id] = "failed"
-            reasons[user.user_id] = f"not fitted: the run failed ({type(error).__name__})"
+    status, reasons = _final_status(progress, store, spec.name, user_ids, started_ns)
+    _sweep_partial(store, spec.name, [u for u in user_ids if status.get(u) != "skipped"])
+    _compact_index(store, spec.name)
+    for user in user_ids:
+        if user not in status:
+            status[user] = "failed"
+            reasons[user] = f"not fitted: the run failed ({type(error).__name__})"
     summary = FitSummary(
         fitted=sorted(u for u, s in status.items() if s == "fitted"),
         skipped=sorted(u for u, s in status.items() if s == "skipped"),
         failed={u: reasons.get(u, "unknown") for u, s in status.items() if s == "failed"})
     record = RUN_SUMMARY.of(spec.name, run_id)
     store.put_record(record, {
-        "run_id": run_id, "task": spec.name, "users": len(users), "seconds": seconds,
-        "fitted": summary.fitted, "skipped": summary.skipped, "failed": summary.failed,
+        "run_id": run_id, "task": spec.name, "users": len(user_ids), "seconds": seconds,
+        "fitted": len(summary.fitted), "skipped": len(summary.skipped), "failed": len(summary.failed),
+        "failures": dict(sorted(summary.failed.items())[:FAILURES_LISTED]),
         "job": job.model_dump(), "error": repr(error) if error else None})
     if error:
         raise PeftuError(f"fit run {run_id} failed after {job.max_failures} restarts: {error}; "
