@@ -167,6 +167,8 @@ def test_a_score_is_answered_while_a_long_generation_runs_and_a_cancelled_row_fr
     scores, running, result = asyncio.run(main())
     assert running and scores == pytest.approx(expected, abs=1e-5)
     assert result.finish_reason == "cancelled" and result.tokens < 200
+    sample = scheduler.metrics.registry.get_sample_value
+    assert sample("peftu_cancelled_requests_total") == 1 and sample("peftu_cancelled_tokens_total") == result.tokens
     assert scheduler.reserved == 0 and scheduler.batch.kv_tokens == 0 and kv() == 0
     scheduler.close()
 

@@ -130,6 +130,7 @@ class Scheduler(JobQueue):
             blocked = False
             for job in self._queue:
                 if job.cancelled:
+                    self._cancelled(job, 0)
                     settle(job)
                 elif job.kind == "score":
                     scores.append(job)
@@ -189,6 +190,8 @@ class Scheduler(JobQueue):
             job, need = self._rows.pop(state)
             self._seen.pop(state, None)
             self.reserved -= need
+            if state.result.finish_reason == "cancelled":
+                self._cancelled(job, state.result.tokens)
             settle(job, state.result)
         self._gauges()
 
@@ -204,6 +207,13 @@ class Scheduler(JobQueue):
                 (self.metrics.ttft if k == 0 else self.metrics.itl).observe(times[k] - previous)
                 previous = times[k]
             self._seen[state] = len(times)
+
+    def _cancelled(self, job: Job, tokens: int) -> None:
+        """A client that went away is no error: counted, and logged at info."""
+        self.metrics.cancelled.inc()
+        self.metrics.cancelled_tokens.inc(tokens)
+        log.info("a %s request on slot %d was cancelled after %d tokens: its client went away",
+                 job.kind, job.slot, tokens)
 
     def _gauges(self) -> None:
         self.metrics.running.set(self.batch.rows)
