@@ -66,6 +66,16 @@ def s3_store_uri(s3_server: str, s3_fake_credentials: None) -> str:
     return f"s3://{_s3_create_bucket(s3_server)}/stores/test"
 
 
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path):
+    """An empty adapter store on each backend: a local folder, and S3 on moto's server."""
+    from peftu.store import AdapterStore
+
+    if request.param == "local":
+        return AdapterStore.open(str(tmp_path / "store"))
+    return AdapterStore.open(request.getfixturevalue("s3_store_uri"), endpoint_url=request.getfixturevalue("s3_server"))
+
+
 # ---------------------------------------------------------------- models and homes
 
 

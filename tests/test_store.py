@@ -63,15 +63,6 @@ def leftover_temp_files(root: Path) -> list[str]:
             if name.startswith(".peftu-tmp-") and not name.startswith(".peftu-tmp-lock-")]
 
 
-@pytest.fixture(params=["local", "s3"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> AdapterStore:
-    """An empty store on each backend."""
-    if request.param == "local":
-        return AdapterStore.open(str(tmp_path / "store"))
-    return AdapterStore.open(request.getfixturevalue("s3_store_uri"),
-                             endpoint_url=request.getfixturevalue("s3_server"))
-
-
 @pytest.fixture
 def local_store(tmp_path: Path) -> AdapterStore:
     return AdapterStore.open(str(tmp_path / "store"))

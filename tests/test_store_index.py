@@ -19,14 +19,6 @@ from peftu.store.kinds import ADAPTER
 from tests.test_store import TASK, publish
 
 
-@pytest.fixture(params=["local", "s3"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> AdapterStore:
-    if request.param == "local":
-        return AdapterStore.open(str(tmp_path / "store"))
-    return AdapterStore.open(request.getfixturevalue("s3_store_uri"),
-                             endpoint_url=request.getfixturevalue("s3_server"))
-
-
 def truth(store: AdapterStore) -> dict[str, Entry]:
     """Every user's entry read the slow way: each pointer, then its manifest."""
     owners = store._folders_holding(f"adapters/{TASK}", "LATEST")
