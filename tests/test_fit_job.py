@@ -59,11 +59,13 @@ def _adapter(store: AdapterStore, user: str, dest) -> dict:
     return load_file(str(folder / "adapter_model.safetensors"))
 
 
-@pytest.mark.parametrize("stage", ["zero2", pytest.param("zero3", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
 def test_pack_parallel_deepspeed_gives_the_user_parallel_adapters(local_ray, tiny_base, tmp_path, stage):
     """2 CPU workers train one pack together under DeepSpeed (gloo); the adapters match a 1-worker run.
 
-    ZeRO-3 runs under `make test-slow` only: the same path with the frozen base sharded too, ~50 s more.
+    Under `make test-slow` (107 s for ZeRO-2 in CI's suite; ZeRO-3 shards the frozen base too, ~50 s
+    more); `make test` keeps DeepSpeed's ZeRO-2 on two ranks in tests/test_zero.py.
     """
     from peftu.paths import peftu_home
 
@@ -160,6 +162,7 @@ def _submit_fit(cluster, data: str, store: str, base: str, *extra: str):
                   env_vars={"PEFTU_HOME": os.environ["PEFTU_HOME"]})
 
 
+@pytest.mark.slow  # 48 s; tests/test_cluster.py keeps job submission to the multi-node cluster in `make test`
 def test_fit_job_through_ray_job_submit_on_a_multi_node_cluster(ray_cluster, tiny_base, tmp_path):
     job = _job(tmp_path, tiny_base, 6)
     result = _submit_fit(ray_cluster, job.data, job.store, tiny_base, "--pack-size", "2", "--epochs", "1")

@@ -160,7 +160,7 @@ def test_served_user_with_history_but_no_adapter_gets_pplug(fitted, users, tiny_
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        config = {"base": tiny_base, "store": uri, "task": TASK, "pplug": True, "batch_wait_ms": 20}
+        config = {"base": tiny_base, "store": uri, "task": TASK, "pplug": True, "user_tokens": False}
         serve.run(PeftuServer.bind(config), name="peftu", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
 

@@ -101,6 +101,7 @@ def test_every_method_on_a_generated_task(tmp_path, tiny_base, capsys, local_ray
     assert full["settings"]["pplug_steps"] == 20 and steps - per_epoch < 20 <= steps
 
 
+@pytest.mark.slow  # 69 s; the generated task runs every method in `make test`
 @pytest.mark.skipif(not TWEETEVAL.exists(), reason=f"{TWEETEVAL} is not there")
 def test_every_method_on_tweeteval(tmp_path, tiny_base, capsys, local_ray):
     from peftu.data.loaders import load_peftu_annotations

@@ -233,7 +233,8 @@ def test_admin_needs_the_key(served):
 # --- broken adapters and bad requests ------------------------------------------------------------
 
 
-def test_corrupt_or_foreign_adapters_are_answered_by_the_base(served):
+def test_corrupt_or_foreign_adapters_are_never_used(served):
+    """A corrupt only version: the base answers. A foreign version over a good one: the good one answers."""
     url, store, _, base = served
     publish_random_adapters(store, TASK, ["tampered", "foreign"], base, seed=5)
     names = store.manifest(TASK, "tampered").files
@@ -245,9 +246,11 @@ def test_corrupt_or_foreign_adapters_are_answered_by_the_base(served):
     store.publish(TASK, "foreign", files, base_fingerprint="0" * 64, data_fingerprint="x", hparams={})
     errors = metric(url, "peftu_adapter_errors_total")
     plain = text(complete(url, None))
-    for user in ("tampered", "foreign"):
-        r = complete(url, user)
-        assert r.headers["x-peftu-adapter"] == "none" and text(r) == plain
+    tampered = complete(url, "tampered")
+    assert tampered.headers["x-peftu-adapter"] == "none" and text(tampered) == plain
+    foreign = complete(url, "foreign")
+    assert foreign.headers["x-peftu-adapter"] == manifest.version
+    assert foreign.headers["x-peftu-fallback"] == "newer-version-unusable"
     assert metric(url, "peftu_adapter_errors_total") - errors == 2
     assert 'reason="corrupt"' in requests.get(f"{url}/metrics", timeout=10).text
     assert requests.get(f"{url}/healthz", timeout=10).json()["status"] == "ok"

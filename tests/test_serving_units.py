@@ -172,7 +172,8 @@ def test_fetch_bytes_verifies_every_file(tmp_path):
 
 def test_a_bad_adapter_is_fetched_once_until_its_pointer_moves(tiny_base, tmp_path):
     """After the TTL only the pointer is re-read: the same bad version is neither fetched nor
-    counted again (a hot user would re-download it every TTL); a new version is loaded at once."""
+    counted again (a hot user would re-download it every TTL); a new version is loaded at once.
+    (A bad version over a good one is tests/test_serving_faults.py's: the good one answers.)"""
     from peftu.bench.fake_adapters import publish_random_adapters
     from peftu.config import ServeConfig
     from peftu.model.base import base_fingerprint
@@ -180,8 +181,8 @@ def test_a_bad_adapter_is_fetched_once_until_its_pointer_moves(tiny_base, tmp_pa
     from peftu.store import AdapterStore
 
     store = AdapterStore.open(str(tmp_path / "store"))
-    publish_random_adapters(store, "synth-cls", ["u"], tiny_base, std=0.2)
-    files, _ = store.fetch_bytes("synth-cls", "u")
+    publish_random_adapters(store, "synth-cls", ["t"], tiny_base, std=0.2)
+    files, _ = store.fetch_bytes("synth-cls", "t")  # another user's good files: u's only version is bad
     bad = store.publish("synth-cls", "u", {**files, "adapter_config.json": b'{"peft_type": "IA3", "r": 8}'},
                         base_fingerprint=base_fingerprint(tiny_base), data_fingerprint="bad", hparams={})
     engine = Engine(ServeConfig(base=tiny_base, store=str(tmp_path / "store"), task="synth-cls", max_adapters=2,

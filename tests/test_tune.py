@@ -79,6 +79,7 @@ def test_search_stops_poor_trials_reports_failures_and_the_fit_job_uses_the_best
     assert all(store.manifest("synth-cls", u).hparams == best for u in fitted)
 
 
+@pytest.mark.slow  # 58 s; the plain search through the fit job stays in `make test`
 def test_by_activity_search_and_the_fit_job_applies_each_users_bucket_config(local_ray, tiny_base, tmp_path,
                                                                            capsys):
     def two_per_bucket(users):
