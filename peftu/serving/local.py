@@ -102,7 +102,7 @@ def _ask(client, model: str, spec: TaskSpec, text: str) -> tuple[str, str]:
     A generation task's is a greedy completion; a classification or rating task's the label that
     `/v1/score` finds likeliest (not an OpenAI endpoint: the SDK's own `post` sends it).
     """
-    import httpx
+    import httpx2  # the SDK's own HTTP library: cast_to a response keeps the headers
 
     if spec.kind == "generation":
         sampling = answer_sampling(spec)
@@ -110,5 +110,5 @@ def _ask(client, model: str, spec: TaskSpec, text: str) -> tuple[str, str]:
             model=model, prompt=spec.render(text), max_tokens=sampling.max_tokens,
             temperature=sampling.temperature, stop=sampling.stop)
         return raw.parse().choices[0].text.strip(), raw.headers["x-peftu-adapter"]
-    r = client.post("/score", cast_to=httpx.Response, body={"model": model, "input": text})
+    r = client.post("/score", cast_to=httpx2.Response, body={"model": model, "input": text})
     return r.json()["label"], r.headers["x-peftu-adapter"]
