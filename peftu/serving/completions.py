@@ -61,7 +61,8 @@ class Completions:
 
     # --- requests -----------------------------------------------------------------------
 
-    def _checked(self, ids: list[int]) -> list[int]:
+    def checked(self, ids: list[int]) -> list[int]:
+        """A prompt's ids within `max_prompt_tokens` and the vocabulary (a 400 naming which, else)."""
         if len(ids) > self.cfg.max_prompt_tokens:
             raise ApiError(400, f"the prompt has {len(ids)} tokens, this server allows at most "
                            f"{self.cfg.max_prompt_tokens}", "prompt")
@@ -77,7 +78,7 @@ class Completions:
             raise ApiError(400, f"{len(prompts)} prompt(s) x n={request.n} is {len(prompts) * request.n} "
                            f"choices, this server allows at most {self.limits.max_choices} per request", "n")
         sampling = request.sampling(self.limits, self.vocab_size)
-        ids = [self._checked(self.engine.encode_prompt(p) if isinstance(p, str) else list(p)) for p in prompts]
+        ids = [self.checked(self.engine.encode_prompt(p) if isinstance(p, str) else list(p)) for p in prompts]
         echo = isinstance(request, CompletionRequest) and request.echo
         echoes = [(p if isinstance(p, str) else self.engine.tokenizer.decode(p, skip_special_tokens=True))
                   if echo else "" for p in prompts]

@@ -118,13 +118,6 @@ class PeftuServer:
             await self._register(f"{self.engine.model_name}:{user}")
         return user
 
-    def _prompt_ids(self, text: str) -> list[int]:
-        ids = self.engine.encode_prompt(text)
-        if len(ids) > self.cfg.max_prompt_tokens:
-            raise ApiError(400, f"the prompt has {len(ids)} tokens, this server allows at most "
-                           f"{self.cfg.max_prompt_tokens}", "prompt")
-        return ids
-
     async def _generate(self, body: SamplingFields, prompts: list[str | list[int]], authorization: str | None,
                         chat: bool) -> Response:
         rows = self.generation.rows(body, prompts)
@@ -149,7 +142,7 @@ class PeftuServer:
         labels = body.labels or self.engine.spec.labels
         if len(labels) < 2:
             raise ApiError(400, f"task {self.cfg.task!r} has no labels: give two or more in 'labels'", "labels")
-        self._prompt_ids(self.engine.score_spec(labels).render(body.input))
+        self.generation.checked(self.engine.encode_prompt(self.engine.score_spec(labels).render(body.input)))
         user = await self._user(body.model, authorization)
         scores, lease = await self.engine.score(user, body.input, labels)
         best = max(range(len(labels)), key=lambda i: scores[i])
