@@ -8,6 +8,9 @@ cannot parse, fails here.
 
 from __future__ import annotations
 
+import json
+import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -15,7 +18,7 @@ import pytest
 
 from peftu.bench.fake_adapters import publish_random_adapters
 from peftu.store import AdapterStore
-from tests.faults import free_port
+from tests.faults import free_port, metric, wait_for
 
 TASK = "synth-cls"
 PROMPT = "Review: the lamp was great. Sentiment:"
@@ -35,7 +38,7 @@ def client(local_ray, tiny_base, tmp_path_factory):
     port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        config = {"base": tiny_base, "store": uri, "task": TASK, "user_tokens": False, "max_tokens_limit": 32,
+        config = {"base": tiny_base, "store": uri, "task": TASK, "user_tokens": False, "max_tokens_limit": 256,
                   "max_choices": 6, "max_logprobs": 5, "max_batch": 4, "max_waiting": 6}
         serve.run(PeftuServer.bind(config), name="peftu", route_prefix="/")
         yield (openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60),
@@ -189,19 +192,73 @@ def test_completion_fields_out_of_range_are_400s(client):
         assert field in e.value.message, (options, e.value.message)
 
 
-def test_a_flood_past_the_queue_is_refused_with_429_at_once_and_the_admitted_finish(client):
-    sdk, _ = client
+def _url(sdk: openai.OpenAI) -> str:
+    return str(sdk.base_url).rstrip("/").removesuffix("/v1")
 
-    def ask(i: int) -> tuple[str, object]:
+
+def _no_eos(tok) -> dict[str, int]:
+    """A logit bias that keeps a row writing to its max_tokens (the tiny base may stop at once otherwise)."""
+    return {str(tok.eos_token_id): -100}
+
+
+def test_a_flood_past_the_queue_is_refused_at_once_while_the_admitted_and_a_normal_client_finish(client):
+    sdk, tok = client
+    patient = sdk.with_options(max_retries=8)  # the SDK waits what Retry-After says, then asks again
+
+    def flood(i: int) -> tuple[str, object, float]:
+        start = time.monotonic()
         try:
-            answer = greedy(sdk, USERS[i % 3], n=6, max_tokens=16)
-            return "ok", len(answer.choices)
+            answer = greedy(sdk, USERS[i % 3], n=6, max_tokens=32, logit_bias=_no_eos(tok))
+            return "ok", len(answer.choices), time.monotonic() - start
         except openai.RateLimitError as e:
-            return "refused", (e.response.headers.get("retry-after"), e.message)
+            return "refused", (e.response.headers.get("retry-after"), e.message), time.monotonic() - start
 
-    with ThreadPoolExecutor(8) as pool:  # 48 rows at once; 4 run and 6 wait
-        got = list(pool.map(ask, range(8)))
-    refused = [detail for kind, detail in got if kind == "refused"]
-    assert refused and all(after == "1" and "queue is full" in message for after, message in refused)
-    assert all(n == 6 for kind, n in got if kind == "ok")  # a request is answered whole or refused whole
+    def normal() -> tuple[str, float]:
+        start = time.monotonic()
+        return greedy(patient, "cat", max_tokens=2).choices[0].text, time.monotonic() - start
+
+    with ThreadPoolExecutor(9) as pool:  # 48 rows at once; 4 run and 6 wait
+        floods = [pool.submit(flood, i) for i in range(8)]
+        alongside = pool.submit(normal)
+        got = [f.result() for f in floods]
+    refused = [(detail, took) for kind, detail, took in got if kind == "refused"]
+    admitted = [(n, took) for kind, n, took in got if kind == "ok"]
+    assert refused and admitted
+    assert all(after == "1" and "queue is full" in message for (after, message), _ in refused)
+    assert max(took for _, took in refused) < 1.0, refused  # refused at once, not after a wait in the queue
+    assert all(n == 6 for n, _ in admitted)  # a request is answered whole or refused whole
+    text, took = alongside.result()  # admitted, at once or after a Retry-After, and answered
+    print(f"flood: {len(refused)} refused in <= {max(t for _, t in refused) * 1000:.0f} ms, {len(admitted)} "
+          f"admitted in <= {max(t for _, t in admitted):.1f} s; the normal client's answer took {took:.1f} s")
     assert len(greedy(sdk, n=6).choices) == 6  # the refused rows left nothing behind
+
+
+def _abandoned_request(url: str, body: dict) -> socket.socket:
+    """A non-streamed completion sent on a raw connection that the caller closes without reading."""
+    host, port = url.removeprefix("http://").split(":")
+    data = json.dumps(body).encode()
+    conn = socket.create_connection((host, int(port)), timeout=30)
+    conn.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return conn
+
+
+def test_abandoned_non_streamed_requests_stop_consuming_steps(client):
+    """Clients that hang up on a plain (non-streamed) completion: their rows leave the batch at the next
+    step, counted as cancelled with the few tokens they wrote, and the replica goes idle."""
+    sdk, tok = client
+    url, limit = _url(sdk), 256
+    cancelled, written = metric(url, "peftu_cancelled_requests"), metric(url, "peftu_cancelled_tokens")
+    conns = [_abandoned_request(url, {"model": f"tiny-test:{u}", "prompt": PROMPT, "max_tokens": limit,
+                                      "temperature": 0, "logit_bias": _no_eos(tok)}) for u in USERS]
+    try:
+        wait_for(lambda: metric(url, "peftu_requests_running") >= len(USERS), "the rows to run")
+    finally:
+        for conn in conns:
+            conn.close()
+    wait_for(lambda: metric(url, "peftu_cancelled_requests") - cancelled >= len(USERS), "the rows to be cancelled")
+    wait_for(lambda: metric(url, "peftu_requests_running") == 0, "the batch to empty")
+    assert metric(url, "peftu_cancelled_requests") - cancelled == len(USERS)
+    tokens = metric(url, "peftu_cancelled_tokens") - written
+    assert tokens < len(USERS) * limit / 2, f"the abandoned rows wrote {tokens} tokens before they stopped"
+    assert greedy(sdk, max_tokens=2).choices[0].text is not None
