@@ -6,8 +6,9 @@ generating (its next token), then one chunk of prefill for the rows that joined
 long prompt does not hold up everyone's next token. A row whose prompt is read
 picks its first token from that chunk's logits and moves into the decoding rows'
 cache; a row that is done (token budget, EOS, stop string) or whose caller went
-away (`GenRow.cancelled`) leaves at once and its KV memory with it
-(`peftu.inference.kv`). All rows joining at step 0 with no chunk limit is the
+away (`GenRow.cancelled`) leaves at once and frees its KV slot
+(`peftu.inference.kv`: one preallocated slot per row, so a join or a leave
+copies one row, never the batch). All rows joining at step 0 with no chunk limit is the
 static batch `generate_batch` runs: one prefill, then decode to the last row.
 
 A PEFT prompt-learning model puts its virtual tokens before every prompt as in
@@ -21,7 +22,7 @@ import torch
 from transformers import DynamicCache
 
 from peftu.bank import AdapterBank
-from peftu.inference.kv import KVRows
+from peftu.inference.kv import KVSlots
 from peftu.inference.rows import GenRow, RowState, slots_context
 from peftu.inference.sampling import pick_batch
 from peftu.inference.soft import soft_len
@@ -70,7 +71,7 @@ class _Reading:
 class RunningBatch:
     """Rows of any users generating together; rows join (`add`) and leave between steps (`step`)."""
 
-    def __init__(self, model, bank: AdapterBank | None, tokenizer, *, chunk: int | None = None):
+    def __init__(self, model, bank: AdapterBank | None, tokenizer, *, chunk: int | None = None, slots: int = 0):
         if chunk is not None and chunk < 1:
             raise ValueError(f"prefill chunk must be at least 1 token, got {chunk}")
         self.learning = PromptLearning(model)
@@ -78,9 +79,10 @@ class RunningBatch:
         self.device = self.model.device
         self.decoding: list[RowState] = []
         self.next_tokens: list[int] = []
-        self.kv = KVRows.fresh(0, self.device)
+        self.kv = KVSlots(slots)
+        """The generating rows' slots (`slots`: how many to allocate at the first forward)."""
         self.reading: list[_Reading] = []
-        self.read_kv = KVRows.fresh(0, self.device)
+        self.read_kv = KVSlots()
         self._gathered: dict = {}
         self._gathered_slots: list[int] | None = None
 
@@ -94,8 +96,13 @@ class RunningBatch:
 
     @property
     def kv_tokens(self) -> int:
-        """KV cache columns held, padding included, over all rows."""
-        return self.kv.held + self.read_kv.held
+        """KV cache columns the rows have written (their slots may be wider: `kv_reserved`)."""
+        return self.kv.tokens + self.read_kv.tokens
+
+    @property
+    def kv_reserved(self) -> int:
+        """KV cache columns allocated (slots x width), whether rows use them or not."""
+        return self.kv.reserved + self.read_kv.reserved
 
     @torch.no_grad()
     def add(self, rows: list[GenRow]) -> list[RowState]:
@@ -103,8 +110,9 @@ class RunningBatch:
         if not rows:
             return []
         pad_id = self.tokenizer.pad_token_id
-        states = []
+        states, needs = [], []
         embed = self.model.get_input_embeddings()
+        prefix, n_prefix = self.learning.prefix(len(rows))
         for row in rows:
             if not row.prompt_ids:
                 raise ValueError("a generation row needs at least one prompt token")
@@ -120,8 +128,8 @@ class RunningBatch:
                     embeds[len(ids) - len(row.soft):] = row.soft.to(embeds)
             self.reading.append(_Reading(state, ids, embeds))
             states.append(state)
-        prefix, n_prefix = self.learning.prefix(len(rows))
-        self.read_kv.merge(KVRows.fresh(len(rows), self.device, prefix, n_prefix))
+            needs.append(n_prefix + len(ids) + row.sampling.max_tokens)
+        self.read_kv.add(needs, prefix, n_prefix)
         return states
 
     @torch.no_grad()
@@ -141,17 +149,17 @@ class RunningBatch:
         for st in gone + [r.state for r in gone_reading]:
             st.cancel()
         if gone:
-            self._keep_decoding([i for i, st in enumerate(self.decoding) if st.result is None])
+            self._leave_decoding()
         if gone_reading:
-            keep = [i for i, r in enumerate(self.reading) if r.state.result is None]
-            self.read_kv.select(keep)
-            self.reading = [self.reading[i] for i in keep]
+            order = self.read_kv.drop([i for i, r in enumerate(self.reading) if r.state.result is not None])
+            self.reading = [self.reading[i] for i in order]
         return gone + [r.state for r in gone_reading]
 
-    def _keep_decoding(self, keep: list[int]) -> None:
-        self.kv.select(keep)
-        self.decoding = [self.decoding[i] for i in keep]
-        self.next_tokens = [self.next_tokens[i] for i in keep]
+    def _leave_decoding(self) -> None:
+        """The decoding rows with a result leave (their slots are free again)."""
+        order = self.kv.drop([i for i, st in enumerate(self.decoding) if st.result is not None])
+        self.decoding = [self.decoding[i] for i in order]
+        self.next_tokens = [self.next_tokens[i] for i in order]
 
     def _decode_step(self) -> list[RowState]:
         slots = [st.row.slot for st in self.decoding]
@@ -166,7 +174,7 @@ class RunningBatch:
         self.next_tokens = [p.token for p in picked]
         done = [st for st in self.decoding if st.result is not None]
         if done:
-            self._keep_decoding([i for i, st in enumerate(self.decoding) if st.result is None])
+            self._leave_decoding()
         return done
 
     def _read_step(self) -> list[RowState]:
@@ -196,11 +204,8 @@ class RunningBatch:
         for st, p in zip(states, picked):
             st.push(p)
         going = [i for i in ready if self.reading[i].state.result is None]  # on to decoding
-        joined = self.read_kv.take(ready)
-        joined.select([ready.index(i) for i in going])
-        self.kv.merge(joined)
+        self.read_kv.copy_to(going, self.kv)
         self.decoding += [self.reading[i].state for i in going]
         self.next_tokens += [p.token for i, p in zip(ready, picked) if i in going]
-        left = set(ready)
-        self.reading = [r for i, r in enumerate(self.reading) if i not in left]
+        self.reading = [self.reading[i] for i in self.read_kv.drop(ready)]
         return [st for st in states if st.result is not None]
