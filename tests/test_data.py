@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 
-from peftu.data.io import load_spec, load_task, save_task
+from peftu.data.io import load_spec, load_task, load_user_ids, load_users, save_task
 from peftu.data.schema import Example, TaskSpec, activity_bucket
 from peftu.data.split import split_user, split_users
 from peftu.data.synthetic import TASKS, generate, generate_samples
@@ -108,6 +108,29 @@ def test_save_and_load_roundtrip(tmp_path, task):
         load_spec(tmp_path / "nope")
 
 
+def test_a_worker_reads_only_its_own_users(tmp_path, monkeypatch):
+    """The driver reads the ids alone; a worker reads its share's rows, in the order given, and only
+    the Parquet row groups that hold them."""
+    from datasets import Dataset
+
+    from peftu.data import io
+
+    spec, users, _ = generate("synth-rating", 40, seed=2)
+    save_task(tmp_path / "ds", spec, users)
+    assert load_user_ids(tmp_path / "ds") == (spec, [u.user_id for u in users])
+    share = [users[31].user_id, users[2].user_id, users[17].user_id]
+    assert load_users(tmp_path / "ds", share) == [users[31], users[2], users[17]]
+    Dataset.from_list([u.to_row() for u in users], features=io.FEATURES).to_parquet(
+        str(tmp_path / "ds" / "users.parquet"), batch_size=10)  # four row groups of ten users
+    decoded = []
+    real = io._checked_row
+    monkeypatch.setattr(io, "_checked_row", lambda row, source: decoded.append(row["user_id"]) or real(row, source))
+    assert load_users(tmp_path / "ds", [users[35].user_id]) == [users[35]]
+    assert decoded == [users[35].user_id]
+    with pytest.raises(DataError, match=r"users\.parquet.*1 user\(s\) not in the data set, e.g. 'nobody'"):
+        load_users(tmp_path / "ds", ["nobody"])
+
+
 def test_save_replaces_whole_and_leaves_nothing_behind(tmp_path, monkeypatch):
     spec, users, _ = generate("synth-cls", 20, seed=0)
     target = tmp_path / "ds"
@@ -161,6 +184,8 @@ def test_save_and_load_through_s3_at_the_endpoint_given(s3_server, s3_store_uri)
     spec2, users2 = load_task(uri, endpoint_url=s3_server)
     assert (spec2, users2) == (spec, users)
     assert load_spec(uri, endpoint_url=s3_server) == spec
+    assert load_user_ids(uri, endpoint_url=s3_server) == (spec, [u.user_id for u in users])
+    assert load_users(uri, [users[3].user_id], endpoint_url=s3_server) == [users[3]]
     with pytest.raises(DataError, match="missing"):
         load_task(s3_store_uri + "/data/none", endpoint_url=s3_server)
     with pytest.raises(DataError, match="none/task.json: missing"):

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -119,32 +121,83 @@ def load_spec(uri: str | Path, *, endpoint_url: str | None = None) -> TaskSpec:
     return _parse_spec(task_file.read_text(), f"{uri}/{TASK_FILE}")
 
 
+@contextmanager
+def _saved_files(uri: str | Path, endpoint_url: str | None, names: tuple[str, ...]) -> Iterator[tuple[Path, str]]:
+    """The local folder holding a saved task's files (for `s3://`, a temporary copy of `names`) and how
+    to name it in errors."""
+    if not _is_s3(str(uri)):
+        yield Path(uri), str(uri)
+        return
+    backend = _s3(uri, endpoint_url)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            try:
+                backend.get_file(name, Path(tmp) / name)
+            except NotFoundError:
+                pass  # reported by the reader, as for a local folder
+        yield Path(tmp), str(uri).rstrip("/")
+
+
 def load_task(uri: str | Path, *, endpoint_url: str | None = None) -> tuple[TaskSpec, list[UserRecord]]:
     """Load a task saved by `save_task` (folder or `s3://` prefix)."""
-    if _is_s3(str(uri)):
-        backend = _s3(uri, endpoint_url)
-        with tempfile.TemporaryDirectory() as tmp:
-            for name in (TASK_FILE, USERS_FILE):
-                try:
-                    backend.get_file(name, Path(tmp) / name)
-                except NotFoundError:
-                    pass  # reported below, as for a local folder
-            return _load_local(Path(tmp), display=str(uri).rstrip("/"))
-    return _load_local(Path(uri), display=str(uri))
+    with _saved_files(uri, endpoint_url, (TASK_FILE, USERS_FILE)) as (folder, display):
+        return _read_spec(folder, display), _read_users(folder, display)
 
 
-def _load_local(folder: Path, display: str) -> tuple[TaskSpec, list[UserRecord]]:
-    task_file, users_file = folder / TASK_FILE, folder / USERS_FILE
-    for f in (task_file, users_file):
-        if not f.is_file():
-            raise DataError("missing; is this a data set saved by `peftu data`?",
-                            source=f"{display}/{f.name}")
-    spec = _parse_spec(task_file.read_bytes(), f"{display}/{TASK_FILE}")  # bytes: bad UTF-8 is a JSON error
-    source = f"{display}/{USERS_FILE}"
+def load_user_ids(uri: str | Path, *, endpoint_url: str | None = None) -> tuple[TaskSpec, list[str]]:
+    """A saved task and its user ids, in saved order, from the `user_id` column alone: what a fit job's
+    driver hands out, so that its memory does not grow with the users' histories (`load_users`)."""
+    with _saved_files(uri, endpoint_url, (TASK_FILE, USERS_FILE)) as (folder, display):
+        spec = _read_spec(folder, display)
+        source = f"{display}/{USERS_FILE}"
+        table = _parquet(folder / USERS_FILE, source, columns=["user_id"])
+        ids = table.column("user_id").to_pylist()
+    for i, user_id in enumerate(ids):
+        if not user_id:
+            raise DataError("empty or null", source=source, record=f"row {i}", field="user_id")
+    _no_duplicates(ids, source)
+    return spec, ids
+
+
+def load_users(uri: str | Path, user_ids: list[str], *, endpoint_url: str | None = None) -> list[UserRecord]:
+    """Just these users of a saved task, in the order given: a worker's own share, read from the
+    Parquet file with a filter on `user_id` (only the row groups that hold them are decoded)."""
+    import pyarrow.compute as pc
+
+    with _saved_files(uri, endpoint_url, (USERS_FILE,)) as (folder, display):
+        users = _read_users(folder, display, pc.field("user_id").isin(user_ids))
+    by_id = {u.user_id: u for u in users}
+    missing = [u for u in user_ids if u not in by_id]
+    if missing:
+        raise DataError(f"{len(missing)} user(s) not in the data set, e.g. {missing[0]!r}",
+                        source=f"{display}/{USERS_FILE}", field="user_id")
+    return [by_id[u] for u in user_ids]
+
+
+def _read_spec(folder: Path, display: str) -> TaskSpec:
+    task_file = folder / TASK_FILE
+    if not task_file.is_file():
+        raise DataError("missing; is this a data set saved by `peftu data`?", source=f"{display}/{TASK_FILE}")
+    return _parse_spec(task_file.read_bytes(), f"{display}/{TASK_FILE}")  # bytes: bad UTF-8 is a JSON error
+
+
+def _parquet(path: Path, source: str, **read):
+    """`pyarrow.parquet.read_table(path, **read)`, or a DataError naming the file."""
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise DataError("missing; is this a data set saved by `peftu data`?", source=source)
     try:
-        table = datasets.Dataset.from_parquet(str(users_file), keep_in_memory=True)
+        return pq.read_table(path, **read)
     except Exception as e:  # noqa: BLE001 - pyarrow raises many types for a bad file
         raise DataError(f"not a readable Parquet file ({e})", source=source) from None
+
+
+def _read_users(folder: Path, display: str, where=None) -> list[UserRecord]:
+    """The users of `users.parquet` (those `where` selects), checked: every column of the saved
+    types, no null ids or texts, no duplicate ids."""
+    source = f"{display}/{USERS_FILE}"
+    table = datasets.Dataset(_parquet(folder / USERS_FILE, source, filters=where))
     missing = set(FEATURES) - set(table.column_names)
     if missing:
         raise DataError("column missing", source=source, field=min(missing))
@@ -154,12 +207,16 @@ def _load_local(folder: Path, display: str) -> tuple[TaskSpec, list[UserRecord]]
     except Exception as e:  # noqa: BLE001 - pyarrow's cast errors: the columns hold the wrong types
         raise DataError(f"columns do not have the saved types ({e})", source=source) from None
     users = [_checked_row(row, source) for row in table]
+    _no_duplicates([u.user_id for u in users], source)
+    return users
+
+
+def _no_duplicates(ids: list[str], source: str) -> None:
     seen: set[str] = set()
-    for user in users:
-        if user.user_id in seen:
-            raise DataError("duplicate user id", source=source, record=user.user_id, field="user_id")
-        seen.add(user.user_id)
-    return spec, users
+    for user_id in ids:
+        if user_id in seen:
+            raise DataError("duplicate user id", source=source, record=user_id, field="user_id")
+        seen.add(user_id)
 
 
 def _checked_row(row: dict, source: str) -> UserRecord:
