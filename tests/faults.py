@@ -7,9 +7,11 @@ listening, a Ray worker or Serve replica dies because its process gets SIGKILL.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -136,18 +138,20 @@ def metric(url: str, prefix: str) -> float:
     return sum(v for k, v in metrics(url).items() if k.startswith(prefix))
 
 
-def soak(url: str, models: list[str], prompt: str, clients: int, seconds: float) -> dict:
-    """`clients` threads send completions for random users' models for `seconds`; latencies and
-    failures (anything but a 200 answered by the user's adapter)."""
+def soak(url: str, models: list[str], prompt: str, clients: int, seconds: float, max_tokens: int = 4) -> dict:
+    """`clients` threads send completions for random users' models for `seconds`; latencies of the
+    answers, refusals (429 with Retry-After, kept apart) and failures (anything else but a 200
+    answered by the user's adapter)."""
     stop = time.monotonic() + seconds
     latencies: list[float] = []
+    refused: list[float] = []
     failures: list[str] = []
 
     def client(seed: int) -> None:
         rng = random.Random(seed)
         with requests.Session() as session:
             while time.monotonic() < stop:
-                body = {"model": rng.choice(models), "prompt": prompt, "max_tokens": 4,
+                body = {"model": rng.choice(models), "prompt": prompt, "max_tokens": max_tokens,
                         "temperature": 0}
                 start = time.perf_counter()
                 try:
@@ -155,7 +159,11 @@ def soak(url: str, models: list[str], prompt: str, clients: int, seconds: float)
                 except requests.RequestException as e:
                     failures.append(repr(e))
                     continue
-                latencies.append(time.perf_counter() - start)
+                took = time.perf_counter() - start
+                if r.status_code == 429 and r.headers.get("retry-after"):
+                    refused.append(took)
+                    continue
+                latencies.append(took)
                 if r.status_code != 200 or r.headers.get("x-peftu-adapter") == "none":
                     failures.append(f"{r.status_code} {r.headers.get('x-peftu-adapter')} {r.text[:200]}")
 
@@ -164,12 +172,53 @@ def soak(url: str, models: list[str], prompt: str, clients: int, seconds: float)
         t.start()
     for t in threads:
         t.join()
-    latencies.sort()
 
-    def ms(q: float) -> float:
-        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else float("nan")
+    def ms(values: list[float], q: float) -> float:
+        values = sorted(values)
+        return values[min(len(values) - 1, int(q * len(values)))] * 1000 if values else float("nan")
 
-    return {"requests": len(latencies), "failures": failures, "p50_ms": ms(0.5), "p99_ms": ms(0.99)}
+    return {"requests": len(latencies), "failures": failures, "p50_ms": ms(latencies, 0.5),
+            "p99_ms": ms(latencies, 0.99), "refused": len(refused), "refused_p50_ms": ms(refused, 0.5),
+            "refused_max_ms": ms(refused, 1.0)}
+
+
+def raw_post(url: str, head: str, chunks: list[bytes]) -> bytes:
+    """Send a request as raw bytes (as much of `chunks` as the server takes); the whole answer."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as s:
+        s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\n{head}\r\n".encode())
+        try:
+            for chunk in chunks:
+                s.sendall(chunk)
+        except (BrokenPipeError, ConnectionResetError):  # refused and closed under us
+            pass
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < _length(answer):
+            try:
+                data = s.recv(65536)
+            except ConnectionResetError:
+                break
+            if not data:
+                break
+            answer += data
+    return answer
+
+
+def open_request(url: str, body: dict) -> socket.socket:
+    """A completion sent on a raw connection and left unread: the caller hangs up by closing it."""
+    host, port = url.removeprefix("http://").split(":")
+    data = json.dumps(body).encode()
+    conn = socket.create_connection((host, int(port)), timeout=30)
+    conn.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return conn
+
+
+def _length(answer: bytes) -> int:
+    for line in answer.partition(b"\r\n\r\n")[0].split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return int(line.split(b":")[1])
+    return 0
 
 
 def assert_bank_bounds(url: str, max_adapters: int) -> None:

@@ -8,8 +8,6 @@ cannot parse, fails here.
 
 from __future__ import annotations
 
-import json
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,7 +16,7 @@ import pytest
 
 from peftu.bench.fake_adapters import publish_random_adapters
 from peftu.store import AdapterStore
-from tests.faults import free_port, metric, wait_for
+from tests.faults import free_port, metric, open_request, wait_for
 
 TASK = "synth-cls"
 PROMPT = "Review: the lamp was great. Sentiment:"
@@ -233,32 +231,22 @@ def test_a_flood_past_the_queue_is_refused_at_once_while_the_admitted_and_a_norm
     assert len(greedy(sdk, n=6).choices) == 6  # the refused rows left nothing behind
 
 
-def _abandoned_request(url: str, body: dict) -> socket.socket:
-    """A non-streamed completion sent on a raw connection that the caller closes without reading."""
-    host, port = url.removeprefix("http://").split(":")
-    data = json.dumps(body).encode()
-    conn = socket.create_connection((host, int(port)), timeout=30)
-    conn.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
-    return conn
-
-
 def test_abandoned_non_streamed_requests_stop_consuming_steps(client):
     """Clients that hang up on a plain (non-streamed) completion: their rows leave the batch at the next
     step, counted as cancelled with the few tokens they wrote, and the replica goes idle."""
     sdk, tok = client
     url, limit = _url(sdk), 256
-    cancelled, written = metric(url, "peftu_cancelled_requests"), metric(url, "peftu_cancelled_tokens")
-    conns = [_abandoned_request(url, {"model": f"tiny-test:{u}", "prompt": PROMPT, "max_tokens": limit,
+    cancelled, written = metric(url, "peftu_cancelled_requests_total"), metric(url, "peftu_cancelled_tokens_total")
+    conns = [open_request(url, {"model": f"tiny-test:{u}", "prompt": PROMPT, "max_tokens": limit,
                                       "temperature": 0, "logit_bias": _no_eos(tok)}) for u in USERS]
     try:
         wait_for(lambda: metric(url, "peftu_requests_running") >= len(USERS), "the rows to run")
     finally:
         for conn in conns:
             conn.close()
-    wait_for(lambda: metric(url, "peftu_cancelled_requests") - cancelled >= len(USERS), "the rows to be cancelled")
+    wait_for(lambda: metric(url, "peftu_cancelled_requests_total") - cancelled >= len(USERS), "the cancellations")
     wait_for(lambda: metric(url, "peftu_requests_running") == 0, "the batch to empty")
-    assert metric(url, "peftu_cancelled_requests") - cancelled == len(USERS)
-    tokens = metric(url, "peftu_cancelled_tokens") - written
+    assert metric(url, "peftu_cancelled_requests_total") - cancelled == len(USERS)
+    tokens = metric(url, "peftu_cancelled_tokens_total") - written
     assert tokens < len(USERS) * limit / 2, f"the abandoned rows wrote {tokens} tokens before they stopped"
     assert greedy(sdk, max_tokens=2).choices[0].text is not None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import threading
 import time
 import uuid
@@ -35,6 +34,7 @@ from tests.faults import (
     kill_one,
     metric,
     processes_titled,
+    raw_post,
     soak,
     wait_for,
 )
@@ -321,44 +321,18 @@ def test_a_bad_new_version_never_replaces_a_good_old_one(app):
     assert "x-peftu-fallback" not in after.headers
 
 
-def _raw_post(url: str, head: str, chunks: list[bytes]) -> bytes:
-    """Send a request as raw bytes (as much of `chunks` as the server takes); the whole answer."""
-    host, port = url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=60) as s:
-        s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\n{head}\r\n".encode())
-        try:
-            for chunk in chunks:
-                s.sendall(chunk)
-        except (BrokenPipeError, ConnectionResetError):  # refused and closed under us
-            pass
-        answer = b""
-        while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < _length(answer):
-            data = s.recv(65536)
-            if not data:
-                break
-            answer += data
-    return answer
-
-
-def _length(answer: bytes) -> int:
-    for line in answer.partition(b"\r\n\r\n")[0].split(b"\r\n"):
-        if line.lower().startswith(b"content-length:"):
-            return int(line.split(b":")[1])
-    return 0
-
-
 def test_oversized_and_never_finished_bodies_are_refused(app):
     """Over 1 MiB: a declared length is refused before any of it is sent, a chunked body at the limit;
     a body that stops coming is a 408 after body_timeout_s; the replica stays healthy."""
     url = app[0]
-    declared = _raw_post(url, "Content-Type: application/json\r\nContent-Length: 52428800\r\n", [])
+    declared = raw_post(url, "Content-Type: application/json\r\nContent-Length: 52428800\r\n", [])
     assert declared.startswith(b"HTTP/1.1 413") and b"52428800 bytes" in declared, declared[:300]
     piece = b"x" * 65536
-    chunked = _raw_post(url, "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n",
+    chunked = raw_post(url, "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n",
                         [b"%x\r\n%s\r\n" % (len(piece), piece)] * 40)
     assert chunked.startswith(b"HTTP/1.1 413") and b"over 1048576 bytes" in chunked, chunked[:300]
     start = time.monotonic()
-    stalled = _raw_post(url, "Content-Type: application/json\r\nContent-Length: 1000\r\n", [b'{"model": '])
+    stalled = raw_post(url, "Content-Type: application/json\r\nContent-Length: 1000\r\n", [b'{"model": '])
     assert stalled.startswith(b"HTTP/1.1 408") and b"did not arrive within 2 s" in stalled, stalled[:300]
     assert time.monotonic() - start < 30
     assert answer(complete(url, None))
@@ -404,7 +378,7 @@ def test_short_soak_of_many_users_stays_within_the_bank(app):
     result = soak(url, [f"tiny-test:{u}" for u in USERS], PROMPT, clients=8, seconds=10)
     print(f"short soak: {result['requests']} requests, p50 {result['p50_ms']:.0f} ms, "
           f"p99 {result['p99_ms']:.0f} ms")
-    assert result["requests"] > 0 and result["failures"] == [], result["failures"][:5]
+    assert result["requests"] > 0 and result["failures"] == [] and result["refused"] == 0, result["failures"][:5]
     assert_bank_bounds(url, MAX_ADAPTERS)
 
 
