@@ -167,6 +167,11 @@ class FitJobConfig(Settings):
     """OPPU: epochs of the task adapter (its other hyper-parameters are the users')."""
     bucket_hparams: dict[str, LoraHParams] = {}
     """Tuned hyper-parameters per activity bucket (`peftu tune --by-activity`); `hparams` for other buckets."""
+    select: bool = True
+    """After the fits, choose each user's method on their validation split (`peftu.fitting.selection`) and
+    publish the task's selection record, which serving answers by. It runs on the driver, one user after
+    another: about three forwards (base, global, the user's adapter) over each refitted user's validation
+    and test examples; `--no-select` skips it (the last record stays, for the users it names)."""
 
 
 SEARCHED = ("r", "alpha", "lr", "epochs")

@@ -14,28 +14,38 @@ from peftu.config import FitJobConfig, LoraHParams
 from peftu.data.io import save_task
 from peftu.data.synthetic import generate
 from peftu.fitting.job import run_fit_job
+from peftu.fitting.selection import selected_counts
 from peftu.model.base import base_fingerprint
 from peftu.store import AdapterStore
-from peftu.store.kinds import RUN_SUMMARY
+from peftu.store.kinds import RUN_SUMMARY, SELECTION
 from tests.faults import assert_store_whole
 
 
-def _job(tmp_path, tiny_base, n_users: int, **kw) -> FitJobConfig:
+def _job(tmp_path, tiny_base, n_users: int, select: bool = False, **kw) -> FitJobConfig:
+    """A fit job of `n_users` generated users; without the selection after it unless asked (it costs a
+    Ray task and every user's validation forwards: one test checks it)."""
     spec, users, _ = generate("synth-cls", n_users, seed=9)
     save_task(tmp_path / "data", spec, users)
     hp = LoraHParams(epochs=1, r=4)
     return FitJobConfig(data=str(tmp_path / "data"), store=str(tmp_path / "store"), base=tiny_base,
-                        hparams=hp, progress_interval_s=1.0, **kw)
+                        hparams=hp, progress_interval_s=1.0, select=select, **kw)
 
 
 def test_every_user_is_published_once_and_a_rerun_skips_all(local_ray, tiny_base, tmp_path):
-    job = _job(tmp_path, tiny_base, 10, workers=2, pack_size=3)
+    job = _job(tmp_path, tiny_base, 10, workers=2, pack_size=3, select=True)
     first = run_fit_job(job)
     store = AdapterStore.open(job.store)
     users = store.list_users("synth-cls")
     assert len(users) == 10 and sorted(first.summary.fitted) == users
     assert all(len(store.list_versions("synth-cls", u)) == 1 for u in users)
     assert "test_accuracy" in store.manifest("synth-cls", users[0]).metrics
+    # Then each user's method is chosen on validation and published for serving.
+    selection = store.get_record(SELECTION.of("synth-cls"))
+    assert selection["users_base"] == base_fingerprint(tiny_base) and sorted(selection["users"]) == users
+    assert {c["method"] for c in selection["users"].values()} <= {"majority", "base", "base+prior", "adapter",
+                                                                 "adapter+prior"}
+    assert first.selected == selected_counts(selection["users"]) and sum(first.selected.values()) == 10
+    assert store.get_record(RUN_SUMMARY.of("synth-cls", first.run_id))["selected"] == first.selected
 
     # A worker killed mid-publish (before its manifest) leaves files the next run that fits the user
     # sweeps away; the others are skipped, planned from the index the first run compacted.
@@ -50,6 +60,10 @@ def test_every_user_is_published_once_and_a_rerun_skips_all(local_ray, tiny_base
     record = store.get_record(RUN_SUMMARY.of("synth-cls", again.run_id))
     assert (record["fitted"], record["skipped"], record["failed"], record["failures"]) == (1, 9, 0, {})
     assert record["error"] is None
+    # Only the refitted user is chosen again; the others keep their entries.
+    again_selection = store.get_record(SELECTION.of("synth-cls"))["users"]
+    assert {u: again_selection[u] for u in users[1:]} == {u: selection["users"][u] for u in users[1:]}
+    assert record["selected"] == again.selected == selected_counts(again_selection)
 
 
 def _adapter(store: AdapterStore, user: str, dest) -> dict:

@@ -120,11 +120,119 @@ def test_a_fit_records_who_answers_each_user(tmp_path, tiny_base):
               progress=False)
     chosen = select_fitted(tiny_base, store, spec, users)
     record = store.get_record(SELECTION.of(spec.name))
-    assert record == {"task": spec.name, "users": chosen} and set(chosen) == {u.user_id for u in users}
+    assert record == {"task": spec.name, "users_base": base_fingerprint(tiny_base), "users": chosen}
+    assert set(chosen) == {u.user_id for u in users}
     for user in users:
         val = chosen[user.user_id]["val"]
         assert set(val) == {"majority", "base", "base+prior", "adapter", "adapter+prior"}  # no OPPU: no global
         assert chosen[user.user_id]["method"] == choose("accuracy", val)
         if chosen[user.user_id]["method"] == "majority":  # serving answers them with their usual label
             assert chosen[user.user_id]["answer"] == Counter(e.output for e in user.train).most_common(1)[0][0]
+            assert set(chosen[user.user_id]["log_prior"]) == set(spec.labels)  # its scores on /v1/score
     assert sum(selected_counts(chosen).values()) == 2
+
+
+# --- serving: each user answered by their winner ----------------------------------------------------
+
+
+def test_calibrated_adds_the_weighted_prior_and_only_for_labels_it_knows():
+    from peftu.store.selection import calibrated
+
+    prior = {"a": math.log(0.2), "b": math.log(0.8)}
+    assert calibrated(["b", "a"], [-1.0, -2.0], prior, 2.0) == pytest.approx([-1 + 2 * math.log(0.8),
+                                                                               -2 + 2 * math.log(0.2)])
+    assert calibrated(["a", "yes"], [-1.0, -2.0], prior, 2.0) is None
+
+
+class FakeEngine:
+    """`score` as the engine's: the user's adapter (version "v1") answers those in `adapters`, else the base."""
+
+    def __init__(self, scores: dict[str | None, list[float]], adapters: set[str]):
+        self.scores, self.adapters, self.asked = scores, adapters, []
+
+    async def score(self, user, text, labels):
+        from peftu.serving.adapters import Lease
+
+        self.asked.append(user)
+        own = user in self.adapters
+        return self.scores[user if own else None][:len(labels)], Lease(1 if own else 0, "v1" if own else None)
+
+
+def _route(choice: dict | None, merged: bool = False, user: str = "u"):
+    from peftu.serving.selection import Route
+    from peftu.store.selection import UserChoice
+
+    return Route(user, None if choice is None else UserChoice.model_validate(choice), merged)
+
+
+def test_a_route_answers_each_winner_and_says_what_answered():
+    import asyncio
+
+    labels = ["a", "b", "c"]
+    engine = FakeEngine({None: [-1.0, -2.0, -3.0], "u": [-3.0, -1.0, -2.0]}, {"u"})
+    prior = {"a": math.log(0.1), "b": math.log(0.1), "c": math.log(0.8)}
+
+    def score(route, asked=labels):
+        return asyncio.run(route.score(engine, "text", asked))
+
+    plain = score(_route(None))  # no record: today's answer, named
+    assert (plain.label, plain.headers, engine.asked[-1]) == ("b", {"x-peftu-method": "adapter"}, "u")
+    assert plain.scores == [{"label": lab, "logprob": s} for lab, s in zip(labels, engine.scores["u"])]
+    base = score(_route({"method": "base"}))  # the adapter is not asked for
+    assert (base.label, base.headers, engine.asked[-1]) == ("a", {"x-peftu-method": "base"}, None)
+    merged = score(_route({"method": "base"}, merged=True))  # an OPPU replica holds the merged base only
+    assert merged.headers == {"x-peftu-method": "global", "x-peftu-selected": "base"}
+
+    with_prior = _route({"method": "adapter+prior", "prior_weight": 2.0, "log_prior": prior})
+    calibrated = score(with_prior)
+    want = [s + 2.0 * prior[lab] for lab, s in zip(labels, engine.scores["u"])]
+    assert [e["score"] for e in calibrated.scores] == pytest.approx(want)
+    assert [e["logprob"] for e in calibrated.scores] == engine.scores["u"]  # the model's part, as it was
+    assert calibrated.label == "c" != plain.label and calibrated.headers == {"x-peftu-method": "adapter+prior"}
+    unknown = score(with_prior, ["yes", "no"])  # labels the prior never saw: the model alone
+    assert unknown.headers == {"x-peftu-method": "adapter", "x-peftu-selected": "adapter+prior"}
+    assert "score" not in unknown.scores[0]
+    lost = score(_route({"method": "adapter+prior", "prior_weight": 2.0, "log_prior": prior}, user="gone"))
+    assert lost.headers == {"x-peftu-method": "base", "x-peftu-selected": "adapter+prior"}  # its adapter is gone
+    assert lost.label == "a"  # the prior was tuned for the adapter: not added to the base's scores
+
+    asked = len(engine.asked)
+    majority = _route({"method": "majority", "answer": "c", "log_prior": prior})
+    usual = score(majority)
+    assert len(engine.asked) == asked  # no model runs
+    assert (usual.label, usual.headers) == ("c", {"x-peftu-method": "majority"})
+    assert [e["logprob"] for e in usual.scores] == [prior[lab] for lab in labels]
+    assert score(majority, ["a", "b"]).headers == {"x-peftu-method": "adapter", "x-peftu-selected": "majority"}
+    from peftu.serving.adapters import Lease
+
+    assert majority.user == "u" and majority.generation_headers(Lease(1, "v1")) == {
+        "x-peftu-method": "adapter", "x-peftu-selected": "majority"}
+
+
+def test_a_replica_reads_the_record_again_after_an_invalidate_and_not_one_for_another_base(tmp_path):
+    import asyncio
+
+    from peftu.serving.selection import Selections
+    from peftu.store import AdapterStore
+    from peftu.store.kinds import SELECTION
+
+    store = AdapterStore.open(str(tmp_path / "store"))
+
+    def publish(users_base: str, method: str) -> None:
+        store.put_record(SELECTION.of("t"), {"task": "t", "users_base": users_base,
+                                             "users": {"u": {"method": method, "val": {method: 1.0}}}})
+
+    async def run() -> list:
+        selections = Selections(store, "t", "fp", ttl_s=3600)
+        seen = [(await selections.route("u")).choice]
+        publish("fp", "base")
+        seen.append((await selections.route("u")).choice)  # within the TTL: the copy it has
+        selections.invalidate()
+        seen.append((await selections.route("u")).choice.method)
+        publish("another-fp", "majority")
+        selections.invalidate()
+        seen.append((await selections.route("u")).choice)
+        seen.append(selections.merged)
+        return seen
+
+    assert asyncio.run(run()) == [None, None, "base", None, False]

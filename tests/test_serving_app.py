@@ -8,6 +8,7 @@ eviction, new versions and deletion all show within a few requests.
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -292,3 +293,62 @@ def test_bad_requests_get_a_4xx_naming_the_problem(served, body, status, names):
     r = requests.post(f"{url}/v1/completions", data=body, headers={"content-type": "application/json"}, timeout=30)
     assert r.status_code == status, r.text
     assert names in r.json()["error"]["message"]
+
+
+# --- each user answered by their selected method ----------------------------------------------------
+
+
+def test_each_user_is_answered_by_the_method_their_selection_record_names(served):
+    """A `base` winner gets the base (their adapter unused), an `adapter+prior` winner their adapter with
+    their prior added on /v1/score, a `majority` winner their usual label; the headers say which."""
+    from peftu.model.base import base_fingerprint
+    from peftu.store.kinds import SELECTION
+
+    url, store, _, base = served
+    users = ["sel-base", "sel-prior", "sel-usual"]
+    versions = publish_random_adapters(store, TASK, users, base, std=0.2, seed=7)
+
+    def score(user, **extra) -> requests.Response:
+        r = requests.post(f"{url}/v1/score", headers=_auth(user), timeout=60,
+                          json={"model": f"tiny-test:{user}" if user else "tiny-test", "input": "the lamp was great",
+                                **extra})
+        assert r.status_code == 200, r.text
+        return r
+
+    before = {u: score(u) for u in users}  # no record: each user's adapter, as without selection
+    assert {r.headers["x-peftu-method"] for r in before.values()} == {"adapter"}
+    assert "x-peftu-selected" not in before["sel-prior"].headers
+    raw = {s["label"]: s["logprob"] for s in before["sel-prior"].json()["scores"]}
+    worst = min(raw, key=raw.get)  # a prior strong enough to turn the adapter's answer to its least likely label
+    prior = {lab: math.log(0.98 if lab == worst else 0.01) for lab in raw}
+    store.put_record(SELECTION.of(TASK), {"task": TASK, "users_base": base_fingerprint(base), "users": {
+        "sel-base": {"method": "base", "val": {"base": 1.0}},
+        "sel-prior": {"method": "adapter+prior", "val": {"adapter+prior": 1.0}, "prior_weight": 8.0,
+                      "log_prior": prior},
+        "sel-usual": {"method": "majority", "val": {"majority": 1.0}, "answer": "neutral", "log_prior": prior}}})
+    assert _admin("POST", url, "/users/sel-base/invalidate").status_code == 200  # every replica reads it again
+
+    plain = score(None).json()["scores"]
+    by_base = score("sel-base")
+    assert by_base.headers["x-peftu-method"] == "base" and by_base.headers["x-peftu-adapter"] == "none"
+    assert by_base.json()["scores"] == plain
+    generated = complete(url, "sel-base")
+    assert generated.headers["x-peftu-method"] == "base" and text(generated) == text(complete(url, None))
+
+    calibrated = score("sel-prior")
+    assert calibrated.headers["x-peftu-method"] == "adapter+prior"
+    assert calibrated.headers["x-peftu-adapter"] == versions["sel-prior"]
+    entries = calibrated.json()["scores"]
+    assert {e["label"]: e["logprob"] for e in entries} == pytest.approx(raw, abs=1e-4)
+    assert [e["score"] for e in entries] == pytest.approx([e["logprob"] + 8.0 * prior[e["label"]] for e in entries])
+    assert calibrated.json()["label"] == worst != max(raw, key=raw.get)
+    other_labels = score("sel-prior", labels=["yes", "no"])
+    assert (other_labels.headers["x-peftu-method"], other_labels.headers["x-peftu-selected"]) == \
+        ("adapter", "adapter+prior")
+
+    usual = score("sel-usual")
+    assert usual.headers["x-peftu-method"] == "majority" and usual.json()["label"] == "neutral"
+    assert {e["label"]: e["logprob"] for e in usual.json()["scores"]} == pytest.approx(prior)
+    written = complete(url, "sel-usual")  # a generation has no usual label: the adapter writes it
+    assert (written.headers["x-peftu-method"], written.headers["x-peftu-selected"]) == ("adapter", "majority")
+    assert written.headers["x-peftu-adapter"] == versions["sel-usual"]

@@ -37,6 +37,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--users", **field_flag(FitJobConfig.model_fields["users_limit"]))
     p.add_argument("--gpu", **field_flag(FitJobConfig.model_fields["use_gpu"]))
     add_fields(p, FitJobConfig, JOB_FIELDS)
+    p.add_argument("--no-select", dest="select", action="store_false",
+                   help="skip choosing each user's method on validation after the fits (the selection "
+                   "record serving answers by; about three forwards over each refitted user's val and test "
+                   "examples, on one worker's CPUs)")
     p.add_argument("--reference", action="store_true",
                    help="the plain PEFT loop, one user after another, no Ray (the baseline)")
     p.add_argument("--config", help="hyper-parameters from `peftu tune`: best (the latest search) or a tune "
@@ -91,7 +95,7 @@ def _fit_reference(args: argparse.Namespace) -> FitSummary:
 def _fit_on_ray(args: argparse.Namespace) -> FitSummary:
     """The banked fit on Ray Train workers: the cluster of RAY_ADDRESS or of `ray start`, else a local Ray."""
     from peftu.data.io import load_spec
-    from peftu.fitting.job import run_fit_job
+    from peftu.fitting.job import counts_line, run_fit_job
     from peftu.logs import setup_logging
     from peftu.tuning.report import ALL
 
@@ -102,7 +106,9 @@ def _fit_on_ray(args: argparse.Namespace) -> FitSummary:
     by_bucket = {bucket: hparams(args, config) for bucket, config in tuned.items() if bucket != ALL}
     job = settings(FitJobConfig, **{name: getattr(args, name) for name in JOB_FIELDS},
                    data=args.data, store=store_uri(args), base=base_path(args), endpoint_url=args.endpoint_url,
-                   use_gpu=args.gpu, users_limit=args.users, hparams=hp, bucket_hparams=by_bucket)
+                   use_gpu=args.gpu, users_limit=args.users, hparams=hp, bucket_hparams=by_bucket,
+                   select=args.select)
     result = run_fit_job(job)
-    print(f"run {result.run_id}: {result.users_per_hour:.0f} users/hour over {result.seconds:.0f} s")
+    print(f"run {result.run_id}: {result.users_per_hour:.0f} users/hour over {result.seconds:.0f} s; "
+          f"selected: {counts_line(result.selected)}")
     return result.summary

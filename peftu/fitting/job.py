@@ -9,7 +9,9 @@ user's adapter as soon as that user's fit ends. Workers exchange nothing but
 progress, which they send to a small actor that the driver reads for the log
 (users done / total, users per hour, and an ETA from the training examples
 left, overall and per worker) and for the run summary it writes to the store
-(counts, and the failures listed).
+(counts, and the failures listed). After the fits, each refitted user's method
+is chosen on their validation split and the task's selection record published
+(`peftu.fitting.selection`; `FitJobConfig.select`), which serving answers by.
 
 Resume is by fingerprint: a worker skips users whose adapter exists from the
 same base, data and hyper-parameters. When a worker dies, `FailureConfig`
@@ -24,8 +26,9 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import ray
 from ray.train import DataConfig
@@ -40,6 +43,7 @@ if TYPE_CHECKING:
     from peftu.store import AdapterStore
 
 log = logging.getLogger("peftu.fit")
+T = TypeVar("T")
 
 STATUS_RANK = {"skipped": 0, "failed": 1, "fitted": 2}
 
@@ -255,22 +259,51 @@ def _log_progress(progress, started: float, stop: threading.Event, interval: flo
         log.info("%s", _progress_line(snap, (time.monotonic() - started) / 3600))
 
 
-def _task_adapter_stage(job: FitJobConfig, spec: TaskSpec, users: list[UserRecord]) -> None:
-    """OPPU's first stage, on a worker's resources (the driver may sit on a head with no CPUs)."""
-    from peftu.fitting.oppu import ensure_task_adapter
+def _on_a_worker(job: FitJobConfig, fn: Callable[..., T], *args, gpu: bool) -> T:
+    """`fn(store, *args)` in a Ray task on one worker's resources (the driver may sit on a head with no CPUs)."""
     from peftu.logs import setup_logging
     from peftu.store import AdapterStore
 
-    def stage() -> dict:
+    def stage(*given):
         setup_logging()
-        store = AdapterStore.open(job.store, endpoint_url=job.endpoint_url)
-        return ensure_task_adapter(job.base, spec, users, job.hparams, store,
-                                   epochs=job.task_epochs).model_dump()
+        return fn(AdapterStore.open(job.store, endpoint_url=job.endpoint_url), *given)
 
-    task = ray.remote(num_cpus=job.cpus_per_worker, num_gpus=1 if job.use_gpu else 0)(stage)
-    manifest = ray.get(task.remote())
+    task = ray.remote(num_cpus=job.cpus_per_worker, num_gpus=1 if gpu and job.use_gpu else 0)(stage)
+    return ray.get(task.remote(*args))
+
+
+def _task_adapter_stage(job: FitJobConfig, spec: TaskSpec, users: list[UserRecord]) -> None:
+    """OPPU's first stage."""
+    from peftu.fitting.oppu import ensure_task_adapter
+
+    def stage(store: AdapterStore, users: list[UserRecord]) -> dict:
+        return ensure_task_adapter(job.base, spec, users, job.hparams, store, epochs=job.task_epochs).model_dump()
+
+    manifest = _on_a_worker(job, stage, users, gpu=True)
     log.info("task adapter of %s: version %s (final loss %.3f)", spec.name, manifest["version"],
              manifest["metrics"].get("final_loss", float("nan")))
+
+
+def _select_stage(job: FitJobConfig, spec: TaskSpec, users: list[UserRecord], refit: list[str]) -> dict[str, int]:
+    """Each user's method chosen on validation (the refitted ones anew, the rest kept from the task's last
+    record) and published; how many of this run's users each method answers. On CPU: selection scores
+    a few examples per user with one model at a time."""
+    from peftu.fitting.selection import select_fitted, selected_counts
+
+    def stage(store: AdapterStore, users: list[UserRecord], refit: list[str]) -> dict[str, int]:
+        chosen = select_fitted(job.base, store, spec, users, refit=set(refit))
+        return selected_counts({u.user_id: chosen[u.user_id] for u in users if u.user_id in chosen})
+
+    started = time.monotonic()
+    counts = _on_a_worker(job, stage, users, refit, gpu=False)
+    log.info("selected for %s in %.1f s (%d refitted): %s", spec.name, time.monotonic() - started, len(refit),
+             counts_line(counts))
+    return counts
+
+
+def counts_line(counts: dict[str, int] | None) -> str:
+    """`selected_counts` for a log line ("majority 3, oppu 7"; "off" without a selection)."""
+    return "off" if counts is None else ", ".join(f"{m} {n}" for m, n in counts.items()) or "nobody"
 
 
 def _deepspeed_config(job: FitJobConfig) -> dict:
@@ -290,6 +323,8 @@ class FitRunResult:
     run_id: str
     summary: FitSummary
     seconds: float
+    selected: dict[str, int] | None = None
+    """How many users each method answers after the run's selection (None: `--no-select`)."""
 
     @property
     def users_per_hour(self) -> float:
@@ -307,12 +342,21 @@ def _run_by_bucket(job: FitJobConfig, spec: TaskSpec, users: list[UserRecord]) -
             continue
         hp = job.bucket_hparams.get(bucket, job.hparams)
         log.info("activity bucket %s: %d users, r=%s lr=%s epochs=%s", bucket, len(members), hp.r, hp.lr, hp.epochs)
-        done = run_fit_job(job.model_copy(update={"hparams": hp, "bucket_hparams": {}, "users_limit": None}),
-                           (spec, members))
+        done = run_fit_job(job.model_copy(update={"hparams": hp, "bucket_hparams": {}, "users_limit": None,
+                                                  "select": False}), (spec, members))
         summary.merge(done.summary)
         run_ids.append(done.run_id)
         seconds += done.seconds
-    return FitRunResult(run_id="+".join(run_ids), summary=summary, seconds=seconds)
+    selected = None
+    if job.select:  # once over every bucket's users, into each bucket run's summary
+        from peftu.store import AdapterStore
+
+        selected = _select_stage(job, spec, users, summary.fitted)
+        store = AdapterStore.open(job.store, endpoint_url=job.endpoint_url)
+        for run_id in run_ids:
+            record = RUN_SUMMARY.of(spec.name, run_id)
+            store.put_record(record, store.get_record(record) | {"selected": selected})
+    return FitRunResult(run_id="+".join(run_ids), summary=summary, seconds=seconds, selected=selected)
 
 
 def _sweep_partial(store: AdapterStore, task: str, user_ids: list[str]) -> None:
@@ -415,14 +459,25 @@ def run_fit_job(job: FitJobConfig, loaded: tuple[TaskSpec, list[UserRecord]] | N
         fitted=sorted(u for u, s in status.items() if s == "fitted"),
         skipped=sorted(u for u, s in status.items() if s == "skipped"),
         failed={u: reasons.get(u, "unknown") for u, s in status.items() if s == "failed"})
+    selected, selection_error = None, None  # the fit's error first: a failed run selects nothing
+    if job.select and not error:
+        try:
+            selected = _select_stage(job, spec, users, summary.fitted)
+        except Exception as e:  # the adapters are published either way: write the summary, then fail
+            selection_error = e
     record = RUN_SUMMARY.of(spec.name, run_id)
     store.put_record(record, {
         "run_id": run_id, "task": spec.name, "users": len(user_ids), "seconds": seconds,
         "fitted": len(summary.fitted), "skipped": len(summary.skipped), "failed": len(summary.failed),
-        "failures": dict(sorted(summary.failed.items())[:FAILURES_LISTED]),
-        "job": job.model_dump(), "error": repr(error) if error else None})
+        "failures": dict(sorted(summary.failed.items())[:FAILURES_LISTED]), "selected": selected,
+        "job": job.model_dump(), "error": repr(error or selection_error) if (error or selection_error) else None})
     if error:
         raise PeftuError(f"fit run {run_id} failed after {job.max_failures} restarts: {error}; "
                          f"{len(summary.fitted)} users were fitted and published, the summary is in "
                          f"the store under {record.key}") from error
-    return FitRunResult(run_id=run_id, summary=summary, seconds=seconds)
+    if selection_error:
+        raise PeftuError(f"fit run {run_id}: the fits are published, but choosing each user's method failed: "
+                         f"{selection_error}; serving keeps the last selection record") from selection_error
+    log.info("run %s: fitted %d, skipped %d, failed %d in %.0f s; selected: %s", run_id, len(summary.fitted),
+             len(summary.skipped), len(summary.failed), seconds, counts_line(selected))
+    return FitRunResult(run_id=run_id, summary=summary, seconds=seconds, selected=selected)

@@ -18,12 +18,14 @@ prior `prior_user(label)` (their training labels, add-one smoothed):
   label; for a rating, the level nearest the user's mean rating).
 
 What a user's choice is, as the fit and the benchmark record it and serving
-reads it (`Choice.record`): ``{"method": name, "val": {candidate: metric},
-"prior_weight": w, "log_prior": {label: log p}, "answer": label}``;
-`prior_weight` and `log_prior` only where the winner uses the prior, so a
-server scoring the user's labels adds ``w * log_prior[label]`` to each
-label's log-likelihood before taking the best; `answer` only where
-`majority` won a label task: the one label that user is answered with.
+reads it (`Choice.record`; the record's schema is `peftu.store.selection`):
+``{"method": name, "val": {candidate: metric}, "prior_weight": w,
+"log_prior": {label: log p}, "answer": label}``; `prior_weight` and
+`log_prior` only where the winner uses the prior, so a server scoring the
+user's labels adds ``w * log_prior[label]`` to each label's log-likelihood
+before taking the best (`calibrated`); `answer` (and `log_prior`, what a
+server scores the labels with) only where `majority` won a label task: the
+one label that user is answered with.
 """
 
 from __future__ import annotations
@@ -34,16 +36,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from peftu.data.schema import TaskSpec, UserRecord
+from peftu.errors import NotFoundError
 from peftu.evaluation.metrics import Golds, better, task_metrics
 from peftu.quality.personalize import bm25_top_k
+from peftu.store.kinds import SELECTION
+from peftu.store.selection import MAJORITY, PRIOR, calibrated
 
 SIMPLEST_FIRST = ("majority", "base", "global", "base+prior", "global+prior", "adapter", "adapter+prior",
                   "oppu", "oppu+prior",
                   "oppu+retrieval", "oppu+profile", "ia3", "prompt-tuning", "prefix-tuning", "pplug", "pplug+oppu")
 """Candidates from the simplest (no model) to the most personal: ties go to the first."""
-
-PRIOR = "+prior"
-"""The suffix of a candidate that adds the user's label prior to a model's label scores."""
 
 PRIOR_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 """The weights of the prior tried on a user's validation split (0: the model alone)."""
@@ -63,8 +65,10 @@ def log_prior(spec: TaskSpec, user: UserRecord, smoothing: float = 1.0) -> dict[
 
 def with_prior(spec: TaskSpec, scores: list[list[float]], prior: dict[str, float], weight: float) -> list[str]:
     """The best label of each input once `weight * log prior` is added to the model's label scores."""
-    boost = [weight * prior[lab] for lab in spec.labels]
-    return [spec.labels[max(range(len(s)), key=lambda i: s[i] + boost[i])] for s in scores]
+    def best(s: list[float]) -> str:
+        total = calibrated(spec.labels, s, prior, weight)
+        return spec.labels[max(range(len(total)), key=total.__getitem__)]
+    return [best(s) for s in scores]
 
 
 def best_prior_weight(spec: TaskSpec, scores: list[list[float]], golds: Golds, prior: dict[str, float]
@@ -96,8 +100,8 @@ class Choice:
     def record(self) -> dict:
         """The JSON a fit and the benchmark write and serving reads (see the module doc)."""
         out = {"method": self.method, "val": self.val}
-        if self.method == "majority" and self.answer is not None:
-            out["answer"] = self.answer
+        if self.method == MAJORITY and self.answer is not None:
+            out |= {"answer": self.answer, "log_prior": self.log_prior}
         if self.method.endswith(PRIOR) and self.prior_weight is not None:
             out |= {"prior_weight": self.prior_weight, "log_prior": self.log_prior}
         return out
@@ -217,21 +221,31 @@ def choose_users(spec: TaskSpec, users: list[UserRecord], models: dict[str, Answ
             scores |= judge(spec, own_name, user, *mine)
         val = {name: j.val[spec.metric] for name, j in scores.items() if j.val}
         winner = choose(spec.metric, val)
+        label_answer = uses_prior(spec) and (winner.endswith(PRIOR) or winner == MAJORITY)
         out[user.user_id] = (Choice(winner, val, scores[winner].prior_weight,
-                                    log_prior(spec, user) if winner.endswith(PRIOR) else {},
+                                    log_prior(spec, user) if label_answer else {},
                                     majority_answer(spec, user, "") if uses_prior(spec) else None), scores)
     return out
 
 
-def select_fitted(base_path: str, store, spec: TaskSpec, users: list[UserRecord]) -> dict[str, dict]:
+def select_fitted(base_path: str, store, spec: TaskSpec, users: list[UserRecord], *,
+                  refit: set[str] | None = None) -> dict[str, dict]:
     """After a fit: each user's choice among `majority`, the plain base, the base their adapters were
     fitted on (`global`: OPPU's merged task adapter, where they were) and their own adapter (`oppu`, or
     `adapter` without OPPU), each `+prior` on label tasks; published as the task's selection record
-    (`kinds.SELECTION`: `{"task", "users": {user_id: Choice.record()}}`), which serving reads."""
+    (`kinds.SELECTION`, schema in `peftu.store.selection`), which serving reads. Returns every entry.
+
+    `refit`: the users whose adapters this run changed. Every other user keeps their entry of the
+    task's last record if it was chosen for the same users' base (nothing else their choice depends
+    on changed: new data or hyper-parameters refit them), so a re-run that skips everyone loads no
+    model and writes nothing. None: choose for every user again."""
     from peftu.model.base import base_fingerprint, load_base
     from peftu.model.bases import load_users_base
-    from peftu.store.kinds import SELECTION
 
+    last = _last_selection(store, spec.name, base_path) if refit is not None else {}
+    todo = [u for u in users if u.test and (u.user_id in (refit or ()) or u.user_id not in last)]
+    if not todo:
+        return last
     users_base, tokenizer, users_fp = load_users_base(base_path, store, spec.name)
     oppu = users_fp != base_fingerprint(base_path)
     plain = load_base(base_path) if oppu else (users_base, tokenizer)
@@ -239,10 +253,26 @@ def select_fitted(base_path: str, store, spec: TaskSpec, users: list[UserRecord]
     if oppu:
         models["global"] = model_answers(spec, users_base, tokenizer)
     own = own_adapter(spec, users_base, tokenizer, store, spec.name, users_fp)
-    chosen = {uid: choice.record() for uid, (choice, _) in
-              choose_users(spec, users, models, own, "oppu" if oppu else "adapter").items()}
-    store.put_record(SELECTION.of(spec.name), {"task": spec.name, "users": chosen})
+    chosen = last | {uid: choice.record() for uid, (choice, _) in
+                     choose_users(spec, todo, models, own, "oppu" if oppu else "adapter").items()}
+    store.put_record(SELECTION.of(spec.name), {"task": spec.name, "users_base": users_fp, "users": chosen})
     return chosen
+
+
+def _last_selection(store, task: str, base_path: str) -> dict[str, dict]:
+    """The users of the task's latest selection record if it was chosen for the base the task's users'
+    adapters belong to now (found from the store without loading a model); else {}."""
+    from peftu.model.base import base_fingerprint
+    from peftu.model.bases import merged_fingerprint, users_task_adapter
+
+    try:
+        record = store.get_record(SELECTION.of(task))
+    except NotFoundError:
+        return {}
+    base_fp = base_fingerprint(base_path)
+    task_adapter = users_task_adapter(store, task, base_fp)
+    users_fp = base_fp if task_adapter is None else merged_fingerprint(base_fp, task_adapter)
+    return record.get("users", {}) if record.get("users_base") == users_fp else {}
 
 
 def selected_counts(choices: dict[str, dict]) -> dict[str, int]:

@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -86,8 +86,11 @@ class Completions:
 
     # --- answers ------------------------------------------------------------------------
 
-    async def answer(self, request: SamplingFields, rows: Rows, user: str | None, chat: bool) -> Response:
+    async def answer(self, request: SamplingFields, rows: Rows, user: str | None, chat: bool,
+                     headers: Callable[[Lease], dict[str, str]] | None = None) -> Response:
+        """The rows' answers as OpenAI sends them; `headers(lease)` (default: the adapter's) go with them."""
         logprobs = rows.sampling.logprobs is not None
+        headers = headers or self.headers
         if request.stream:
             shape = StreamShape(chat, request.model, logprobs, request.include_usage, self.texts)
             streams: list[tuple[Lease, RowStream]] = []
@@ -99,7 +102,7 @@ class Completions:
                     await pieces.aclose()
                 raise
             return StreamingResponse(self._sse(shape, rows, [pieces for _, pieces in streams]),
-                                     media_type="text/event-stream", headers=self.headers(streams[0][0]))
+                                     media_type="text/event-stream", headers=headers(streams[0][0]))
         tasks = [asyncio.create_task(self._one(user, ids, s, bool(rows.echoes[i]))) for i, ids, s in rows.each()]
         try:
             results = await asyncio.gather(*tasks)
@@ -110,7 +113,7 @@ class Completions:
         choices = [Choice(r.text, r.finish_reason, r.picked, rows.echoes[i], echoed)
                    for (i, _, _), (r, _, echoed) in zip(rows.each(), results)]
         return JSONResponse(body(chat, request.model, choices, rows.prompt_tokens, self.texts, logprobs),
-                            headers=self.headers(results[0][1]))
+                            headers=headers(results[0][1]))
 
     async def _one(self, user: str | None, ids: list[int], sampling: Sampling, echo: bool
                    ) -> tuple[GenResult, Lease, list[Picked]]:

@@ -35,6 +35,7 @@ from peftu.serving.completions import Completions
 from peftu.serving.control import Broadcast
 from peftu.serving.engine import Engine
 from peftu.serving.limits import BodyLimits
+from peftu.serving.selection import Selections
 from peftu.store import validate_id
 
 log = logging.getLogger("peftu.serving")
@@ -86,6 +87,8 @@ class PeftuServer:
         self.tokens = UserTokens.from_config(self.cfg, self.engine.model_name)
         if not self.cfg.user_tokens:
             log.warning("user_tokens is false: any client may use any user's adapter")
+        self.selection = Selections(self.engine.adapters.store, self.cfg.task, self.engine.adapters.base_fp,
+                                    ttl_s=self.cfg.version_ttl_s)
         self.broadcast = Broadcast(self._forget)
         api.state.metrics = self.engine.metrics
         api.state.body_limits = (self.cfg.max_body_bytes, self.cfg.body_timeout_s)
@@ -103,8 +106,10 @@ class PeftuServer:
     # --- who is asking for which adapter ------------------------------------------------
 
     def _forget(self, user: str) -> None:
-        """Evict the user here (running requests keep their weights) and forget their PPlug history."""
+        """Evict the user here (running requests keep their weights), forget their PPlug history, and
+        read the selection record again (a new fit may have chosen for them)."""
         self.engine.adapters.invalidate(user)
+        self.selection.invalidate()
         if self.engine.plug is not None:
             self.engine.plug.forget(user)
 
@@ -121,8 +126,9 @@ class PeftuServer:
     async def _generate(self, body: SamplingFields, prompts: list[str | list[int]], authorization: str | None,
                         chat: bool) -> Response:
         rows = self.generation.rows(body, prompts)
-        user = await self._user(body.model, authorization)
-        return await self.generation.answer(body, rows, user, chat)
+        route = await self.selection.route(await self._user(body.model, authorization))
+        return await self.generation.answer(body, rows, route.user, chat,
+                                            lambda lease: _adapter_headers(lease) | route.generation_headers(lease))
 
     # --- the API ----------------------------------------------------------------------------
 
@@ -143,12 +149,10 @@ class PeftuServer:
         if len(labels) < 2:
             raise ApiError(400, f"task {self.cfg.task!r} has no labels: give two or more in 'labels'", "labels")
         self.generation.checked(self.engine.encode_prompt(self.engine.score_spec(labels).render(body.input)))
-        user = await self._user(body.model, authorization)
-        scores, lease = await self.engine.score(user, body.input, labels)
-        best = max(range(len(labels)), key=lambda i: scores[i])
-        return JSONResponse({"object": "score", "model": body.model, "label": labels[best],
-                             "scores": [{"label": lab, "logprob": s} for lab, s in zip(labels, scores)]},
-                            headers=_adapter_headers(lease))
+        route = await self.selection.route(await self._user(body.model, authorization))
+        scored = await route.score(self.engine, body.input, labels)
+        return JSONResponse({"object": "score", "model": body.model, "label": scored.label, "scores": scored.scores},
+                            headers=_adapter_headers(scored.lease) | scored.headers)
 
     @api.get("/v1/models")
     async def models(self, authorization: str | None = Header(None)) -> dict:
