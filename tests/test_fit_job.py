@@ -53,6 +53,8 @@ def test_every_user_is_published_once_and_a_rerun_skips_all(local_ray, tiny_base
     store.delete_user("synth-cls", users[0])
     half = f"adapters/synth-cls/{users[0]}/versions/{time.time_ns():020d}-deadbeef"
     store.backend.put(f"{half}/adapter_model.safetensors", b"half-written")
+    kept = {"method": "base", "val": {"base": 1.0}}  # what a re-run that chose everyone again would overwrite
+    store.put_record(SELECTION.of("synth-cls"), selection | {"users": {u: kept for u in users}})
     again = run_fit_job(job)
     assert again.summary.fitted == [users[0]] and sorted(again.summary.skipped) == users[1:]
     assert all(len(store.list_versions("synth-cls", u)) == 1 for u in users)
@@ -62,7 +64,8 @@ def test_every_user_is_published_once_and_a_rerun_skips_all(local_ray, tiny_base
     assert record["error"] is None
     # Only the refitted user is chosen again; the others keep their entries.
     again_selection = store.get_record(SELECTION.of("synth-cls"))["users"]
-    assert {u: again_selection[u] for u in users[1:]} == {u: selection["users"][u] for u in users[1:]}
+    assert all(again_selection[u] == kept for u in users[1:])
+    assert again_selection[users[0]] == selection["users"][users[0]]
     assert record["selected"] == again.selected == selected_counts(again_selection)
 
 
