@@ -169,9 +169,10 @@ class FitJobConfig(Settings):
     """Tuned hyper-parameters per activity bucket (`peftu tune --by-activity`); `hparams` for other buckets."""
     select: bool = True
     """After the fits, choose each user's method on their validation split (`peftu.fitting.selection`) and
-    publish the task's selection record, which serving answers by. It runs on the driver, one user after
-    another: about three forwards (base, global, the user's adapter) over each refitted user's validation
-    and test examples; `--no-select` skips it (the last record stays, for the users it names)."""
+    publish the task's selection record, which serving answers by. One Ray task on one worker's CPUs, one
+    user after another: about three forwards (base, global, the user's adapter) over each refitted user's
+    validation and test examples, other users keep their entry; `--no-select` skips it (the last record
+    stays, for the users it names)."""
 
 
 SEARCHED = ("r", "alpha", "lr", "epochs")
