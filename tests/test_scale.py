@@ -30,6 +30,12 @@ def versions_per_user(store: AdapterStore) -> dict[str, int]:
     return counts
 
 
+def _peak_rss(logs: str) -> str:
+    """The driver's own account of its peak memory, from its last log line."""
+    return [line for line in logs.splitlines() if "driver peak RSS" in line][-1].rsplit("driver peak RSS", 1)[1]
+
+
+@pytest.mark.timeout(3600)
 def test_ten_thousand_users_on_the_cluster_each_published_once_then_a_rerun_skips_all(ray_cluster, tiny_base,
                                                                                       tmp_path):
     from tests.test_fit_job import _submit_fit
@@ -37,25 +43,27 @@ def test_ten_thousand_users_on_the_cluster_each_published_once_then_a_rerun_skip
     spec, users, _ = generate(TASK, 10_000, seed=10_000)
     save_task(tmp_path / "data", spec, users)
     data, store_uri = str(tmp_path / "data"), str(tmp_path / "store")
-    first = _submit_fit(ray_cluster, data, store_uri, tiny_base, "--pack-size", "32", "--epochs", "1")
+    first = _submit_fit(ray_cluster, data, store_uri, tiny_base, "--pack-size", "32", "--epochs", "1", "--no-select")
     assert first.succeeded, first.logs[-3000:]
     store = AdapterStore.open(store_uri)
     assert store.list_users(TASK) == sorted(u.user_id for u in users)
     assert set(versions_per_user(store).values()) == {1}
     started = time.monotonic()
-    again = _submit_fit(ray_cluster, data, store_uri, tiny_base, "--pack-size", "32", "--epochs", "1")
+    again = _submit_fit(ray_cluster, data, store_uri, tiny_base, "--pack-size", "32", "--epochs", "1", "--no-select")
     rerun_s = time.monotonic() - started
     assert again.succeeded and "fitted 0, skipped 10000" in again.logs, again.logs[-3000:]
     assert set(versions_per_user(store).values()) == {1}
     print([line for line in first.logs.splitlines() if "users/hour over" in line][-1])  # for the docs
-    print(f"re-run skipping all 10,000: {rerun_s:.0f} s (submit to finish)")
+    print(f"re-run skipping all 10,000: {rerun_s:.0f} s (submit to finish); driver peak RSS "
+          f"{_peak_rss(first.logs)} (fit), {_peak_rss(again.logs)} (re-run)")
 
 
 def _fit_command(data: str, store: str, base: str, users: int) -> list[str]:
     return [sys.executable, "-m", "jobs.fit", "--data", data, "--store", store, "--base", base, "--workers", "2",
-            "--pack-size", "16", "--epochs", "1", "--users", str(users)]
+            "--pack-size", "16", "--epochs", "1", "--users", str(users), "--no-select"]
 
 
+@pytest.mark.timeout(3600)
 def test_a_hundred_thousand_users_planned_a_slice_fitted_killed_and_resumed(tiny_base, tmp_path):
     """Plan all 100,000 users against the index, fit a slice in a driver killed once some are published,
     and resume: the resumed run fits exactly the slice's users that were not current yet."""
@@ -95,5 +103,5 @@ def test_a_hundred_thousand_users_planned_a_slice_fitted_killed_and_resumed(tiny
     assert set(counts) == {u.user_id for u in users[:slice_n]} and set(counts.values()) == {1}
     assert store.backend.list(f"indexes/{ADAPTER.root}/{TASK}/changes") == []  # compacted at the end
     print(f"planned 100,000 users in {plan_s:.1f} s; killed after {len(current)} of {slice_n}; "
-          f"resumed run fitted {record['fitted']}")
+          f"resumed run fitted {record['fitted']}; its driver's peak RSS {_peak_rss(resumed.stderr + resumed.stdout)}")
 

@@ -1,8 +1,10 @@
 """Fitting every user's adapter across a Ray cluster with Ray Train.
 
-The driver reads the task and hands the users to a `TorchTrainer` as a Ray
-Dataset, and each worker takes its own disjoint shard (split with
-`equal=False`, so no user is ever dropped to even out the shards). A worker plans its shard once against the
+The driver reads the task's user ids alone (not their histories) and hands them to a
+`TorchTrainer` as a Ray Dataset; each worker takes its own disjoint shard (split with
+`equal=False`, so no user is ever dropped to even out the shards) and reads its users'
+rows from the saved Parquet file itself (`load_users`), so the driver's memory does not
+grow with the users' data. A worker plans its shard once against the
 task's index (which users are current: `plan_users`), streams the rest
 through one bank (`peftu.fitting.banked.fit_users_banked`) and publishes each
 user's adapter as soon as that user's fit ends. Workers exchange nothing but
@@ -121,10 +123,10 @@ def start_run(kind: str) -> str:
     return f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
-def users_trainer(loop, loop_config: dict, users: list[UserRecord], *, run_id: str, workers: int, use_gpu: bool,
+def users_trainer(loop, loop_config: dict, rows: list[dict], *, run_id: str, workers: int, use_gpu: bool,
                   cpus_per_worker: float, split: bool, max_failures: int = 0):
-    """A `TorchTrainer` whose workers read `users` as a Ray Dataset (`UserShards(split)`),
-    with its run kept under `$PEFTU_HOME/ray-runs/<run_id>`."""
+    """A `TorchTrainer` whose workers read `rows` (users' rows, or their ids) as a Ray Dataset
+    (`UserShards(split)`), with its run kept under `$PEFTU_HOME/ray-runs/<run_id>`."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -137,7 +139,7 @@ def users_trainer(loop, loop_config: dict, users: list[UserRecord], *, run_id: s
                                      resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(name=run_id, storage_path=str(peftu_home() / "ray-runs"),
                              failure_config=FailureConfig(max_failures=max_failures)),
-        datasets={"users": ray.data.from_items([u.to_row() for u in users])},
+        datasets={"users": ray.data.from_items(rows)},
         dataset_config=UserShards(split=split),
     )
 
@@ -156,14 +158,13 @@ def _worker_loop(config: dict) -> None:
     import ray.train.torch
     import torch
 
-    from peftu.data.io import _checked_row
     from peftu.fitting.banked import fit_users_banked, plan_users
     from peftu.model.bases import load_users_base
     from peftu.store import AdapterStore
 
     spec = TaskSpec(**config["spec"])
     progress = ray.get_actor(config["progress_actor"])
-    users = [_checked_row(row, config["source"]) for row in ray.train.get_dataset_shard("users").iter_rows()]
+    users = shard_users(job, list(ray.train.get_dataset_shard("users").iter_rows()), config["source"])
     device = ray.train.torch.get_device() if job.use_gpu else torch.device("cpu")
     store = AdapterStore.open(job.store, endpoint_url=job.endpoint_url)
     base, tokenizer, base_fp = load_users_base(job.base, store, spec.name, oppu=job.oppu)
@@ -272,25 +273,27 @@ def _on_a_worker(job: FitJobConfig, fn: Callable[..., T], *args, gpu: bool) -> T
     return ray.get(task.remote(*args))
 
 
-def _task_adapter_stage(job: FitJobConfig, spec: TaskSpec, users: list[UserRecord]) -> None:
+def _task_adapter_stage(job: FitJobConfig, spec: TaskSpec, users: RunUsers) -> None:
     """OPPU's first stage."""
     from peftu.fitting.oppu import ensure_task_adapter
 
-    def stage(store: AdapterStore, users: list[UserRecord]) -> dict:
-        return ensure_task_adapter(job.base, spec, users, job.hparams, store, epochs=job.task_epochs).model_dump()
+    def stage(store: AdapterStore, users: RunUsers) -> dict:
+        return ensure_task_adapter(job.base, spec, users.read(job), job.hparams, store,
+                                   epochs=job.task_epochs).model_dump()
 
     manifest = _on_a_worker(job, stage, users, gpu=True)
     log.info("task adapter of %s: version %s (final loss %.3f)", spec.name, manifest["version"],
              manifest["metrics"].get("final_loss", float("nan")))
 
 
-def _select_stage(job: FitJobConfig, spec: TaskSpec, users: list[UserRecord], refit: list[str]) -> dict[str, int]:
+def _select_stage(job: FitJobConfig, spec: TaskSpec, users: RunUsers, refit: list[str]) -> dict[str, int]:
     """Each user's method chosen on validation (the refitted ones anew, the rest kept from the task's last
     record) and published; how many of this run's users each method answers. On CPU: selection scores
     a few examples per user with one model at a time."""
     from peftu.fitting.selection import select_fitted, selected_counts
 
-    def stage(store: AdapterStore, users: list[UserRecord], refit: list[str]) -> dict[str, int]:
+    def stage(store: AdapterStore, users: RunUsers, refit: list[str]) -> dict[str, int]:
+        users = users.read(job)
         chosen = select_fitted(job.base, store, spec, users, refit=set(refit))
         return selected_counts({u.user_id: chosen[u.user_id] for u in users if u.user_id in chosen})
 
@@ -316,6 +319,43 @@ def _deepspeed_config(job: FitJobConfig) -> dict:
         return ds_config(job.deepspeed, job.offload)
     except ValueError as e:
         raise PeftuError(str(e)) from None
+
+
+@dataclass
+class RunUsers:
+    """A run's users as the driver holds them: always their ids; their records only where a caller
+    passed them in memory. Otherwise whoever needs the records (a worker, a stage) reads its own
+    from the saved data set."""
+
+    ids: list[str]
+    records: list[UserRecord] | None
+    source: str
+    """Where the users come from, for error messages."""
+
+    def rows(self) -> list[dict]:
+        """What the trainer's Dataset holds: whole rows, or the ids for the workers to read."""
+        if self.records is not None:
+            return [u.to_row() for u in self.records]
+        return [{"user_id": u} for u in self.ids]
+
+    def read(self, job: FitJobConfig) -> list[UserRecord]:
+        """The records (on a worker or a stage, never needed by the driver itself)."""
+        return self.records if self.records is not None else read_users(job, self.ids)
+
+
+def read_users(job: FitJobConfig, ids: list[str]) -> list[UserRecord]:
+    from peftu.data.io import load_users
+
+    return load_users(job.data, ids, endpoint_url=job.endpoint_url)
+
+
+def shard_users(job: FitJobConfig, rows: list[dict], source: str) -> list[UserRecord]:
+    """A worker's users from its shard of the Dataset: whole rows (checked) or ids to read."""
+    from peftu.data.io import _checked_row
+
+    if rows and "train" not in rows[0]:
+        return read_users(job, [row["user_id"] for row in rows])
+    return [_checked_row(row, source) for row in rows]
 
 
 @dataclass
@@ -351,7 +391,7 @@ def _run_by_bucket(job: FitJobConfig, spec: TaskSpec, users: list[UserRecord]) -
     if job.select:  # once over every bucket's users, into each bucket run's summary
         from peftu.store import AdapterStore
 
-        selected = _select_stage(job, spec, users, summary.fitted)
+        selected = _select_stage(job, spec, RunUsers([u.user_id for u in users], users, spec.name), summary.fitted)
         store = AdapterStore.open(job.store, endpoint_url=job.endpoint_url)
         for run_id in run_ids:
             record = RUN_SUMMARY.of(spec.name, run_id)
@@ -382,19 +422,24 @@ def _compact_index(store: AdapterStore, task: str) -> None:
 
 
 def _users_source(job: FitJobConfig, loaded: tuple[TaskSpec, list[UserRecord]] | None
-                  ) -> tuple[TaskSpec, list[str], list[UserRecord], str]:
-    """The task, its user ids (`users_limit` applied), the users for the trainer, and where they come
-    from (for error messages).
+                  ) -> tuple[TaskSpec, RunUsers]:
+    """The task and its users (`users_limit` applied): from the saved data set, their ids alone."""
+    from peftu.data.io import USERS_FILE, load_user_ids
 
-    The driver still reads every user (`load_task`): a Dataset over the saved Parquet file, read by
-    the workers, hung on a cluster whose CPUs the train workers all hold (its read tasks never got
-    a CPU); see docs/fitting.md."""
-    from peftu.data.io import USERS_FILE, load_task
+    if loaded:
+        spec, users = loaded
+        users = users[: job.users_limit] if job.users_limit else users
+        return spec, RunUsers([u.user_id for u in users], users, spec.name)
+    spec, ids = load_user_ids(job.data, endpoint_url=job.endpoint_url)
+    ids = ids[: job.users_limit] if job.users_limit else ids
+    return spec, RunUsers(ids, None, f"{str(job.data).rstrip('/')}/{USERS_FILE}")
 
-    spec, users = loaded or load_task(job.data, endpoint_url=job.endpoint_url)
-    users = users[: job.users_limit] if job.users_limit else users
-    source = spec.name if loaded else f"{str(job.data).rstrip('/')}/{USERS_FILE}"
-    return spec, [u.user_id for u in users], users, source
+
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory (the driver's: it should not grow with the users' data)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 FAILURES_LISTED = 1000
@@ -413,13 +458,14 @@ def run_fit_job(job: FitJobConfig, loaded: tuple[TaskSpec, list[UserRecord]] | N
         return _run_by_bucket(job, spec, users[: job.users_limit] if job.users_limit else users)
     ds = _deepspeed_config(job) if job.deepspeed else None
     run_id = start_run("fit")
-    spec, user_ids, users, source = _users_source(job, loaded)
+    spec, users = _users_source(job, loaded)
+    user_ids = users.ids
     store = AdapterStore.open(job.store, endpoint_url=job.endpoint_url)
     publish_task_spec(store, spec)  # what a replica serves the task's adapters with
     progress_name = f"peftu-progress-{run_id}"
     progress = FitProgress.options(name=progress_name, scheduling_strategy=_on_head_node()).remote(len(user_ids))
     loop_config = {"job": job.model_dump(), "spec": spec.model_dump(), "progress_actor": progress_name,
-                   "source": source}
+                   "source": users.source}
     if ds:
         loop_config["deepspeed"] = ds
         run_dir = peftu_home() / "ray-runs" / run_id
@@ -429,7 +475,7 @@ def run_fit_job(job: FitJobConfig, loaded: tuple[TaskSpec, list[UserRecord]] | N
     if job.oppu:
         _task_adapter_stage(job, spec, users)
 
-    trainer = users_trainer(_worker_loop, loop_config, users, run_id=run_id, workers=job.workers,
+    trainer = users_trainer(_worker_loop, loop_config, users.rows(), run_id=run_id, workers=job.workers,
                             use_gpu=job.use_gpu, cpus_per_worker=job.cpus_per_worker, split=not job.deepspeed,
                             max_failures=job.max_failures)
     log.info("fitting %d users of %s on %d worker(s), %d at a time per bank", len(user_ids), spec.name,
@@ -478,6 +524,7 @@ def run_fit_job(job: FitJobConfig, loaded: tuple[TaskSpec, list[UserRecord]] | N
     if selection_error:
         raise PeftuError(f"fit run {run_id}: the fits are published, but choosing each user's method failed: "
                          f"{selection_error}; serving keeps the last selection record") from selection_error
-    log.info("run %s: fitted %d, skipped %d, failed %d in %.0f s; selected: %s", run_id, len(summary.fitted),
-             len(summary.skipped), len(summary.failed), seconds, counts_line(selected))
+    log.info("run %s: fitted %d, skipped %d, failed %d in %.0f s; selected: %s; driver peak RSS %.0f MiB", run_id,
+             len(summary.fitted), len(summary.skipped), len(summary.failed), seconds, counts_line(selected),
+             _peak_rss_mib())
     return FitRunResult(run_id=run_id, summary=summary, seconds=seconds, selected=selected)

@@ -168,8 +168,8 @@ def run_pplug_job(job: PPlugJobConfig, spec: TaskSpec, users: list[UserRecord]) 
         log.info("the PPlug of %s is current, reusing it", spec.name)
         return store.artifact_manifest(ref), True
     loop_config = {"job": job.model_dump(), "spec": spec.model_dump(), "data_fingerprint": data_fp}
-    trainer = users_trainer(_worker_loop, loop_config, users, run_id=start_run("pplug"), workers=job.workers,
-                            use_gpu=job.use_gpu, cpus_per_worker=job.cpus_per_worker,
+    trainer = users_trainer(_worker_loop, loop_config, [u.to_row() for u in users], run_id=start_run("pplug"),
+                            workers=job.workers, use_gpu=job.use_gpu, cpus_per_worker=job.cpus_per_worker,
                             split=False)  # every worker needs every user's history
     log.info("fitting the PPlug of %s on %d users (%d examples), %d worker(s)", spec.name, len(users),
              len(training_rows(users)), job.workers)
