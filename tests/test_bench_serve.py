@@ -20,5 +20,6 @@ def test_the_serve_benchmark_runs_every_phase_and_reports_its_keys(tiny_base, lo
     keys = ["users", "base_rps", "mixed_rps", "mixed_vs_base", "p50_ms", "p99_ms", "cold_load_p99_ms", "hit_rate",
             "continuous_vs_static", "ttft_p50_ms", "ttft_p99_ms", "itl_p99_ms", "static_ttft_p99_ms"]
     assert all(math.isfinite(summary[k]) for k in keys if k not in ("cold_load_p99_ms",))
+    assert {"cold_load_steady_p50_ms", "cold_load_steady_p99_ms"} <= set(summary)  # NaN where every load came first
     assert result.get("continuous", "uniform").load_ms  # three users met for the first time: cold loads
     assert render_serve_markdown(result).count("\n") == len(result.phases) + 1

@@ -19,7 +19,9 @@ at a time, users mixed), and with `split` also static with `batching: split` (on
 user per batch, what `@serve.batch` does), closed loop uniform only. Time to first
 token, inter-token latency (the gaps between streamed chunks) and end-to-end latency
 are measured by the client; cold loads and the hit rate come from the response
-headers (`x-peftu-cache`, `x-peftu-load-ms`).
+headers (`x-peftu-cache`, `x-peftu-load-ms`), and the JSON line also gives the
+cold loads of requests sent while steps run (`cold_load_steady_*`: without a
+closed loop's opening burst of `clients` cold loads at once).
 """
 
 from __future__ import annotations
@@ -61,6 +63,9 @@ class Phase:
     itl_ms: list[float] = field(repr=False)
     e2e_ms: list[float] = field(repr=False)
     load_ms: list[float] = field(repr=False)
+    steady_load_ms: list[float] = field(repr=False)
+    """Cold loads of the requests sent once the first answer streamed (steps running): the loads under load,
+    without the phase's opening burst, where up to `clients` cold loads start at once and queue behind each other."""
     hits: int
     adapter_requests: int
     errors: int
@@ -119,7 +124,9 @@ class ServeBench:
             "ttft_p50_ms": round(mixed.q("ttft_ms", 0.5), 1), "ttft_p99_ms": round(mixed.q("ttft_ms", 0.99), 1),
             "itl_p50_ms": round(mixed.q("itl_ms", 0.5), 1), "itl_p99_ms": round(mixed.q("itl_ms", 0.99), 1),
             "static_ttft_p99_ms": round(static.q("ttft_ms", 0.99), 1),
-            "cold_load_p50_ms": round(mixed.q("load_ms", 0.5), 1)}
+            "cold_load_p50_ms": round(mixed.q("load_ms", 0.5), 1),
+            "cold_load_steady_p50_ms": round(mixed.q("steady_load_ms", 0.5), 1),
+            "cold_load_steady_p99_ms": round(mixed.q("steady_load_ms", 0.99), 1)}
 
 
 def _user_sampler(users: list[str], popularity: str, rng: random.Random, zipf_s: float):
@@ -220,11 +227,13 @@ def _phase(name: str, scheduling: str, popularity: str, load: str, rate: float |
            records: list[dict]) -> Phase:
     ok = [r for r in records if r["status"] == 200 and r["first"] is not None]
     adapter = [r for r in ok if r["user"] is not None]
+    running = min((r["first"] for r in ok), default=0.0)
     return Phase(name, scheduling, popularity, load, rate, len(ok), seconds, sum(r["tokens"] for r in ok),
                  [(r["first"] - r["start"]) * 1000 for r in ok],
                  [(b - a) * 1000 for r in ok for a, b in zip(r["chunks"], r["chunks"][1:])],
                  [(r["end"] - r["start"]) * 1000 for r in ok],
                  [r["load_ms"] for r in ok if r["cache"] == "load"],
+                 [r["load_ms"] for r in ok if r["cache"] == "load" and r["start"] > running],
                  sum(r["cache"] == "hit" for r in adapter), len(adapter), len(records) - len(ok),
                  sum(r["asked"] for r in ok))
 

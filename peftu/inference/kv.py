@@ -102,12 +102,6 @@ class KVSlots(Cache):
         """Columns written by the rows (no padding: a row holds its own tokens only)."""
         return sum(self.lengths)
 
-    @property
-    def reserved(self) -> int:
-        """Columns allocated: slots x width (0 before the first forward)."""
-        layer = next(iter(self._ready()), None)
-        return layer.keys.shape[0] * layer.keys.shape[2] if layer is not None else 0
-
     def _ready(self) -> list[_SlotLayer]:
         return [layer for layer in self.layers if layer.is_initialized]
 

@@ -96,13 +96,8 @@ class RunningBatch:
 
     @property
     def kv_tokens(self) -> int:
-        """KV cache columns the rows have written (their slots may be wider: `kv_reserved`)."""
+        """KV cache columns the rows have written (the slots allocated for them may be wider)."""
         return self.kv.tokens + self.read_kv.tokens
-
-    @property
-    def kv_reserved(self) -> int:
-        """KV cache columns allocated (slots x width), whether rows use them or not."""
-        return self.kv.reserved + self.read_kv.reserved
 
     @torch.no_grad()
     def add(self, rows: list[GenRow]) -> list[RowState]:

@@ -234,8 +234,8 @@ class AdapterManager:
             return Lease(BASE_SLOT, None)
         except Exception as e:  # noqa: BLE001 - any unusable adapter means: answer with the base
             return self._failed(user, version, e, count_errors)
-        try:
-            self.bank.load_slot(slot, state, scale)
+        try:  # in a thread too: the slot is no running row's, so the fill overlaps the step under way
+            await asyncio.to_thread(self.bank.load_slot, slot, state, scale)
         except (KeyError, ValueError) as e:
             self.cache.cancel(slot, self.slot_bytes)
             return self._failed(user, version, e, count_errors)

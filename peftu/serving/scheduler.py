@@ -42,7 +42,7 @@ class Scheduler(JobQueue):
         self.model, self.bank, self.tokenizer = model, bank, tokenizer
         self.max_batch, self.kv_budget, self.max_waiting = max_batch, kv_budget_tokens, max_waiting
         self.metrics = metrics or Metrics()
-        self.batch = RunningBatch(model, bank, tokenizer, chunk=prefill_chunk_tokens)
+        self.batch = RunningBatch(model, bank, tokenizer, chunk=prefill_chunk_tokens, slots=max_batch)
         self._virtual = self.batch.learning.n
         self._queue: deque[Job] = deque()
         self._lock = threading.Condition()
@@ -182,18 +182,22 @@ class Scheduler(JobQueue):
             self._rows.clear()
             self._seen.clear()
             self.reserved = 0
-            self.batch = RunningBatch(self.model, self.bank, self.tokenizer, chunk=self.batch.chunk)
+            self.batch = RunningBatch(self.model, self.bank, self.tokenizer, chunk=self.batch.chunk,
+                                      slots=self.max_batch)
             self._gauges()
             return
         self._observe_tokens()
+        done = []
         for state in finished:
             job, need = self._rows.pop(state)
             self._seen.pop(state, None)
             self.reserved -= need
             if state.result.finish_reason == "cancelled":
                 self._cancelled(job, state.result.tokens)
-            settle(job, state.result)
-        self._gauges()
+            done.append((job, state.result))
+        self._gauges()  # before the callers hear: what they look at next is the batch without their rows
+        for job, result in done:
+            settle(job, result)
 
     def _observe_tokens(self) -> None:
         """Time to first token and inter-token latency of every row that wrote a token in this step."""
