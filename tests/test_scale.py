@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 from peftu.data.io import save_task
@@ -81,9 +83,13 @@ def test_a_hundred_thousand_users_planned_a_slice_fitted_killed_and_resumed(tiny
     try:
         while driver.poll() is None and len(store.list_users(TASK)) < 200:
             time.sleep(2)  # polling the store: the publishes are the signal
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver and its local Ray
+    finally:  # the driver and its local Ray, every process of it (some leave the driver's process group)
+        tree = [driver_proc := psutil.Process(driver.pid), *driver_proc.children(recursive=True)]
+        for proc in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.send_signal(signal.SIGKILL)
         driver.wait()
+        psutil.wait_procs(tree, timeout=30)
     current = set(store.list_users(TASK))
     assert 200 <= len(current) < slice_n, "the kill came too late to test a resume"
 
@@ -100,8 +106,15 @@ def test_a_hundred_thousand_users_planned_a_slice_fitted_killed_and_resumed(tiny
     record = store.get_record(RUN_SUMMARY.of(TASK, runs[-1]))
     assert (record["fitted"], record["skipped"], record["failed"]) == (slice_n - len(current), len(current), 0)
     counts = versions_per_user(store)
-    assert set(counts) == {u.user_id for u in users[:slice_n]} and set(counts.values()) == {1}
+    assert set(counts) == {u.user_id for u in users[:slice_n]}
+    # A user whose publish the kill cut between manifest and pointer keeps that unpointed version beside
+    # the one the resumed run published: only the users in flight at the kill (2 workers' publishes)
+    orphaned = {u for u, n in counts.items() if n > 1}
+    assert len(orphaned) <= 16 and not orphaned & current and set(counts.values()) <= {1, 2}, orphaned
     assert store.backend.list(f"indexes/{ADAPTER.root}/{TASK}/changes") == []  # compacted at the end
-    print(f"planned 100,000 users in {plan_s:.1f} s; killed after {len(current)} of {slice_n}; "
-          f"resumed run fitted {record['fitted']}; its driver's peak RSS {_peak_rss(resumed.stderr + resumed.stdout)}")
+    store.gc_versions(TASK, keep=1)  # `peftu store gc --keep 1` removes them, never a current version
+    assert set(versions_per_user(store).values()) == {1} and set(store.list_users(TASK)) == set(counts)
+    print(f"planned 100,000 users in {plan_s:.1f} s; killed after {len(current)} of {slice_n}; resumed run "
+          f"fitted {record['fitted']} ({len(orphaned)} had an unpointed version from the kill); its driver's "
+          f"peak RSS {_peak_rss(resumed.stderr + resumed.stdout)}")
 
