@@ -85,7 +85,7 @@ def ask_users(base: str, store: str, spec: TaskSpec, users: list[str], texts: li
         f"  base model: {base_answer!r}")
     for user in chosen:
         answer, version = answers[user]
-        log(f"  user {user} (adapter {version}): {answer!r}")
+        log(f"  user {user} ({version}): {answer!r}")
     return {user: answers[user][0] for user in chosen}
 
 
@@ -97,7 +97,7 @@ def _client(url: str, token: str | None = None):
 
 
 def _ask(client, model: str, spec: TaskSpec, text: str) -> tuple[str, str]:
-    """The task's answer as evaluation gives it (`peftu.inference.predict`), and which adapter gave it.
+    """The task's answer as evaluation gives it (`peftu.inference.predict`), and what gave it.
 
     A generation task's is a greedy completion; a classification or rating task's the label that
     `/v1/score` finds likeliest (not an OpenAI endpoint: the SDK's own `post` sends it).
@@ -109,6 +109,12 @@ def _ask(client, model: str, spec: TaskSpec, text: str) -> tuple[str, str]:
         raw = client.completions.with_raw_response.create(
             model=model, prompt=spec.render(text), max_tokens=sampling.max_tokens,
             temperature=sampling.temperature, stop=sampling.stop)
-        return raw.parse().choices[0].text.strip(), raw.headers["x-peftu-adapter"]
+        return raw.parse().choices[0].text.strip(), _answered_by(raw.headers)
     r = client.post("/score", cast_to=httpx2.Response, body={"model": model, "input": text})
-    return r.json()["label"], r.headers["x-peftu-adapter"]
+    return r.json()["label"], _answered_by(r.headers)
+
+
+def _answered_by(headers) -> str:
+    """What answered, from the headers: the user's selected method, and their adapter's version if it ran."""
+    method, adapter = headers.get("x-peftu-method", "adapter"), headers["x-peftu-adapter"]
+    return method if adapter == "none" else f"{method}, adapter {adapter}"
