@@ -68,10 +68,7 @@ def _write_local(folder: Path, spec: TaskSpec, users: list[UserRecord]) -> None:
 
 def save_task(uri: str | Path, spec: TaskSpec, users: list[UserRecord], *, endpoint_url: str | None = None) -> None:
     """Save a task's users to a folder or an `s3://` prefix, all or nothing."""
-    ids = [u.user_id for u in users]
-    if len(set(ids)) != len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
-        raise DataError("duplicate user id", record=dup, field="user_id")
+    _no_duplicates([u.user_id for u in users], None)
     if _is_s3(str(uri)):
         backend = _s3(uri, endpoint_url)
         with tempfile.TemporaryDirectory() as tmp:
@@ -108,17 +105,8 @@ def _parse_spec(text: str | bytes, source: str) -> TaskSpec:
 
 def load_spec(uri: str | Path, *, endpoint_url: str | None = None) -> TaskSpec:
     """Only the task of a saved data set: a cheap check that `uri` is one before long work starts."""
-    if _is_s3(str(uri)):
-        try:
-            text = _s3(uri, endpoint_url).get(TASK_FILE).decode()
-        except NotFoundError:
-            raise DataError("missing; is this a data set saved by `peftu data`?",
-                            source=f"{str(uri).rstrip('/')}/{TASK_FILE}") from None
-        return _parse_spec(text, f"{str(uri).rstrip('/')}/{TASK_FILE}")
-    task_file = Path(uri) / TASK_FILE
-    if not task_file.is_file():
-        raise DataError("missing; is this a data set saved by `peftu data`?", source=f"{uri}/{TASK_FILE}")
-    return _parse_spec(task_file.read_text(), f"{uri}/{TASK_FILE}")
+    with _saved_files(uri, endpoint_url, (TASK_FILE,)) as (folder, display):
+        return _read_spec(folder, display)
 
 
 @contextmanager
@@ -211,7 +199,7 @@ def _read_users(folder: Path, display: str, where=None) -> list[UserRecord]:
     return users
 
 
-def _no_duplicates(ids: list[str], source: str) -> None:
+def _no_duplicates(ids: list[str], source: str | None) -> None:
     seen: set[str] = set()
     for user_id in ids:
         if user_id in seen:

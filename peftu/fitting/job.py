@@ -423,6 +423,11 @@ def _compact_index(store: AdapterStore, task: str) -> None:
         log.warning("could not compact the index of %s: %s", task, e)
 
 
+def _limited(job: FitJobConfig, users: list[T]) -> list[T]:
+    """The first `users_limit` users (all without a limit)."""
+    return users[: job.users_limit] if job.users_limit else users
+
+
 def _users_source(job: FitJobConfig, loaded: tuple[TaskSpec, list[UserRecord]] | None
                   ) -> tuple[TaskSpec, RunUsers]:
     """The task and its users (`users_limit` applied): from the saved data set, their ids alone."""
@@ -430,10 +435,10 @@ def _users_source(job: FitJobConfig, loaded: tuple[TaskSpec, list[UserRecord]] |
 
     if loaded:
         spec, users = loaded
-        users = users[: job.users_limit] if job.users_limit else users
+        users = _limited(job, users)
         return spec, RunUsers([u.user_id for u in users], users, spec.name)
     spec, ids = load_user_ids(job.data, endpoint_url=job.endpoint_url)
-    ids = ids[: job.users_limit] if job.users_limit else ids
+    ids = _limited(job, ids)
     return spec, RunUsers(ids, None, f"{str(job.data).rstrip('/')}/{USERS_FILE}")
 
 
@@ -467,7 +472,7 @@ def run_fit_job(job: FitJobConfig, loaded: tuple[TaskSpec, list[UserRecord]] | N
 
     if job.bucket_hparams:  # one run per bucket: the driver sorts the users, so it reads them
         spec, users = loaded or load_task(job.data, endpoint_url=job.endpoint_url)
-        return _run_by_bucket(job, spec, users[: job.users_limit] if job.users_limit else users)
+        return _run_by_bucket(job, spec, _limited(job, users))
     ds = _deepspeed_config(job) if job.deepspeed else None
     run_id = start_run("fit")
     spec, users = _users_source(job, loaded)
