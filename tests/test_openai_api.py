@@ -183,6 +183,7 @@ def test_what_has_no_meaning_here_is_a_400_naming_the_field(client, options, fie
 def test_completion_fields_out_of_range_are_400s(client):
     sdk, tok = client
     for options, field in (({"logprobs": 6}, "logprobs"), ({"prompt": [len(tok) + 5]}, "prompt"),
+                           ({"prompt": ""}, "prompt"),
                            ({"best_of": 3}, "best_of"), ({"suffix": "x"}, "suffix"), ({"max_tokens": 0}, "echo"),
                            ({"logit_bias": {"abc": 1}}, "logit_bias")):
         with pytest.raises(openai.BadRequestError) as e:

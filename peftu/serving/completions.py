@@ -62,7 +62,9 @@ class Completions:
     # --- requests -----------------------------------------------------------------------
 
     def checked(self, ids: list[int]) -> list[int]:
-        """A prompt's ids within `max_prompt_tokens` and the vocabulary (a 400 naming which, else)."""
+        """A prompt's ids: at least one, within `max_prompt_tokens` and the vocabulary (a 400 naming which, else)."""
+        if not ids:
+            raise ApiError(400, "the prompt has no tokens: give at least one", "prompt")
         if len(ids) > self.cfg.max_prompt_tokens:
             raise ApiError(400, f"the prompt has {len(ids)} tokens, this server allows at most "
                            f"{self.cfg.max_prompt_tokens}", "prompt")
