@@ -232,22 +232,33 @@ def test_a_flood_past_the_queue_is_refused_at_once_while_the_admitted_and_a_norm
     assert len(greedy(sdk, n=6).choices) == 6  # the refused rows left nothing behind
 
 
+def _tokens_written(url: str) -> float:
+    """Tokens the replica has written so far: every token is one first-token or one inter-token observation."""
+    return (metric(url, "peftu_time_to_first_token_seconds_count")
+            + metric(url, "peftu_inter_token_latency_seconds_count"))
+
+
 def test_abandoned_non_streamed_requests_stop_consuming_steps(client):
-    """Clients that hang up on a plain (non-streamed) completion: their rows leave the batch at the next
-    step, counted as cancelled with the few tokens they wrote, and the replica goes idle."""
+    """Clients that hang up on a plain (non-streamed) completion: their rows leave the batch soon after, counted
+    as cancelled with the tokens they wrote, none running to its limit, and the replica goes idle."""
     sdk, tok = client
     url, limit = _url(sdk), 256
     cancelled, written = metric(url, "peftu_cancelled_requests_total"), metric(url, "peftu_cancelled_tokens_total")
+    start = _tokens_written(url)
     conns = [open_request(url, {"model": f"tiny-test:{u}", "prompt": PROMPT, "max_tokens": limit,
-                                      "temperature": 0, "logit_bias": _no_eos(tok)}) for u in USERS]
+                                "temperature": 0, "logit_bias": _no_eos(tok)}) for u in USERS]
     try:
-        wait_for(lambda: metric(url, "peftu_requests_running") >= len(USERS), "the rows to run")
+        wait_for(lambda: metric(url, "peftu_requests_running") >= len(USERS), "the rows to run", poll_s=0.01)
     finally:
+        before = _tokens_written(url) - start  # written while they were wanted (this replica runs nothing else)
         for conn in conns:
             conn.close()
     wait_for(lambda: metric(url, "peftu_cancelled_requests_total") - cancelled >= len(USERS), "the cancellations")
     wait_for(lambda: metric(url, "peftu_requests_running") == 0, "the batch to empty")
     assert metric(url, "peftu_cancelled_requests_total") - cancelled == len(USERS)
     tokens = metric(url, "peftu_cancelled_tokens_total") - written
-    assert tokens < len(USERS) * limit / 2, f"the abandoned rows wrote {tokens} tokens before they stopped"
+    after, left = tokens - before, len(USERS) * limit - before
+    print(f"abandoned: {before:.0f} tokens written before the hang-up, {after:.0f} after it of {left:.0f} left")
+    assert before <= tokens < len(USERS) * limit, f"the abandoned rows wrote {tokens} tokens of {len(USERS) * limit}"
+    assert after < left / 2, f"the abandoned rows wrote {after} of the {left} tokens they had left after the hang-up"
     assert greedy(sdk, max_tokens=2).choices[0].text is not None
