@@ -53,7 +53,8 @@ def test_every_user_is_published_once_and_a_rerun_skips_all(local_ray, tiny_base
     store.delete_user("synth-cls", users[0])
     half = f"adapters/synth-cls/{users[0]}/versions/{time.time_ns():020d}-deadbeef"
     store.backend.put(f"{half}/adapter_model.safetensors", b"half-written")
-    kept = {"method": "base", "val": {"base": 1.0}}  # what a re-run that chose everyone again would overwrite
+    # Scores no model gives, which a re-run that scored everyone again would overwrite; by them the base wins.
+    kept = {"method": "adapter", "val": {"majority": 0.0, "base": 1.0, "adapter": 0.0}, "n_val": 4}
     store.put_record(SELECTION.of("synth-cls"), selection | {"users": {u: kept for u in users}})
     again = run_fit_job(job)
     assert again.summary.fitted == [users[0]] and sorted(again.summary.skipped) == users[1:]
@@ -62,10 +63,10 @@ def test_every_user_is_published_once_and_a_rerun_skips_all(local_ray, tiny_base
     record = store.get_record(RUN_SUMMARY.of("synth-cls", again.run_id))
     assert (record["fitted"], record["skipped"], record["failed"], record["failures"]) == (1, 9, 0, {})
     assert record["error"] is None
-    # Only the refitted user is chosen again; the others keep their entries.
+    # Only the refitted user is scored again; the others are chosen again from the scores they kept.
     again_selection = store.get_record(SELECTION.of("synth-cls"))["users"]
-    assert all(again_selection[u] == kept for u in users[1:])
-    assert again_selection[users[0]] == selection["users"][users[0]]
+    assert all(again_selection[u] == kept | {"method": "base"} for u in users[1:])
+    assert again_selection[users[0]]["val"] == selection["users"][users[0]]["val"]
     assert record["selected"] == again.selected == selected_counts(again_selection)
 
 

@@ -8,7 +8,18 @@ from collections import Counter
 import pytest
 
 from peftu.data.schema import Example, TaskSpec, UserRecord
-from peftu.fitting.selection import PRIOR_WEIGHTS, Choice, best_prior_weight, choose, log_prior, with_prior
+from peftu.fitting.selection import (
+    PRIOR_WEIGHTS,
+    SHRINK_EXAMPLES,
+    Choice,
+    choose,
+    choose_all,
+    judge,
+    log_prior,
+    shrunk,
+    task_prior_weights,
+    with_prior,
+)
 
 CLS = TaskSpec(name="t", kind="classification", prompt="{input}", labels=["a", "b", "c"])
 
@@ -28,24 +39,69 @@ def test_log_prior_counts_the_users_training_labels_smoothed():
     assert {k: math.exp(v) for k, v in prior.items()} == pytest.approx({"a": 3 / 6, "b": 2 / 6, "c": 1 / 6})
 
 
-def test_the_prior_weight_is_chosen_on_validation():
-    prior = {"a": math.log(0.8), "b": math.log(0.1), "c": math.log(0.1)}
+def _user(uid: str, train: str, val: str) -> UserRecord:
+    return UserRecord(uid, train=[Example(f"t{i}", "x", lab) for i, lab in enumerate(train)],
+                      val=[Example(f"v{i}", "x", lab) for i, lab in enumerate(val)],
+                      test=[Example("q", "x", "a")])
+
+
+def test_the_prior_weight_is_chosen_on_all_users_validation_together():
     scores = [[-1.0, -0.5, -3.0], [-2.0, -0.1, -3.0], [-0.1, -2.0, -3.0]]  # the model says b, b, a
+    habit = _user("habit", "aaaaaaa", "aba")  # prior a 0.8, b 0.1, c 0.1; answers a, b, a
+    prior = log_prior(CLS, habit)
     assert with_prior(CLS, scores, prior, 0.0) == ["b", "b", "a"]
     assert with_prior(CLS, scores, prior, 8.0) == ["a", "a", "a"]
-    # The user answers a, b, a: a weight that turns the first answer to "a" but not the second wins.
-    weight, metrics = best_prior_weight(CLS, scores, ["a", "b", "a"], prior)
-    assert metrics["accuracy"] == 1.0 and with_prior(CLS, scores, prior, weight) == ["a", "b", "a"]
-    assert weight == min(w for w in PRIOR_WEIGHTS if with_prior(CLS, scores, prior, w) == ["a", "b", "a"])
-    # Nothing to gain: the model alone (weight 0).
-    assert best_prior_weight(CLS, scores, ["b", "b", "a"], prior)[0] == 0.0
+    # Alone, the habitual user would take a weight that turns their first answer to "a" but not the second.
+    alone = judge(CLS, "base", habit, scores, scores[:1])["base+prior"]
+    curve = [at.val["accuracy"] for at in alone.by_weight]
+    assert max(curve) == 1.0 and curve[0] == pytest.approx(2 / 3)
+    # A user whom the model reads right loses by any weight that flips their "b"s to their usual "a".
+    reader = _user("reader", "aaaaaaa", "bba")
+    both = {u.user_id: Choice.of_record(
+                {"method": "base", "val": {}, "n_val": 3,
+                 "prior_curves": {"base+prior": [at.val["accuracy"] for at in
+                                                 judge(CLS, "base", u, scores, scores[:1])["base+prior"].by_weight]}})
+            for u in (habit, reader)}
+    means = [(a + b) / 2 for a, b in zip(*(c.prior_curves["base+prior"] for c in both.values()))]
+    weight = task_prior_weights("accuracy", both)["base+prior"]
+    assert means[PRIOR_WEIGHTS.index(weight)] == max(means)
+    assert weight == PRIOR_WEIGHTS[means.index(max(means))]  # the smallest of the best
+    chosen = choose_all("accuracy", both)
+    assert all(c.prior_weights == {"base+prior": weight} for c in chosen.values())
+    assert chosen["habit"].val["base+prior"] == curve[PRIOR_WEIGHTS.index(weight)]
 
 
-def test_a_choice_carries_the_prior_only_when_it_answers():
-    assert Choice("oppu", {"oppu": 1.0}, 2.0, {"a": -0.1}).record() == {"method": "oppu", "val": {"oppu": 1.0}}
-    rec = Choice("oppu+prior", {"oppu+prior": 1.0}, 2.0, {"a": -0.1}, answer="a").record()
-    assert rec["prior_weight"] == 2.0 and rec["log_prior"] == {"a": -0.1} and "answer" not in rec
-    assert Choice("majority", {"majority": 1.0}, None, {}, answer="b").record()["answer"] == "b"
+def test_a_choice_carries_what_choosing_again_needs_and_the_weight_only_when_it_answers():
+    plain = Choice("oppu", {"oppu": 1.0}, 3, prior_weights={"oppu+prior": 2.0})
+    assert plain.record() == {"method": "oppu", "val": {"oppu": 1.0}, "n_val": 3}  # not a label task: no prior
+    labelled = Choice("oppu+prior", {"oppu+prior": 1.0}, 3, {"oppu+prior": [0.5, 1.0]}, {"oppu+prior": 2.0},
+                      {"a": -0.1}, answer="a")
+    rec = labelled.record()
+    assert rec["prior_weight"] == 2.0 and rec["log_prior"] == {"a": -0.1} and rec["answer"] == "a"
+    assert Choice.of_record(rec) == labelled
+    usual = Choice("majority", {"majority": 1.0}, 3, {}, {"oppu+prior": 2.0}, {"a": -0.1}, "a")
+    assert "prior_weight" not in usual.record() and usual.record()["answer"] == "a"
+
+
+def test_few_validation_examples_lean_on_what_wins_for_the_task_many_on_the_users_own():
+    # On this task the adapter wins for most users (mae, lower is better).
+    crowd = {f"u{i}": Choice("", {"base": 1.0, "oppu": 0.4}, 20) for i in range(9)}
+    # Two users whose own split says the base is a little better: one on 2 examples, one on 200.
+    few = Choice("", {"base": 0.5, "oppu": 1.0}, 2)
+    many = Choice("", {"base": 0.5, "oppu": 1.0}, 200)
+    chosen = choose_all("mae", crowd | {"few": few, "many": many})
+    assert chosen["few"].method == "oppu" and chosen["many"].method == "base"
+    assert all(chosen[u].method == "oppu" for u in crowd)
+    # Without shrinking, each user's own split alone decides.
+    assert choose_all("mae", crowd | {"few": few}, strength=0)["few"].method == "base"
+    means = {"base": (9 * 1.0 + 0.5) / 10, "oppu": (9 * 0.4 + 1.0) / 10}
+    assert shrunk(crowd | {"few": few})["few"] == pytest.approx(
+        {n: (2 * few.val[n] + SHRINK_EXAMPLES * means[n]) / (2 + SHRINK_EXAMPLES) for n in means})
+
+
+def test_a_candidate_only_some_users_have_is_pooled_over_those_users():
+    scores = shrunk({"a": Choice("", {"base": 0.5, "oppu": 0.9}, 0), "b": Choice("", {"base": 0.7}, 0)})
+    assert scores["a"] == pytest.approx({"base": 0.6, "oppu": 0.9}) and scores["b"] == pytest.approx({"base": 0.6})
 
 
 # --- the `selected` row on a real (tiny) run ---------------------------------------------------------
@@ -63,12 +119,12 @@ def test_selected_answers_each_user_with_their_validation_winner(tmp_path, tiny_
     ctx = QualityContext(spec, users, tiny_base, AdapterStore.open(str(tmp_path / "store")), LoraHParams(epochs=1),
                          progress=False, log=lambda _: None)
     result = run_quality(ctx, ["base", "global", "majority", "oppu", "selected"]).full()
+    shrunk_val = shrunk({uid: Choice.of_record(c) for uid, c in result["choices"].items()})
     for user in users:
         choice = result["choices"][user.user_id]
         val, winner = choice["val"], choice["method"]
         assert set(val) >= {"majority", "base", "base+prior", "global", "global+prior", "oppu", "oppu+prior"}
-        assert val[winner] == min(val.values())  # mae: lower is better; never worse than majority or base on val
-        assert winner == choose("mae", val)
+        assert winner == choose("mae", shrunk_val[user.user_id])  # mae: lower is better
         if winner in result["per_user"]:  # a plain row: its test answers are the row's
             assert result["per_user"]["selected"][user.user_id] == result["per_user"][winner][user.user_id]
         else:

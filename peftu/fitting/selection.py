@@ -4,28 +4,40 @@ Personalizing can make a user's answers worse: their adapter may have
 over-fitted a handful of examples, or the base may not read their texts at
 all, so that the user's own label prior (what they usually answer) beats
 every model. So every user's candidates are scored on that user's
-validation split, and the winner answers them; a tie goes to the simpler
-candidate (`SIMPLEST_FIRST`), since a validation split of a few examples
-cannot tell equals apart.
+validation split, and the winner answers them.
+
+A validation split of one to three examples cannot tell candidates apart:
+alone, it hands a user the base because it tied their adapter on two
+examples. So each user's scores are shrunk toward what every candidate
+scored over all the task's users (`shrunk`): a user with `n` validation
+examples weighs their own score by `n / (n + SHRINK_EXAMPLES)` and the
+candidate's task-wide mean by the rest. A user with few examples gets what
+works for users of this task; a user with many gets what works for them. A
+tie after that goes to the simpler candidate (`SIMPLEST_FIRST`).
 
 For classification and rating tasks two candidates use the user's label
 prior `prior_user(label)` (their training labels, add-one smoothed):
 
 - `<model>+prior`: the model's label log-likelihood plus `w * log prior_user(label)`,
-  a per-user calibration whose weight `w` (`PRIOR_WEIGHTS`) is chosen on the
-  user's validation split (ties: the smaller weight);
+  a per-user calibration. Its weight `w` (`PRIOR_WEIGHTS`) is chosen on all
+  the task's users' validation splits together (`task_prior_weights`; ties:
+  the smaller weight): chosen on one user's few examples, it would fit them,
+  and the `+prior` candidate would then look better on validation than it
+  is, and win where it should not;
 - `majority`: the prior alone, as the baseline row answers (the most frequent
   label; for a rating, the level nearest the user's mean rating).
 
 What a user's choice is, as the fit and the benchmark record it and serving
 reads it (`Choice.record`; the record's schema is `peftu.store.selection`):
-``{"method": name, "val": {candidate: metric}, "prior_weight": w,
-"log_prior": {label: log p}, "answer": label}``; `prior_weight` and
-`log_prior` only where the winner uses the prior, so a server scoring the
+``{"method": name, "val": {candidate: metric}, "n_val": examples,
+"prior_curves": {candidate: [metric at each w]}, "prior_weights": {candidate: w},
+"prior_weight": w, "log_prior": {label: log p}, "answer": label}``.
+Everything but `method`, `val` and `n_val` only on label tasks;
+`prior_weight` only where the winner uses the prior, so a server scoring the
 user's labels adds ``w * log_prior[label]`` to each label's log-likelihood
-before taking the best (`calibrated`); `answer` (and `log_prior`, what a
-server scores the labels with) only where `majority` won a label task: the
-one label that user is answered with.
+before taking the best (`calibrated`); `answer` is the one label `majority`
+answers with. The record holds all a choice depends on, so the users a run
+did not refit are chosen again from it without a model.
 """
 
 from __future__ import annotations
@@ -37,7 +49,7 @@ from dataclasses import dataclass, field, replace
 
 from peftu.data.schema import TaskSpec, UserRecord
 from peftu.errors import NotFoundError
-from peftu.evaluation.metrics import Golds, better, task_metrics
+from peftu.evaluation.metrics import LOWER_IS_BETTER, better, task_metrics
 from peftu.quality.personalize import bm25_top_k
 from peftu.store.kinds import SELECTION
 from peftu.store.selection import MAJORITY, PRIOR, calibrated
@@ -49,6 +61,10 @@ SIMPLEST_FIRST = ("majority", "base", "global", "base+prior", "global+prior", "a
 
 PRIOR_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 """The weights of the prior tried on a user's validation split (0: the model alone)."""
+
+SHRINK_EXAMPLES = 8.0
+"""How many validation examples a candidate's task-wide mean counts as in each user's choice (0: the
+user's own split alone). See docs/results.md for what other values gave."""
 
 
 def uses_prior(spec: TaskSpec) -> bool:
@@ -71,40 +87,50 @@ def with_prior(spec: TaskSpec, scores: list[list[float]], prior: dict[str, float
     return [best(s) for s in scores]
 
 
-def best_prior_weight(spec: TaskSpec, scores: list[list[float]], golds: Golds, prior: dict[str, float]
-                      ) -> tuple[float, dict[str, float]]:
-    """The weight of the prior that scores best on (validation) `golds`, smallest on a tie, and its metrics."""
-    best: tuple[float, dict[str, float]] | None = None
-    for weight in PRIOR_WEIGHTS:
-        metrics = task_metrics(spec, with_prior(spec, scores, prior, weight), golds)
-        if best is None or better(spec.metric, metrics[spec.metric], best[1][spec.metric]):
-            best = (weight, metrics)
-    return best
-
-
 def _simplicity(name: str) -> tuple[int, str]:
     return (SIMPLEST_FIRST.index(name) if name in SIMPLEST_FIRST else len(SIMPLEST_FIRST), name)
 
 
 @dataclass
 class Choice:
-    """One user's winner on their validation split, and what every candidate scored there."""
+    """One user's winner, what every candidate scored on their validation split, and what answering
+    them with any candidate needs (so that they can be chosen again without a model)."""
 
     method: str
     val: dict[str, float]
-    prior_weight: float | None = None
+    n_val: int
+    prior_curves: dict[str, list[float]] = field(default_factory=dict)
+    """Each `+prior` candidate's validation metric at each of `PRIOR_WEIGHTS`."""
+    prior_weights: dict[str, float] = field(default_factory=dict)
+    """Each `+prior` candidate's weight, as the task's users' validation splits chose it."""
     log_prior: dict[str, float] = field(default_factory=dict)
     answer: str | None = None
     """The one answer `majority` gives on a label task (what serving answers such a user)."""
 
+    @property
+    def prior_weight(self) -> float | None:
+        return self.prior_weights.get(self.method)
+
     def record(self) -> dict:
         """The JSON a fit and the benchmark write and serving reads (see the module doc)."""
-        out = {"method": self.method, "val": self.val}
-        if self.method == MAJORITY and self.answer is not None:
-            out |= {"answer": self.answer, "log_prior": self.log_prior}
-        if self.method.endswith(PRIOR) and self.prior_weight is not None:
-            out |= {"prior_weight": self.prior_weight, "log_prior": self.log_prior}
+        out = {"method": self.method, "val": self.val, "n_val": self.n_val}
+        if self.log_prior:
+            out |= {"prior_curves": self.prior_curves, "prior_weights": self.prior_weights,
+                    "log_prior": self.log_prior, "answer": self.answer}
+        if self.prior_weight is not None:
+            out["prior_weight"] = self.prior_weight
         return out
+
+    @classmethod
+    def of_record(cls, entry: dict) -> Choice:
+        return cls(entry["method"], entry["val"], entry.get("n_val", 0), entry.get("prior_curves", {}),
+                   entry.get("prior_weights", {}), entry.get("log_prior", {}), entry.get("answer"))
+
+    def at_weights(self, weights: dict[str, float]) -> Choice:
+        """This user's `+prior` scores at the task's chosen weights."""
+        picked = {name: weights[name] for name in self.prior_curves}
+        return replace(self, prior_weights=picked, val=self.val | {
+            name: self.prior_curves[name][PRIOR_WEIGHTS.index(w)] for name, w in picked.items()})
 
 
 def choose(metric: str, val: dict[str, float]) -> str:
@@ -119,13 +145,60 @@ def choose(metric: str, val: dict[str, float]) -> str:
     return best
 
 
+def shrunk(choices: dict[str, Choice], strength: float = SHRINK_EXAMPLES) -> dict[str, dict[str, float]]:
+    """Each user's validation scores pulled toward each candidate's mean over all users who have it:
+    ``(n * own + strength * mean) / (n + strength)``, `n` the user's validation examples."""
+    pooled: dict[str, list[float]] = {}
+    for choice in choices.values():
+        for name, score in choice.val.items():
+            pooled.setdefault(name, []).append(score)
+    means = {name: sum(scores) / len(scores) for name, scores in pooled.items()}
+    return {uid: {name: (c.n_val * score + strength * means[name]) / (c.n_val + strength) if c.n_val + strength
+                  else score for name, score in c.val.items()}
+            for uid, c in choices.items()}
+
+
+def task_prior_weights(metric: str, choices: dict[str, Choice]) -> dict[str, float]:
+    """Each `+prior` candidate's weight over the users who have it: the smallest whose mean validation
+    metric is within one standard error (over users) of the best weight's (the one-standard-error rule:
+    a weight that only fits the validation noise is not taken; 0 is the model alone)."""
+    curves: dict[str, list[list[float]]] = {}
+    for choice in choices.values():
+        for name, curve in choice.prior_curves.items():
+            curves.setdefault(name, []).append(curve)
+    return {name: PRIOR_WEIGHTS[_one_standard_error(metric, of_users)] for name, of_users in curves.items()}
+
+
+def _one_standard_error(metric: str, curves: list[list[float]]) -> int:
+    """The first index whose mean over `curves` is no worse than the best mean plus its standard error."""
+    n = len(curves)
+    means = [sum(curve[i] for curve in curves) / n for i in range(len(curves[0]))]
+    best = 0
+    for i in range(1, len(means)):
+        if better(metric, means[i], means[best]):
+            best = i
+    spread = math.sqrt(sum((curve[best] - means[best]) ** 2 for curve in curves) / (n - 1)) if n > 1 else 0.0
+    worse = means[best] + (spread if metric in LOWER_IS_BETTER else -spread) / math.sqrt(n)
+    return next(i for i, m in enumerate(means) if not better(metric, worse, m))
+
+
+def choose_all(metric: str, choices: dict[str, Choice], strength: float = SHRINK_EXAMPLES) -> dict[str, Choice]:
+    """Every user's winner: the `+prior` candidates at the task's weights, then by their `shrunk`
+    validation scores (ties to the simpler)."""
+    weights = task_prior_weights(metric, choices)
+    choices = {uid: c.at_weights(weights) for uid, c in choices.items()}
+    scores = shrunk(choices, strength)
+    return {uid: replace(c, method=choose(metric, scores[uid])) for uid, c in choices.items()}
+
+
 def majority_answer(spec: TaskSpec, user: UserRecord, query: str) -> str:
     """The user's own baseline answer to `query` from their history (see the module doc)."""
     answered = [h.output for h in user.history if h.output.strip()]
     if spec.kind == "classification":
         counts = Counter(answered)
         order = {lab: i for i, lab in enumerate(spec.labels)}
-        return min(counts, key=lambda lab: (-counts[lab], order.get(lab, len(order)), lab)) if counts else spec.labels[0]
+        first = (lambda lab: (-counts[lab], order.get(lab, len(order)), lab))
+        return min(counts, key=first) if counts else spec.labels[0]
     if spec.kind == "rating":
         scale = spec.level_values()
         values = [scale[a] for a in answered if a in scale]
@@ -144,7 +217,12 @@ class Judged:
 
     val: dict[str, float]
     test: dict[str, float]
-    prior_weight: float | None = None
+    by_weight: list[Judged] | None = None
+    """A `+prior` candidate's metrics at each of `PRIOR_WEIGHTS` (its `val` and `test` are at 0 until one
+    is chosen: `at`)."""
+
+    def at(self, weight: float | None) -> Judged:
+        return self if self.by_weight is None or weight is None else self.by_weight[PRIOR_WEIGHTS.index(weight)]
 
 
 def judged_users(users: list[UserRecord]) -> list[UserRecord]:
@@ -160,18 +238,15 @@ def _answers(fn: Answers, spec: TaskSpec, user: UserRecord, **slot) -> tuple[lis
 
 
 def judge(spec: TaskSpec, name: str, user: UserRecord, val_out: list, test_out: list) -> dict[str, Judged]:
-    """A model candidate's metrics for a user, and on label tasks its `+prior` twin's at the weight val picks."""
+    """A model candidate's metrics for a user, and on label tasks its `+prior` twin's at every weight."""
     val_golds, test_golds = [e.golds for e in user.val], [e.golds for e in user.test]
     if not uses_prior(spec):
         return {name: Judged(task_metrics(spec, val_out, val_golds), task_metrics(spec, test_out, test_golds))}
     prior = log_prior(spec, user)
-    weight, val_metrics = best_prior_weight(spec, val_out, val_golds, prior)
-
-    def at(w: float, outs: list, golds: list) -> dict[str, float]:
-        return task_metrics(spec, with_prior(spec, outs, prior, w), golds)
-
-    return {name: Judged(at(0.0, val_out, val_golds), at(0.0, test_out, test_golds)),
-            name + PRIOR: Judged(val_metrics, at(weight, test_out, test_golds), weight)}
+    by_weight = [Judged(task_metrics(spec, with_prior(spec, val_out, prior, w), val_golds),
+                        task_metrics(spec, with_prior(spec, test_out, prior, w), test_golds)) for w in PRIOR_WEIGHTS]
+    alone = by_weight[PRIOR_WEIGHTS.index(0.0)]
+    return {name: alone, name + PRIOR: replace(alone, by_weight=by_weight)}
 
 
 def _majority(spec: TaskSpec, user: UserRecord) -> Judged:
@@ -205,13 +280,14 @@ def own_adapter(spec: TaskSpec, base, tokenizer, store, task: str, base_fp: str
 
 
 def choose_users(spec: TaskSpec, users: list[UserRecord], models: dict[str, Answers],
-                 own: Callable[[UserRecord], tuple[list, list] | None], own_name: str
-                 ) -> dict[str, tuple[Choice, dict[str, Judged]]]:
+                 own: Callable[[UserRecord], tuple[list, list] | None], own_name: str,
+                 strength: float = SHRINK_EXAMPLES) -> dict[str, tuple[Choice, dict[str, Judged]]]:
     """Every user's choice among `majority`, the shared `models` and their own adapter (`own`: its
     outputs on the user's judged and test inputs, None if they have none), and every candidate's metrics.
 
-    A user without a validation split is judged on their training split (`judged_users`)."""
-    out = {}
+    The scores are shrunk toward the task-wide means over these users (`choose_all`). A user without
+    a validation split is judged on their training split (`judged_users`)."""
+    scored = {}
     for user in judged_users([u for u in users if u.test]):
         scores = {"majority": _majority(spec, user)}
         for name, fn in models.items():
@@ -219,13 +295,16 @@ def choose_users(spec: TaskSpec, users: list[UserRecord], models: dict[str, Answ
         mine = own(user)
         if mine is not None:
             scores |= judge(spec, own_name, user, *mine)
-        val = {name: j.val[spec.metric] for name, j in scores.items() if j.val}
-        winner = choose(spec.metric, val)
-        label_answer = uses_prior(spec) and (winner.endswith(PRIOR) or winner == MAJORITY)
-        out[user.user_id] = (Choice(winner, val, scores[winner].prior_weight,
-                                    log_prior(spec, user) if label_answer else {},
-                                    majority_answer(spec, user, "") if uses_prior(spec) else None), scores)
-    return out
+        val = {name: j.val[spec.metric] for name, j in scores.items() if j.val and j.by_weight is None}
+        curves = {name: [at.val[spec.metric] for at in j.by_weight] for name, j in scores.items()
+                  if j.val and j.by_weight}
+        label = uses_prior(spec)
+        choice = Choice(MAJORITY, val, len(user.val), curves, {},
+                        log_prior(spec, user) if label else {}, majority_answer(spec, user, "") if label else None)
+        scored[user.user_id] = (choice, scores)
+    chosen = choose_all(spec.metric, {uid: c for uid, (c, _) in scored.items()}, strength)
+    return {uid: (chosen[uid], {name: j.at(chosen[uid].prior_weights.get(name)) for name, j in scores.items()})
+            for uid, (_, scores) in scored.items()}
 
 
 def select_fitted(base_path: str, store, spec: TaskSpec, users: list[UserRecord], *,
@@ -235,10 +314,11 @@ def select_fitted(base_path: str, store, spec: TaskSpec, users: list[UserRecord]
     `adapter` without OPPU), each `+prior` on label tasks; published as the task's selection record
     (`kinds.SELECTION`, schema in `peftu.store.selection`), which serving reads. Returns every entry.
 
-    `refit`: the users whose adapters this run changed. Every other user keeps their entry of the
-    task's last record if it was chosen for the same users' base (nothing else their choice depends
-    on changed: new data or hyper-parameters refit them), so a re-run that skips everyone loads no
-    model and writes nothing. None: choose for every user again."""
+    `refit`: the users whose adapters this run changed. Every other user keeps their scores of the
+    task's last record if it was chosen for the same users' base (nothing else their scores depend
+    on changed: new data or hyper-parameters refit them) and is chosen again from them beside the
+    new ones (the task-wide means moved), so a re-run that skips everyone loads no model and writes
+    nothing. None: score every user again."""
     from peftu.model.base import base_fingerprint, load_base
     from peftu.model.bases import load_users_base
 
@@ -253,8 +333,11 @@ def select_fitted(base_path: str, store, spec: TaskSpec, users: list[UserRecord]
     if oppu:
         models["global"] = model_answers(spec, users_base, tokenizer)
     own = own_adapter(spec, users_base, tokenizer, store, spec.name, users_fp)
-    chosen = last | {uid: choice.record() for uid, (choice, _) in
-                     choose_users(spec, todo, models, own, "oppu" if oppu else "adapter").items()}
+    rescored = {u.user_id for u in todo}
+    kept = {uid: Choice.of_record(entry) for uid, entry in last.items() if uid not in rescored}
+    new = choose_users(spec, todo, models, own, "oppu" if oppu else "adapter")
+    again = choose_all(spec.metric, kept | {uid: c for uid, (c, _) in new.items()})  # over every user's scores
+    chosen = {uid: c.record() for uid, c in again.items()}
     store.put_record(SELECTION.of(spec.name), {"task": spec.name, "users_base": users_fp, "users": chosen})
     return chosen
 
