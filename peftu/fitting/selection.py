@@ -281,14 +281,18 @@ def own_adapter(spec: TaskSpec, base, tokenizer, store, task: str, base_fp: str
 
 def choose_users(spec: TaskSpec, users: list[UserRecord], models: dict[str, Answers],
                  own: Callable[[UserRecord], tuple[list, list] | None], own_name: str,
-                 strength: float = SHRINK_EXAMPLES) -> dict[str, tuple[Choice, dict[str, Judged]]]:
+                 strength: float = SHRINK_EXAMPLES, progress: bool = False
+                 ) -> dict[str, tuple[Choice, dict[str, Judged]]]:
     """Every user's choice among `majority`, the shared `models` and their own adapter (`own`: its
     outputs on the user's judged and test inputs, None if they have none), and every candidate's metrics.
 
     The scores are shrunk toward the task-wide means over these users (`choose_all`). A user without
-    a validation split is judged on their training split (`judged_users`)."""
+    a validation split is judged on their training split (`judged_users`). `progress`: a bar over the users."""
+    from tqdm import tqdm
+
     scored = {}
-    for user in judged_users([u for u in users if u.test]):
+    for user in tqdm(judged_users([u for u in users if u.test]), desc="selection: users scored", unit="user",
+                     disable=not progress):
         scores = {"majority": _majority(spec, user)}
         for name, fn in models.items():
             scores |= judge(spec, name, user, *_answers(fn, spec, user))

@@ -238,7 +238,7 @@ def _selected(ctx: QualityContext) -> PerUser:
     merged, merged_tok, merged_fp = load_merged_base(ctx.base_path, ctx.store, stored.name)
     models = {"base": model_answers(spec, base, tokenizer), "global": model_answers(spec, merged, merged_tok)}
     own = own_adapter(spec, merged, merged_tok, ctx.store, ctx.store_spec(spec, "oppu").name, merged_fp)
-    chosen = choose_users(spec, ctx.users, models, own, "oppu")
+    chosen = choose_users(spec, ctx.users, models, own, "oppu", progress=ctx.progress)
     ctx.notes["choices"] = {uid: choice.record() | {"test": {n: j.test[spec.metric] for n, j in scores.items()}}
                             for uid, (choice, scores) in chosen.items()}  # test: what each candidate would have got
     ctx.log(f"[{spec.name}] selected: {dict(Counter(c.method for c, _ in chosen.values()).most_common())}")
