@@ -279,15 +279,13 @@ def own_adapter(spec: TaskSpec, base, tokenizer, store, task: str, base_fp: str
     return own
 
 
-def choose_users(spec: TaskSpec, users: list[UserRecord], models: dict[str, Answers],
-                 own: Callable[[UserRecord], tuple[list, list] | None], own_name: str,
-                 strength: float = SHRINK_EXAMPLES, progress: bool = False
-                 ) -> dict[str, tuple[Choice, dict[str, Judged]]]:
-    """Every user's choice among `majority`, the shared `models` and their own adapter (`own`: its
-    outputs on the user's judged and test inputs, None if they have none), and every candidate's metrics.
-
-    The scores are shrunk toward the task-wide means over these users (`choose_all`). A user without
-    a validation split is judged on their training split (`judged_users`). `progress`: a bar over the users."""
+def score_users(spec: TaskSpec, users: list[UserRecord], models: dict[str, Answers],
+                own: Callable[[UserRecord], tuple[list, list] | None], own_name: str, progress: bool = False
+                ) -> dict[str, tuple[Choice, dict[str, Judged]]]:
+    """Every user's scores, not yet chosen by (`choose_all`): of `majority`, the shared `models` and their
+    own adapter (`own`: its outputs on the user's judged and test inputs, None if they have none), and
+    every candidate's metrics. A user without a validation split is judged on their training split
+    (`judged_users`). `progress`: a bar over the users."""
     from tqdm import tqdm
 
     scored = {}
@@ -306,6 +304,16 @@ def choose_users(spec: TaskSpec, users: list[UserRecord], models: dict[str, Answ
         choice = Choice(MAJORITY, val, len(user.val), curves, {},
                         log_prior(spec, user) if label else {}, majority_answer(spec, user, "") if label else None)
         scored[user.user_id] = (choice, scores)
+    return scored
+
+
+def choose_users(spec: TaskSpec, users: list[UserRecord], models: dict[str, Answers],
+                 own: Callable[[UserRecord], tuple[list, list] | None], own_name: str,
+                 strength: float = SHRINK_EXAMPLES, progress: bool = False
+                 ) -> dict[str, tuple[Choice, dict[str, Judged]]]:
+    """`score_users`, then every user's choice among these users (`choose_all`), with each candidate's
+    metrics at the weights chosen."""
+    scored = score_users(spec, users, models, own, own_name, progress)
     chosen = choose_all(spec.metric, {uid: c for uid, (c, _) in scored.items()}, strength)
     return {uid: (chosen[uid], {name: j.at(chosen[uid].prior_weights.get(name)) for name, j in scores.items()})
             for uid, (_, scores) in scored.items()}
@@ -339,7 +347,7 @@ def select_fitted(base_path: str, store, spec: TaskSpec, users: list[UserRecord]
     own = own_adapter(spec, users_base, tokenizer, store, spec.name, users_fp)
     rescored = {u.user_id for u in todo}
     kept = {uid: Choice.of_record(entry) for uid, entry in last.items() if uid not in rescored}
-    new = choose_users(spec, todo, models, own, "oppu" if oppu else "adapter")
+    new = score_users(spec, todo, models, own, "oppu" if oppu else "adapter")
     again = choose_all(spec.metric, kept | {uid: c for uid, (c, _) in new.items()})  # over every user's scores
     chosen = {uid: c.record() for uid, c in again.items()}
     store.put_record(SELECTION.of(spec.name), {"task": spec.name, "users_base": users_fp, "users": chosen})
