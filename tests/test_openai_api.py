@@ -207,7 +207,7 @@ def test_a_flood_past_the_queue_is_refused_at_once_while_the_admitted_and_a_norm
     def flood(i: int) -> tuple[str, object, float]:
         start = time.monotonic()
         try:
-            answer = greedy(sdk, USERS[i % 3], n=6, max_tokens=32, logit_bias=_no_eos(tok))
+            answer = greedy(sdk, USERS[i % 3], n=6, max_tokens=128, logit_bias=_no_eos(tok))
             return "ok", len(answer.choices), time.monotonic() - start
         except openai.RateLimitError as e:
             return "refused", (e.response.headers.get("retry-after"), e.message), time.monotonic() - start
@@ -216,7 +216,7 @@ def test_a_flood_past_the_queue_is_refused_at_once_while_the_admitted_and_a_norm
         start = time.monotonic()
         return greedy(patient, "cat", max_tokens=2).choices[0].text, time.monotonic() - start
 
-    with ThreadPoolExecutor(9) as pool:  # 48 rows at once; 4 run and 6 wait
+    with ThreadPoolExecutor(9) as pool:  # 8 requests of 6 rows at once; 4 rows run and 6 wait, so one fits
         floods = [pool.submit(flood, i) for i in range(8)]
         alongside = pool.submit(normal)
         got = [f.result() for f in floods]
@@ -224,8 +224,10 @@ def test_a_flood_past_the_queue_is_refused_at_once_while_the_admitted_and_a_norm
     admitted = [(n, took) for kind, n, took in got if kind == "ok"]
     assert refused and admitted
     assert all(after == "1" and "queue is full" in message for (after, message), _ in refused)
-    assert max(took for _, took in refused) < 1.0, refused  # refused at once, not after a wait in the queue
     assert all(n == 6 for n, _ in admitted)  # a request is answered whole or refused whole
+    # Refused at once, not after a wait in the queue: 6 rows need two rounds of a batch of 4, so the slowest
+    # admitted request waited a whole round; a refusal that had queued would come back after it.
+    assert max(took for _, took in refused) < max(took for _, took in admitted), (refused, admitted)
     text, took = alongside.result()  # admitted, at once or after a Retry-After, and answered
     print(f"flood: {len(refused)} refused in <= {max(t for _, t in refused) * 1000:.0f} ms, {len(admitted)} "
           f"admitted in <= {max(t for _, t in admitted):.1f} s; the normal client's answer took {took:.1f} s")

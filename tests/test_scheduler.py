@@ -199,3 +199,38 @@ def test_the_kv_budget_and_the_queue_bound_are_kept(bank_with_users):
     a, b = asyncio.run(main())
     assert (a.tokens, b.tokens) == (60, 20) and max(rows_seen) == 1
     scheduler.close()
+
+
+def test_a_request_of_several_rows_is_admitted_whole_or_refused_whole(bank_with_users):
+    """Two requests of 3 rows each and a queue of 3, with an await before each row is queued (an adapter
+    load): the first holds its places and all its rows are answered; the second is refused at once, before
+    any of its rows is queued, instead of both splitting the queue and both failing part way."""
+    _, tok, _, _ = bank_with_users
+    prompt = tok(PROMPTS[1])["input_ids"]
+    scheduler = _scheduler(bank_with_users, max_batch=1, max_waiting=3)
+
+    async def request(seats, slot: int) -> list:
+        async def row():
+            await asyncio.sleep(0)  # the rows of another request may be queued meanwhile
+            return await scheduler.submit("generate", slot, GenRow(prompt, slot, _greedy(3)), seats=seats)
+        return await asyncio.gather(*(row() for _ in range(3)))
+
+    async def main():
+        first, started = _first_piece(GenRow(prompt, 1, _endless(tok, 40)))
+        running = asyncio.create_task(scheduler.submit("generate", 1, first))
+        await started.wait()  # one row runs, nothing leaves the queue before it ends
+        with scheduler.hold(3) as seats:
+            answered = asyncio.create_task(request(seats, 2))
+            with pytest.raises(Overloaded, match="queue is full"):
+                scheduler.hold(3).__enter__()
+            with pytest.raises(Overloaded, match="queue is full"):  # the held places count as taken
+                await scheduler.submit("generate", 3, GenRow(prompt, 3, _greedy(2)))
+            results = await answered
+        with scheduler.hold(2):  # places held and never used are given back
+            pass
+        assert scheduler._held == 0
+        return await running, results
+
+    running, results = asyncio.run(main())
+    assert running.tokens == 40 and [r.tokens for r in results] == [3, 3, 3]
+    scheduler.close()

@@ -10,7 +10,8 @@ runs until its longest row is done. The continuous scheduler
 (`peftu.serving.scheduler`, the default) admits rows between decode steps instead.
 
 Both queue `Job`s through `JobQueue.submit`: the queue is bounded (`Overloaded`
-past `max_waiting`), a caller that goes away marks its job cancelled (a waiting
+past `max_waiting`; a request of several rows holds its places first, so it is
+admitted whole or refused whole, see `JobQueue.hold`), a caller that goes away marks its job cancelled (a waiting
 job is dropped, a running row stops at its next step), and `done` runs once the
 job's row is out of the batch, whether or not its caller still waits.
 """
@@ -18,9 +19,10 @@ job's row is out of the batch, whether or not its caller still waits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -51,6 +53,13 @@ class Job:
     """Its caller went away: drop it if it waits, stop its row at the next step if it runs."""
 
 
+@dataclass
+class Seats:
+    """Places in the queue held for one request's rows that are not queued yet (see `JobQueue.hold`)."""
+
+    left: int
+
+
 def settle(job: Job, result: Any = None, error: BaseException | None = None) -> None:
     """Give the job its result (or error) on its event loop; from any thread, at most once."""
     def apply() -> None:
@@ -71,6 +80,8 @@ class JobQueue:
     """Submission as both schedulers take it: bounded, cancellable, with a hook for when the row is done."""
 
     max_waiting: int
+    _held = 0
+    """Places held for rows of admitted requests that are not queued yet (`hold`)."""
 
     @property
     def waiting(self) -> int:
@@ -89,9 +100,32 @@ class JobQueue:
     def _check(self, job: Job) -> None:
         """Refuse a job before it is queued (a bad request); nothing to refuse by default."""
 
-    def enqueue(self, kind: Kind, slot: int, payload: Any, done: Callable[[], None] | None = None) -> Job:
+    def _refuse_if_full(self, rows: int) -> None:
+        if self.waiting + self._held + rows > self.max_waiting:
+            raise Overloaded(f"the replica's queue is full ({self.max_waiting} requests waiting); "
+                             "retry later or raise max_waiting")
+
+    @contextlib.contextmanager
+    def hold(self, rows: int) -> Iterator[Seats]:
+        """Places for a request's `rows`, held while they are prepared (adapter loads, each an await): taken
+        now or refused now (`Overloaded`). Without it the rows of concurrent requests interleave, each
+        request gets part of the queue, and every one of them is refused. At most `max_waiting` are held;
+        a request of more rows queues the rest one by one."""
+        rows = min(rows, self.max_waiting)
+        self._refuse_if_full(rows)
+        seats = Seats(rows)
+        self._held += rows
+        try:
+            yield seats
+        finally:
+            self._held -= seats.left
+            seats.left = 0
+
+    def enqueue(self, kind: Kind, slot: int, payload: Any, done: Callable[[], None] | None = None,
+                seats: Seats | None = None) -> Job:
         """Queue one job (on the event loop); raises at once if it is refused. `done` runs once the job has
-        left the batch: answered, failed, refused, or dropped after its caller went away."""
+        left the batch: answered, failed, refused, or dropped after its caller went away. A job with `seats`
+        takes one of its request's held places."""
         job = Job(kind, slot, payload, asyncio.get_running_loop().create_future())
         if isinstance(payload, GenRow):
             own = payload.cancelled
@@ -100,9 +134,11 @@ class JobQueue:
             job.future.add_done_callback(lambda _: done())
         try:
             self._check(job)
-            if self.waiting >= self.max_waiting:
-                raise Overloaded(f"the replica's queue is full ({self.max_waiting} requests waiting); "
-                                 "retry later or raise max_waiting")
+            if seats is not None and seats.left > 0:
+                seats.left -= 1
+                self._held -= 1
+            else:
+                self._refuse_if_full(1)
             self._put(job)
         except BaseException:
             job.future.cancel()
@@ -118,9 +154,10 @@ class JobQueue:
             job.cancelled = True
             raise
 
-    async def submit(self, kind: Kind, slot: int, payload: Any, done: Callable[[], None] | None = None) -> Any:
+    async def submit(self, kind: Kind, slot: int, payload: Any, done: Callable[[], None] | None = None,
+                     seats: Seats | None = None) -> Any:
         """Queue one job and wait for its result (`enqueue`, then `wait`)."""
-        return await self.wait(self.enqueue(kind, slot, payload, done))
+        return await self.wait(self.enqueue(kind, slot, payload, done, seats))
 
 
 class Batcher(JobQueue):

@@ -25,6 +25,7 @@ from peftu.inference.sampling import Picked, Sampling
 from peftu.serving.adapters import Lease
 from peftu.serving.answers import Choice, StreamShape, TokenText, body
 from peftu.serving.api import ApiError, CompletionRequest, RequestLimits, SamplingFields, error_body
+from peftu.serving.batcher import Seats
 from peftu.serving.engine import Engine, RowStream
 
 log = logging.getLogger("peftu.serving")
@@ -44,6 +45,12 @@ class Rows:
         s = self.sampling
         return [(i, ids, s if s.seed is None else dataclasses.replace(s, seed=s.seed + j))
                 for i, ids in enumerate(self.prompts) for j in range(self.n)]
+
+    @property
+    def jobs(self) -> int:
+        """Jobs the rows queue: one generation each, and a prompt scoring each with echo and logprobs."""
+        scored = self.sampling.logprobs is not None
+        return sum(1 + bool(scored and self.echoes[i]) for i, _, _ in self.each())
 
     @property
     def prompt_tokens(self) -> int:
@@ -97,38 +104,41 @@ class Completions:
             shape = StreamShape(chat, request.model, logprobs, request.include_usage, self.texts)
             streams: list[tuple[Lease, RowStream]] = []
             try:
-                for _, ids, s in rows.each():
-                    streams.append(await self.engine.stream(user, ids, s))
+                with self.engine.hold(rows.jobs) as seats:
+                    for _, ids, s in rows.each():
+                        streams.append(await self.engine.stream(user, ids, s, seats))
             except BaseException:  # a later row refused (a full queue): the earlier ones stop too
                 for _, pieces in streams:
                     await pieces.aclose()
                 raise
             return StreamingResponse(self._sse(shape, rows, [pieces for _, pieces in streams]),
                                      media_type="text/event-stream", headers=headers(streams[0][0]))
-        tasks = [asyncio.create_task(self._one(user, ids, s, bool(rows.echoes[i]))) for i, ids, s in rows.each()]
-        try:
-            results = await asyncio.gather(*tasks)
-        except BaseException:  # one row failed or was refused: the others stop at their next step
-            for task in tasks:
-                task.cancel()
-            raise
+        with self.engine.hold(rows.jobs) as seats:  # refused whole now, or every row gets a place
+            tasks = [asyncio.create_task(self._one(user, ids, s, bool(rows.echoes[i]), seats))
+                     for i, ids, s in rows.each()]
+            try:
+                results = await asyncio.gather(*tasks)
+            except BaseException:  # one row failed or was refused: the others stop at their next step
+                for task in tasks:
+                    task.cancel()
+                raise
         choices = [Choice(r.text, r.finish_reason, r.picked, rows.echoes[i], echoed)
                    for (i, _, _), (r, _, echoed) in zip(rows.each(), results)]
         return JSONResponse(body(chat, request.model, choices, rows.prompt_tokens, self.texts, logprobs),
                             headers=headers(results[0][1]))
 
-    async def _one(self, user: str | None, ids: list[int], sampling: Sampling, echo: bool
+    async def _one(self, user: str | None, ids: list[int], sampling: Sampling, echo: bool, seats: Seats
                    ) -> tuple[GenResult, Lease, list[Picked]]:
         """One row's result, its lease, and with echo and logprobs the prompt's own tokens."""
         echoed, lease = [], None
         if echo and sampling.logprobs is not None:
-            echoed, lease = await self.engine.prompt_logprobs(user, ids, sampling.logprobs)
+            echoed, lease = await self.engine.prompt_logprobs(user, ids, sampling.logprobs, seats)
         if sampling.max_tokens == 0:  # echo alone: nothing to write
             if lease is None:
                 lease = await self.engine.adapters.acquire(user)
                 self.engine.adapters.release(lease)
             return GenResult("", "length", 0), lease, echoed
-        done = await self.engine.complete(user, ids, sampling)
+        done = await self.engine.complete(user, ids, sampling, seats)
         return done.result, done.lease, echoed
 
     async def _sse(self, shape: StreamShape, rows: Rows, streams: list[RowStream]) -> AsyncIterator[str]:

@@ -16,6 +16,7 @@ synthetic generator, in that order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from peftu.model.bases import load_users_base
 from peftu.model.encode import encode
 from peftu.paths import peftu_home
 from peftu.serving.adapters import AdapterManager, Lease
-from peftu.serving.batcher import Batcher, Job, JobQueue, Kind
+from peftu.serving.batcher import Batcher, Job, JobQueue, Kind, Seats
 from peftu.serving.metrics import Metrics
 from peftu.serving.pplug import PlugServer
 from peftu.serving.scheduler import Scheduler
@@ -172,25 +173,31 @@ class Engine:
         lease.pplug = soft is not None
         return soft
 
-    def _enqueue(self, lease: Lease, kind: Kind, payload) -> Job:
+    def hold(self, rows: int) -> contextlib.AbstractContextManager[Seats]:
+        """Queue places for a request's generation rows, held or refused now (`JobQueue.hold`)."""
+        return self.scheduler.hold(rows)
+
+    def _enqueue(self, lease: Lease, kind: Kind, payload, seats: Seats | None = None) -> Job:
         """Queue a job on the lease's slot; the slot stays pinned until the job has left the batch, even if
         the caller goes away first (its row may be running)."""
-        return self.scheduler.enqueue(kind, lease.slot, payload, done=lambda: self.adapters.release(lease))
+        return self.scheduler.enqueue(kind, lease.slot, payload, done=lambda: self.adapters.release(lease),
+                                      seats=seats)
 
-    async def _submit(self, lease: Lease, kind: Kind, payload) -> object:
+    async def _submit(self, lease: Lease, kind: Kind, payload, seats: Seats | None = None) -> object:
         """The job's result; a caller that goes away cancels its row at the next step."""
-        return await self.scheduler.wait(self._enqueue(lease, kind, payload))
+        return await self.scheduler.wait(self._enqueue(lease, kind, payload, seats))
 
-    async def complete(self, user: str | None, prompt_ids: list[int], sampling: Sampling) -> Completion:
-        """Generate for one request in whatever batch it lands in."""
+    async def complete(self, user: str | None, prompt_ids: list[int], sampling: Sampling,
+                       seats: Seats | None = None) -> Completion:
+        """Generate one row in whatever batch it lands in (in a place of `seats`, if given)."""
         lease = await self.adapters.acquire(user)
         soft = await self._plugged(lease, user, self._text(prompt_ids))
-        result = await self._submit(lease, "generate", GenRow(prompt_ids, lease.slot, sampling, soft=soft))
+        result = await self._submit(lease, "generate", GenRow(prompt_ids, lease.slot, sampling, soft=soft), seats)
         self._count_tokens(len(prompt_ids), result.tokens)
         return Completion(result, len(prompt_ids), lease)
 
-    async def stream(self, user: str | None, prompt_ids: list[int], sampling: Sampling
-                     ) -> tuple[Lease, RowStream]:
+    async def stream(self, user: str | None, prompt_ids: list[int], sampling: Sampling,
+                     seats: Seats | None = None) -> tuple[Lease, RowStream]:
         """The lease (for the response headers) and an iterator of the row's pieces, the last with its finish reason."""
         lease = await self.adapters.acquire(user)
         soft = await self._plugged(lease, user, self._text(prompt_ids))
@@ -202,7 +209,7 @@ class Engine:
             loop.call_soon_threadsafe(events.put_nowait, piece)
 
         row = GenRow(prompt_ids, lease.slot, sampling, emit=emit, cancelled=lambda: gone, soft=soft)
-        job = self._enqueue(lease, "generate", row)  # a full queue is refused now, before any header is sent
+        job = self._enqueue(lease, "generate", row, seats)  # a full queue is refused now, before any header is sent
         task = job.future
 
         async def pieces() -> AsyncIterator[Piece]:
@@ -234,10 +241,11 @@ class Engine:
         self._count_tokens(sum(len(ids) for ids, _ in encoded), 0)
         return scores, lease
 
-    async def prompt_logprobs(self, user: str | None, prompt_ids: list[int], top: int) -> tuple[list[Picked], Lease]:
+    async def prompt_logprobs(self, user: str | None, prompt_ids: list[int], top: int,
+                              seats: Seats | None = None) -> tuple[list[Picked], Lease]:
         """Each prompt token's log-probability under the user's adapter (echo with logprobs), between steps."""
         lease = await self.adapters.acquire(user)
-        picked = await self._submit(lease, "score", PromptRow(prompt_ids, lease.slot, top))
+        picked = await self._submit(lease, "score", PromptRow(prompt_ids, lease.slot, top), seats)
         self._count_tokens(len(prompt_ids), 0)
         return picked, lease
 
