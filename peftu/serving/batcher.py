@@ -11,9 +11,10 @@ runs until its longest row is done. The continuous scheduler
 
 Both queue `Job`s through `JobQueue.submit`: the queue is bounded (`Overloaded`
 past `max_waiting`; a request of several rows holds its places first, so it is
-admitted whole or refused whole, see `JobQueue.hold`), a caller that goes away marks its job cancelled (a waiting
-job is dropped, a running row stops at its next step), and `done` runs once the
-job's row is out of the batch, whether or not its caller still waits.
+admitted whole or refused whole, see `JobQueue.hold`), a caller that goes away
+marks its job cancelled (a waiting job is dropped, a running row stops at its
+next step), and `done` runs once the job's row is out of the batch, whether or
+not its caller still waits.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ class JobQueue:
 
     max_waiting: int
     _held = 0
-    """Places held for rows of admitted requests that are not queued yet (`hold`)."""
+    """Places held for rows of admitted requests that are not queued yet (`hold`); a class default, so the
+    two schedulers' own `__init__`s need not set it."""
 
     @property
     def waiting(self) -> int:
