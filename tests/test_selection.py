@@ -180,7 +180,8 @@ def test_a_fit_records_who_answers_each_user(tmp_path, tiny_base):
     assert set(chosen) == {u.user_id for u in users}
     for user in users:
         val = chosen[user.user_id]["val"]
-        assert set(val) == {"majority", "base", "base+prior", "adapter", "adapter+prior"}  # no OPPU: no global
+        assert set(val) == {"majority", "base", "base+prior", "adapter", "adapter+prior",  # no OPPU: no global
+                            "neighbors", "neighbors+prior"}
         assert chosen[user.user_id]["method"] == choose("accuracy", val)
         if chosen[user.user_id]["method"] == "majority":  # serving answers them with their usual label
             assert chosen[user.user_id]["answer"] == Counter(e.output for e in user.train).most_common(1)[0][0]
@@ -263,6 +264,45 @@ def test_a_route_answers_each_winner_and_says_what_answered():
 
     assert majority.user == "u" and majority.generation_headers(Lease(1, "v1")) == {
         "x-peftu-method": "adapter", "x-peftu-selected": "majority"}
+
+
+class FakeNeighbors:
+    """`scores` as `NeighborsServer`'s: fixed vote shares for the users who have an index."""
+
+    def __init__(self, votes: dict[str, list[float]]):
+        self.votes = votes
+
+    async def scores(self, user, text, labels):
+        return self.votes[user][:len(labels)] if user in self.votes else None
+
+
+def test_a_neighbors_winner_is_scored_by_its_votes_and_the_model_answers_without_an_index():
+    import asyncio
+
+    from peftu.serving.selection import Route
+    from peftu.store.selection import UserChoice
+
+    labels = ["a", "b", "c"]
+    engine = FakeEngine({None: [-1.0, -2.0, -3.0], "u": [-3.0, -1.0, -2.0]}, {"u"})
+    votes = FakeNeighbors({"u": [-4.0, -4.0, -0.1]})
+    prior = {"a": math.log(0.8), "b": math.log(0.1), "c": math.log(0.1)}
+
+    def score(choice: dict, user: str = "u"):
+        return asyncio.run(Route(user, UserChoice.model_validate(choice), False, votes).score(engine, "t", labels))
+
+    asked = len(engine.asked)
+    voted = score({"method": "neighbors"})
+    assert len(engine.asked) == asked  # no model runs
+    assert (voted.label, voted.headers) == ("c", {"x-peftu-method": "neighbors"})
+    assert [e["logprob"] for e in voted.scores] == votes.votes["u"]
+    calibrated = score({"method": "neighbors+prior", "prior_weight": 2.0, "log_prior": prior})
+    assert calibrated.label == "a" and calibrated.headers == {"x-peftu-method": "neighbors+prior"}
+    assert [e["score"] for e in calibrated.scores] == pytest.approx(
+        [v + 2.0 * prior[lab] for lab, v in zip(labels, votes.votes["u"])])
+    lost = score({"method": "neighbors"}, user="no-index")  # nothing in the store: the model answers
+    assert lost.label == "a" and lost.headers == {"x-peftu-method": "base", "x-peftu-selected": "neighbors"}
+    lost_prior = score({"method": "neighbors+prior", "prior_weight": 2.0, "log_prior": prior}, user="no-index")
+    assert "score" not in lost_prior.scores[0]  # the weight was chosen for the votes, not for the model
 
 
 def test_a_replica_reads_the_record_again_after_an_invalidate_and_not_one_for_another_base(tmp_path):

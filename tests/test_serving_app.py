@@ -352,3 +352,40 @@ def test_each_user_is_answered_by_the_method_their_selection_record_names(served
     written = complete(url, "sel-usual")  # a generation has no usual label: the adapter writes it
     assert (written.headers["x-peftu-method"], written.headers["x-peftu-selected"]) == ("adapter", "majority")
     assert written.headers["x-peftu-adapter"] == versions["sel-usual"]
+
+
+def test_a_neighbors_winner_is_scored_by_their_nearest_labelled_texts_and_deleted_with_them(served):
+    """The fit's index (real encoder) answers /v1/score for a `neighbors` winner; a generation is the
+    adapter's; deleting the user removes the index too."""
+    from peftu.data.schema import HistoryItem, UserRecord
+    from peftu.model.base import base_fingerprint
+    from peftu.neighbors.index import user_index
+    from peftu.pplug.encoder import HistoryEncoder
+    from peftu.store.kinds import NEIGHBORS, SELECTION
+
+    url, store, _, base = served
+    user = "sel-near"
+    versions = publish_random_adapters(store, TASK, [user], base, std=0.2, seed=8)
+    history = [HistoryItem("h0", "the desk lamp was great and very bright", "dislike"),
+               HistoryItem("h1", "the chair broke after a single day", "like"),
+               HistoryItem("h2", "rude staff and a long wait at the shop", "like")]
+    user_index(store, HistoryEncoder(), TASK, UserRecord(user, history))
+    store.put_record(SELECTION.of(TASK), {"task": TASK, "users_base": base_fingerprint(base), "users": {
+        user: {"method": "neighbors", "val": {"neighbors": 1.0}}}})
+    assert _admin("POST", url, f"/users/{user}/invalidate").status_code == 200
+
+    r = requests.post(f"{url}/v1/score", headers=_auth(user), timeout=60,
+                      json={"model": f"tiny-test:{user}", "input": "the lamp was great"})
+    assert r.status_code == 200, r.text
+    assert r.headers["x-peftu-method"] == "neighbors" and r.json()["label"] == "dislike"  # the lamp's label
+    shares = {e["label"]: math.exp(e["logprob"]) for e in r.json()["scores"]}
+    assert sum(shares.values()) == pytest.approx(1.0) and shares["dislike"] > 0.5 and shares["neutral"] < 0.02
+    written = complete(url, user)
+    assert (written.headers["x-peftu-method"], written.headers["x-peftu-selected"]) == ("adapter", "neighbors")
+    assert written.headers["x-peftu-adapter"] == versions[user]
+
+    assert _admin("DELETE", url, f"/users/{user}").status_code == 200
+    assert store.latest_artifact(NEIGHBORS.of(TASK, user)) is None
+    after = requests.post(f"{url}/v1/score", headers=_auth(user), timeout=60,
+                          json={"model": f"tiny-test:{user}", "input": "the lamp was great"})
+    assert (after.headers["x-peftu-method"], after.headers["x-peftu-selected"]) == ("base", "neighbors")

@@ -42,6 +42,7 @@ did not refit are chosen again from it without a model.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from collections.abc import Callable
@@ -54,7 +55,8 @@ from peftu.quality.personalize import bm25_top_k
 from peftu.store.kinds import SELECTION
 from peftu.store.selection import MAJORITY, PRIOR, calibrated
 
-SIMPLEST_FIRST = ("majority", "base", "global", "base+prior", "global+prior", "adapter", "adapter+prior",
+SIMPLEST_FIRST = ("majority", "base", "global", "base+prior", "global+prior", "neighbors", "neighbors+prior",
+                  "adapter", "adapter+prior",
                   "oppu", "oppu+prior",
                   "oppu+retrieval", "oppu+profile", "ia3", "prompt-tuning", "prefix-tuning", "pplug", "pplug+oppu")
 """Candidates from the simplest (no model) to the most personal: ties go to the first."""
@@ -265,8 +267,7 @@ def model_answers(spec: TaskSpec, model, tokenizer) -> Answers:
     return lambda inputs, **slot: answer(model, tokenizer, spec, inputs, **slot)
 
 
-def own_adapter(spec: TaskSpec, base, tokenizer, store, task: str, base_fp: str
-                ) -> Callable[[UserRecord], tuple[list, list] | None]:
+def own_adapter(spec: TaskSpec, base, tokenizer, store, task: str, base_fp: str) -> Personal:
     """A user's own adapter of `task` from the store (on `base`, as a replica holds it) as a candidate."""
     from peftu.evaluation.evaluate import with_user_adapter
 
@@ -279,13 +280,40 @@ def own_adapter(spec: TaskSpec, base, tokenizer, store, task: str, base_fp: str
     return own
 
 
-def score_users(spec: TaskSpec, users: list[UserRecord], models: dict[str, Answers],
-                own: Callable[[UserRecord], tuple[list, list] | None], own_name: str, progress: bool = False
-                ) -> dict[str, tuple[Choice, dict[str, Judged]]]:
-    """Every user's scores, not yet chosen by (`choose_all`): of `majority`, the shared `models` and their
-    own adapter (`own`: its outputs on the user's judged and test inputs, None if they have none), and
-    every candidate's metrics. A user without a validation split is judged on their training split
-    (`judged_users`). `progress`: a bar over the users."""
+Personal = Callable[[UserRecord], tuple[list, list] | None]
+"""A candidate of the user's own (their adapter, their neighbours): its outputs on the user's judged and
+test inputs, None if they have none."""
+
+
+def own_neighbors(spec: TaskSpec, store, task: str) -> Personal:
+    """A user's labels on their training texts nearest each input (`peftu.neighbors`) as a candidate; their
+    index is published to the store under `task` for serving. A user judged on their training split
+    (no validation split) is scored without each text's own label."""
+    from peftu.neighbors.index import user_index
+    from peftu.pplug.encoder import HistoryEncoder
+
+    encoder = functools.cache(HistoryEncoder)  # loaded for the first user
+
+    def mine(user: UserRecord) -> tuple[list, list] | None:
+        index = user_index(store, encoder(), task, user)
+        if not index.labels:
+            return None
+        val = index.scores(encoder().encode([e.input for e in user.val]), spec.labels,
+                           leave_self=user.val is user.train)
+        return val, index.scores(encoder().encode([e.input for e in user.test]), spec.labels)
+    return mine
+
+
+def candidates(spec: TaskSpec, store, task: str, own: Personal, own_name: str) -> dict[str, Personal]:
+    """The personal candidates of a task: the user's own adapter, and on label tasks their neighbours."""
+    return {own_name: own} | ({"neighbors": own_neighbors(spec, store, task)} if uses_prior(spec) else {})
+
+
+def score_users(spec: TaskSpec, users: list[UserRecord], models: dict[str, Answers], personal: dict[str, Personal],
+                progress: bool = False) -> dict[str, tuple[Choice, dict[str, Judged]]]:
+    """Every user's scores, not yet chosen by (`choose_all`): of `majority`, the shared `models` and the
+    `personal` candidates, and every candidate's metrics. A user without a validation split is judged on
+    their training split (`judged_users`). `progress`: a bar over the users."""
     from tqdm import tqdm
 
     scored = {}
@@ -294,9 +322,10 @@ def score_users(spec: TaskSpec, users: list[UserRecord], models: dict[str, Answe
         scores = {"majority": _majority(spec, user)}
         for name, fn in models.items():
             scores |= judge(spec, name, user, *_answers(fn, spec, user))
-        mine = own(user)
-        if mine is not None:
-            scores |= judge(spec, own_name, user, *mine)
+        for name, own in personal.items():
+            mine = own(user)
+            if mine is not None:
+                scores |= judge(spec, name, user, *mine)
         val = {name: j.val[spec.metric] for name, j in scores.items() if j.val and j.by_weight is None}
         curves = {name: [at.val[spec.metric] for at in j.by_weight] for name, j in scores.items()
                   if j.val and j.by_weight}
@@ -307,13 +336,12 @@ def score_users(spec: TaskSpec, users: list[UserRecord], models: dict[str, Answe
     return scored
 
 
-def choose_users(spec: TaskSpec, users: list[UserRecord], models: dict[str, Answers],
-                 own: Callable[[UserRecord], tuple[list, list] | None], own_name: str,
+def choose_users(spec: TaskSpec, users: list[UserRecord], models: dict[str, Answers], personal: dict[str, Personal],
                  strength: float = SHRINK_EXAMPLES, progress: bool = False
                  ) -> dict[str, tuple[Choice, dict[str, Judged]]]:
     """`score_users`, then every user's choice among these users (`choose_all`), with each candidate's
     metrics at the weights chosen."""
-    scored = score_users(spec, users, models, own, own_name, progress)
+    scored = score_users(spec, users, models, personal, progress)
     chosen = choose_all(spec.metric, {uid: c for uid, (c, _) in scored.items()}, strength)
     return {uid: (chosen[uid], {name: j.at(chosen[uid].prior_weights.get(name)) for name, j in scores.items()})
             for uid, (_, scores) in scored.items()}
@@ -347,7 +375,7 @@ def select_fitted(base_path: str, store, spec: TaskSpec, users: list[UserRecord]
     own = own_adapter(spec, users_base, tokenizer, store, spec.name, users_fp)
     rescored = {u.user_id for u in todo}
     kept = {uid: Choice.of_record(entry) for uid, entry in last.items() if uid not in rescored}
-    new = score_users(spec, todo, models, own, "oppu" if oppu else "adapter")
+    new = score_users(spec, todo, models, candidates(spec, store, spec.name, own, "oppu" if oppu else "adapter"))
     again = choose_all(spec.metric, kept | {uid: c for uid, (c, _) in new.items()})  # over every user's scores
     chosen = {uid: c.record() for uid, c in again.items()}
     store.put_record(SELECTION.of(spec.name), {"task": spec.name, "users_base": users_fp, "users": chosen})

@@ -29,7 +29,7 @@ from safetensors.torch import save as save_safetensors
 from peftu.data.schema import HistoryItem, UserRecord
 from peftu.errors import NotFoundError, PeftuError
 from peftu.store import AdapterStore, fingerprint
-from peftu.store.kinds import EMBEDDINGS
+from peftu.store.kinds import EMBEDDINGS, Ref
 
 
 def default_encoder_path() -> Path:
@@ -95,15 +95,6 @@ class HistoryEmbeddings:
     vectors: torch.Tensor
 
 
-def _history_fingerprint(encoder_fp: str, history: list[HistoryItem]) -> str:
-    return fingerprint({"encoder": encoder_fp, "history": [[h.id, item_text(h)] for h in history]})
-
-
-def _parse(files: dict[str, bytes]) -> HistoryEmbeddings:
-    meta = json.loads(files["embeddings.json"])
-    return HistoryEmbeddings(list(meta["ids"]), load_safetensors(files["embeddings.safetensors"])["vectors"])
-
-
 def user_embeddings(store: AdapterStore, encoder: HistoryEncoder, task: str, user: UserRecord
                     ) -> tuple[HistoryEmbeddings, bool]:
     """The user's history embeddings, and whether they came from the store's cache.
@@ -111,27 +102,46 @@ def user_embeddings(store: AdapterStore, encoder: HistoryEncoder, task: str, use
     Embedded and published when the store has none for this encoder and this
     exact history.
     """
-    ref, data_fp = EMBEDDINGS.of(task, user.user_id), _history_fingerprint(encoder.fingerprint, user.history)
+    ids = [h.id for h in user.history]
+    meta, vectors, cached = embedded(store, encoder, EMBEDDINGS.of(task, user.user_id),
+                                     [item_text(h) for h in user.history], {"ids": ids})
+    return HistoryEmbeddings(list(meta["ids"]), vectors), cached
+
+
+def embedded(store: AdapterStore, encoder: HistoryEncoder, ref: Ref, texts: list[str], meta: dict
+             ) -> tuple[dict, torch.Tensor, bool]:
+    """`texts` embedded, as the store's artifact `ref` caches them beside `meta` (a JSON object): the
+    meta, the `[len(texts), dim]` vectors, and whether they came from the cache. Embedded and published
+    (files: the kind's .json and .safetensors) when the store has none for this encoder, texts and meta."""
+    meta_file, vectors_file = ref.kind.files
+    data_fp = fingerprint({"encoder": encoder.fingerprint, "texts": texts, "meta": meta})
     version = store.latest_artifact(ref)
     if version is not None:
         m = store.artifact_manifest(ref, version)
         if (m.encoder_fingerprint, m.data_fingerprint) == (encoder.fingerprint, data_fp):
             files, _ = store.fetch_artifact_bytes(ref, m.version, expect_encoder=encoder.fingerprint)
-            return _parse(files), True
-    ids = [h.id for h in user.history]
-    vectors = encoder.encode([item_text(h) for h in user.history])
-    meta = {"encoder": str(encoder.path.name), "dim": encoder.dim, "ids": ids}
-    store.publish_artifact(ref, {"embeddings.json": json.dumps(meta).encode(),
-                                 "embeddings.safetensors": save_safetensors({"vectors": vectors.contiguous()})},
+            return json.loads(files[meta_file]), load_safetensors(files[vectors_file])["vectors"], True
+    vectors = encoder.encode(texts)
+    meta = meta | {"encoder": str(encoder.path.name), "dim": encoder.dim}
+    store.publish_artifact(ref, {meta_file: json.dumps(meta).encode(),
+                                 vectors_file: save_safetensors({"vectors": vectors.contiguous()})},
                            encoder_fingerprint=encoder.fingerprint, data_fingerprint=data_fp,
                            hparams={"max_tokens": encoder.max_tokens})
-    return HistoryEmbeddings(ids, vectors), False
+    return meta, vectors, False
+
+
+def cached_vectors(store: AdapterStore, encoder_fp: str, ref: Ref) -> tuple[dict, torch.Tensor] | None:
+    """The latest meta and vectors of an artifact `embedded` published (None if there is none): what a
+    server reads, without the texts."""
+    meta_file, vectors_file = ref.kind.files
+    try:
+        files, _ = store.fetch_artifact_bytes(ref, expect_encoder=encoder_fp)
+    except NotFoundError:
+        return None
+    return json.loads(files[meta_file]), load_safetensors(files[vectors_file])["vectors"]
 
 
 def cached_embeddings(store: AdapterStore, encoder_fp: str, task: str, user_id: str) -> HistoryEmbeddings | None:
     """A user's latest embeddings from the store (None if there are none); the server's source."""
-    try:
-        files, _ = store.fetch_artifact_bytes(EMBEDDINGS.of(task, user_id), expect_encoder=encoder_fp)
-    except NotFoundError:
-        return None
-    return _parse(files)
+    found = cached_vectors(store, encoder_fp, EMBEDDINGS.of(task, user_id))
+    return None if found is None else HistoryEmbeddings(list(found[0]["ids"]), found[1])

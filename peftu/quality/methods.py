@@ -21,6 +21,9 @@ What each row is:
   is; PEFT-U's per-user mean-rating baseline). Generation: the training output of the user's history item
   nearest the test input under BM25 (the user's own most similar past answer;
   a most frequent output is useless where no two outputs are the same).
+- `neighbors` (label tasks): no LLM. The labels the user gave their training
+  texts most similar to the test text under the real sentence encoder
+  (`peftu.neighbors`), weighted by similarity.
 - `retrieval`, `profile`: the user's BM25 top-k history or profile in the
   prompt (`peftu.quality.personalize`), answered by the pooled fit trained on
   all users' augmented prompts. The tiny base is no instruction follower, so
@@ -37,7 +40,7 @@ What each row is:
 
 - `selected`: each user answered by the candidate that won on their own
   validation split (`peftu.fitting.selection`): `majority`, `base`, `global`,
-  `oppu`, and on label tasks each model with the user's label prior added.
+  `oppu`, and on label tasks `neighbors` and each of these with the user's label prior added.
 
 What a run fits goes to the store under task names of its own
 (`kinds.quality_task`: `quality.<task>...`), so a benchmark never replaces a
@@ -102,6 +105,24 @@ def _majority(ctx: QualityContext) -> PerUser:
     return {u.user_id: task_metrics(ctx.spec, [majority_answer(ctx.spec, u, e.input) for e in u.test],
                                     [e.golds for e in u.test])
             for u in ctx.users if u.test}
+
+
+@method("neighbors")
+def _neighbors(ctx: QualityContext) -> PerUser:
+    """Label tasks: the user's labels on their training texts nearest each test text (`peftu.neighbors`)."""
+    from peftu.fitting.selection import own_neighbors, uses_prior
+
+    if not uses_prior(ctx.spec):
+        ctx.log(f"[{ctx.spec.name}] neighbors answers label tasks only: no row")
+        return {}
+    labels, answers = ctx.spec.labels, own_neighbors(ctx.spec, ctx.store, ctx.store_spec(ctx.spec).name)
+    out = {}
+    for user in (u for u in ctx.users if u.test):
+        found = answers(user)
+        if found is not None:
+            preds = [labels[max(range(len(s)), key=s.__getitem__)] for s in found[1]]
+            out[user.user_id] = task_metrics(ctx.spec, preds, [e.golds for e in user.test])
+    return out
 
 
 # --- the pooled fit (global, retrieval, profile) and OPPU on top of it -------------------
@@ -225,10 +246,11 @@ def _pplug_oppu(ctx: QualityContext) -> PerUser:
 @method("selected")
 def _selected(ctx: QualityContext) -> PerUser:
     """Each user answered by the candidate that won on their validation split (`peftu.fitting.selection`):
-    `majority`, the base, the pooled fit (`global`) and their OPPU adapter, each also `+prior` on label
-    tasks. Who won goes into the results (`choices`). The retrieval and profile variants, IA3, prompt and
-    prefix tuning and PPlug are not candidates: each would add its own fit to every run."""
-    from peftu.fitting.selection import choose_users, model_answers, own_adapter
+    `majority`, the base, the pooled fit (`global`), their OPPU adapter and (label tasks) their
+    `neighbors`, each also `+prior` on label tasks. Who won goes into the results (`choices`). The
+    retrieval and profile variants, IA3, prompt and prefix tuning and PPlug are not candidates: each
+    would add its own fit to every run."""
+    from peftu.fitting.selection import candidates, choose_users, model_answers, own_adapter
     from peftu.model.bases import load_merged_base
 
     spec = ctx.spec
@@ -238,7 +260,8 @@ def _selected(ctx: QualityContext) -> PerUser:
     merged, merged_tok, merged_fp = load_merged_base(ctx.base_path, ctx.store, stored.name)
     models = {"base": model_answers(spec, base, tokenizer), "global": model_answers(spec, merged, merged_tok)}
     own = own_adapter(spec, merged, merged_tok, ctx.store, ctx.store_spec(spec, "oppu").name, merged_fp)
-    chosen = choose_users(spec, ctx.users, models, own, "oppu", progress=ctx.progress)
+    personal = candidates(spec, ctx.store, ctx.store_spec(spec).name, own, "oppu")
+    chosen = choose_users(spec, ctx.users, models, personal, progress=ctx.progress)
     ctx.notes["choices"] = {uid: choice.record() | {"test": {n: j.test[spec.metric] for n, j in scores.items()}}
                             for uid, (choice, scores) in chosen.items()}  # test: what each candidate would have got
     ctx.log(f"[{spec.name}] selected: {dict(Counter(c.method for c, _ in chosen.values()).most_common())}")
@@ -247,8 +270,8 @@ def _selected(ctx: QualityContext) -> PerUser:
 
 # --- names ---------------------------------------------------------------------------------
 
-ORDER = ["base", "global", "stored", "majority", "retrieval", "profile", "oppu", "oppu+retrieval", "oppu+profile",
-         "ia3", "prompt-tuning", "prefix-tuning", "pplug", "pplug+oppu", "selected"]
+ORDER = ["base", "global", "stored", "majority", "neighbors", "retrieval", "profile", "oppu", "oppu+retrieval",
+         "oppu+profile", "ia3", "prompt-tuning", "prefix-tuning", "pplug", "pplug+oppu", "selected"]
 """The table's rows, in the order they read best; methods registered later follow."""
 
 

@@ -30,7 +30,7 @@ from peftu.inference.generate import BASE_SLOT
 from peftu.serving.cache import Entry, SlotCache
 from peftu.serving.metrics import Metrics
 from peftu.store import AdapterStore
-from peftu.store.kinds import EMBEDDINGS
+from peftu.store.kinds import EMBEDDINGS, NEIGHBORS
 
 log = logging.getLogger("peftu.serving")
 
@@ -311,11 +311,12 @@ class AdapterManager:
 
 
 def delete_user_data(store: AdapterStore, task: str, user: str) -> int:
-    """Remove every version of the user's adapter and their cached PPlug history embeddings; adapter
-    versions removed. NotFoundError if the user has no adapter."""
+    """Remove every version of the user's adapter, their cached PPlug history embeddings and their
+    labelled neighbours; adapter versions removed. NotFoundError if the user has no adapter."""
     removed = store.delete_user(task, user)
-    try:
-        store.delete_artifact(EMBEDDINGS.of(task, user))
-    except NotFoundError:
-        pass
+    for kind in (EMBEDDINGS, NEIGHBORS):
+        try:
+            store.delete_artifact(kind.of(task, user))
+        except NotFoundError:
+            pass
     return removed

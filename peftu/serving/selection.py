@@ -17,6 +17,9 @@ invalidate or delete reached it. A record chosen for another users' base (its
 - `majority`: on `/v1/score` the user's usual label is the answer and the
   user's label prior gives the scores (no model runs); a generation is
   answered as without a record (the model has no "usual answer" to write);
+- `neighbors`: on `/v1/score` the user's labels on their training texts
+  nearest the request's (`peftu.serving.neighbors`; the model answers if
+  their index cannot be read); a generation is answered as without a record;
 - `<model>+prior`: that model, and on `/v1/score` each label ranked by
   ``log p(label | text) + w * log prior_user(label)``; a generation has no
   labels to rank, so it is the model alone.
@@ -38,6 +41,7 @@ from dataclasses import dataclass
 from peftu.errors import StoreError
 from peftu.inference.generate import BASE_SLOT
 from peftu.serving.adapters import Lease
+from peftu.serving.neighbors import NeighborsServer
 from peftu.store import AdapterStore
 from peftu.store.kinds import SELECTION, TASK_ADAPTER
 from peftu.store.selection import MAJORITY, PRIOR, Selection, UserChoice, calibrated, read_selection
@@ -46,6 +50,8 @@ log = logging.getLogger("peftu.serving")
 
 BASE_MODELS = ("base", "global")
 """Winners answered by the replica's base, without the user's adapter."""
+NEIGHBORS = "neighbors"
+"""The winner that scores labels by the user's labels on their nearest training texts (`peftu.neighbors`)."""
 
 
 def serves_merged(store: AdapterStore, task: str, users_fp: str) -> bool:
@@ -78,6 +84,7 @@ class Route:
     asked: str | None
     choice: UserChoice | None
     merged: bool
+    neighbors: NeighborsServer | None = None
 
     @property
     def user(self) -> str | None:
@@ -113,16 +120,22 @@ class Route:
         if prior is not None:
             return Scored(self.choice.answer, [{"label": lab, "logprob": p} for lab, p in zip(labels, prior)],
                           Lease(BASE_SLOT, None), self.headers(MAJORITY))
-        scores, lease = await engine.score(self.user, text, labels)
         c = self.choice
-        ranked = (calibrated(labels, scores, c.log_prior, c.prior_weight)
-                  if c is not None and c.uses_prior and self.used(lease) == c.model else None)
+        voted = (await self.neighbors.scores(self.asked, text, labels)
+                 if c is not None and c.model == NEIGHBORS and self.neighbors is not None else None)
+        if voted is not None:
+            scores, lease, used = voted, Lease(BASE_SLOT, None), NEIGHBORS
+        else:
+            scores, lease = await engine.score(self.user, text, labels)
+            used = self.used(lease)
+        ranked = calibrated(labels, scores, c.log_prior, c.prior_weight) if (
+            c is not None and c.uses_prior and used == c.model) else None
         entries = [{"label": lab, "logprob": s} for lab, s in zip(labels, scores)]
         if ranked is not None:
             entries = [e | {"score": r} for e, r in zip(entries, ranked)]
         by = ranked if ranked is not None else scores
         best = max(range(len(labels)), key=by.__getitem__)
-        return Scored(labels[best], entries, lease, self.headers(self.used(lease, prior=ranked is not None)))
+        return Scored(labels[best], entries, lease, self.headers(used + PRIOR if ranked is not None else used))
 
 
 class Selections:
@@ -131,6 +144,7 @@ class Selections:
     def __init__(self, store: AdapterStore, task: str, users_fp: str, *, ttl_s: float):
         self.store, self.task, self.users_fp, self.ttl_s = store, task, users_fp, ttl_s
         self.merged = serves_merged(store, task, users_fp)
+        self.neighbors = NeighborsServer(store, task, ttl_s=ttl_s)
         self._record = Selection()
         self._users: dict[str, UserChoice] = {}
         self._asked = 0  # invalidations so far
@@ -143,16 +157,21 @@ class Selections:
         """Read the store's record again before the next request is answered."""
         self._asked += 1
 
+    def forget(self, user: str) -> None:
+        """The user's data changed or went: read the record again, and their neighbours when next asked."""
+        self.invalidate()
+        self.neighbors.forget(user)
+
     async def route(self, user: str | None) -> Route:
         if user is None:
-            return Route(None, None, self.merged)
+            return Route(None, None, self.merged, self.neighbors)
         if self._read < self._asked:  # never read, or invalidated since: this request waits for the store
             async with self._lock:
                 if self._read < self._asked:
                     await self._refresh()
         elif time.monotonic() - self._read_at >= self.ttl_s and self._background is None:
             self._background = asyncio.get_running_loop().create_task(self._refresh_later())
-        return Route(user, self._users.get(user), self.merged)
+        return Route(user, self._users.get(user), self.merged, self.neighbors)
 
     async def _refresh_later(self) -> None:
         try:

@@ -106,10 +106,10 @@ class PeftuServer:
     # --- who is asking for which adapter ------------------------------------------------
 
     def _forget(self, user: str) -> None:
-        """Evict the user here (running requests keep their weights), forget their PPlug history, and
-        read the selection record again (a new fit may have chosen for them)."""
+        """Evict the user here (running requests keep their weights), forget their PPlug history and
+        neighbours, and read the selection record again (a new fit may have chosen for them)."""
         self.engine.adapters.invalidate(user)
-        self.selection.invalidate()
+        self.selection.forget(user)
         if self.engine.plug is not None:
             self.engine.plug.forget(user)
 

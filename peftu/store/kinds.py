@@ -101,6 +101,11 @@ EMBEDDINGS = Kind("pplug-embeddings", "PPlug history embeddings", "pplug/embeddi
                   ("encoder_fingerprint", "data_fingerprint"))
 """A user's history embedded by PPlug's encoder: embeddings.json the item ids, .safetensors the vectors."""
 
+NEIGHBORS = Kind("neighbors", "labelled neighbours", "neighbors", ("neighbors.json", "neighbors.safetensors"),
+                 "user_id", ("encoder_fingerprint", "data_fingerprint"))
+"""A user's training texts embedded with their labels (`peftu.neighbors`): neighbors.json the labels,
+.safetensors the vectors."""
+
 RECORD_FILE = "record.json"
 
 TUNE_RESULTS = Kind("tune-results", "tune results", "records/tune", (RECORD_FILE,), "name")
@@ -118,7 +123,7 @@ TASK_SPEC = Kind("task-spec", "task spec", "records/task-specs", (RECORD_FILE,))
 SELECTION = Kind("selection", "per-user selection", "records/selection", (RECORD_FILE,))
 """Who answers each user of a task, chosen on their validation split after a fit (`peftu.fitting.selection`)."""
 
-KINDS = (ADAPTER, TASK_ADAPTER, PLUG, EMBEDDINGS, TUNE_RESULTS, QUALITY_RESULTS, RUN_SUMMARY, TASK_SPEC, SELECTION)
+KINDS = (ADAPTER, TASK_ADAPTER, PLUG, EMBEDDINGS, NEIGHBORS, TUNE_RESULTS, QUALITY_RESULTS, RUN_SUMMARY, TASK_SPEC, SELECTION)
 """Every kind, for what walks them all (`peftu store sweep`)."""
 
 BEST = "best"
