@@ -24,7 +24,7 @@ LAYERS: list[dict[str, tuple[str, ...]]] = [
     {"foundation": ("peftu.errors", "peftu.paths", "peftu.logs", "peftu.config")},
     {"data": ("peftu.data", "peftu.store")},
     {"model": ("peftu.model", "peftu.bank")},
-    {"inference": ("peftu.inference", "peftu.evaluation", "peftu.pplug")},
+    {"inference": ("peftu.inference", "peftu.evaluation", "peftu.pplug", "peftu.neighbors")},
     {"training": ("peftu.fitting", "peftu.tuning", "peftu.quality", "peftu.pplug.train"),
      "serving": ("peftu.serving",)},
     {"bench": ("peftu.bench",)},
