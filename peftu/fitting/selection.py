@@ -27,6 +27,12 @@ prior `prior_user(label)` (their training labels, add-one smoothed):
 - `majority`: the prior alone, as the baseline row answers (the most frequent
   label; for a rating, the level nearest the user's mean rating).
 
+One more label-task candidate reads the text, as the tiny base cannot:
+`neighbors`, the user's own labels on their training texts nearest the input
+under the real sentence encoder (`peftu.neighbors`; its index goes to the
+store for serving). Its vote shares are label scores like a model's, so it
+has a `+prior` twin too.
+
 What a user's choice is, as the fit and the benchmark record it and serving
 reads it (`Choice.record`; the record's schema is `peftu.store.selection`):
 ``{"method": name, "val": {candidate: metric}, "n_val": examples,
