@@ -43,7 +43,7 @@ def test_every_user_is_published_once_and_a_rerun_skips_all(local_ray, tiny_base
     selection = store.get_record(SELECTION.of("synth-cls"))
     assert selection["users_base"] == base_fingerprint(tiny_base) and sorted(selection["users"]) == users
     assert {c["method"] for c in selection["users"].values()} <= {"majority", "base", "base+prior", "adapter",
-                                                                 "adapter+prior"}
+                                                                 "adapter+prior", "neighbors", "neighbors+prior"}
     assert first.selected == selected_counts(selection["users"]) and sum(first.selected.values()) == 10
     assert store.get_record(RUN_SUMMARY.of("synth-cls", first.run_id))["selected"] == first.selected
 
