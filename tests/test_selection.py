@@ -176,7 +176,7 @@ def test_a_fit_records_who_answers_each_user(tmp_path, tiny_base):
               progress=False)
     chosen = select_fitted(tiny_base, store, spec, users)
     record = store.get_record(SELECTION.of(spec.name))
-    assert record == {"task": spec.name, "users_base": base_fingerprint(tiny_base), "users": chosen}
+    assert record == {"task": spec.name, "users_base": base_fingerprint(tiny_base), "plug": None, "users": chosen}
     assert set(chosen) == {u.user_id for u in users}
     for user in users:
         val = chosen[user.user_id]["val"]
@@ -187,6 +187,30 @@ def test_a_fit_records_who_answers_each_user(tmp_path, tiny_base):
             assert chosen[user.user_id]["answer"] == Counter(e.output for e in user.train).most_common(1)[0][0]
             assert set(chosen[user.user_id]["log_prior"]) == set(spec.labels)  # its scores on /v1/score
     assert sum(selected_counts(chosen).values()) == 2
+
+    # A plug of the task for this base makes PPlug a candidate: everyone is scored again (none refitted).
+    import torch
+
+    from peftu.config import PPlugConfig
+    from peftu.fitting.selection import own_plug
+    from peftu.pplug.encoder import HistoryEncoder
+    from peftu.pplug.evaluate import evaluate_pplug
+    from peftu.pplug.model import PersonaPlug, plug_files
+    from peftu.store.kinds import PLUG
+
+    encoder = HistoryEncoder()
+    torch.manual_seed(0)
+    plug = PersonaPlug(PPlugConfig(projector_hidden=32), encoder.dim, model.config.hidden_size).eval()
+    version = store.publish_artifact(PLUG.of(spec.name), plug_files(plug), base_fingerprint=base_fingerprint(tiny_base),
+                                     encoder_fingerprint=encoder.fingerprint, data_fingerprint="d", hparams={}).version
+    again = select_fitted(tiny_base, store, spec, users, refit=set())
+    assert store.get_record(SELECTION.of(spec.name))["plug"] == version
+    alone = evaluate_pplug(model, tokenizer, spec, users, plug, encoder, store, split="val", progress=False)
+    for user in users:
+        val = again[user.user_id]["val"]
+        assert {"pplug", "pplug+prior"} <= set(val) and val["pplug"] == alone[user.user_id]["accuracy"]
+    # A replica of another base could not serve this plug: no candidate there.
+    assert own_plug(spec, model, tokenizer, "another-base", store, spec.name, lambda: encoder) is None
 
 
 # --- serving: each user answered by their winner ----------------------------------------------------
@@ -202,16 +226,19 @@ def test_calibrated_adds_the_weighted_prior_and_only_for_labels_it_knows():
 
 
 class FakeEngine:
-    """`score` as the engine's: the user's adapter (version "v1") answers those in `adapters`, else the base."""
+    """`score` as the engine's: the user's adapter (version "v1") answers those in `adapters` unless it is
+    not to be loaded, else the base, with PPlug's soft tokens (scores under "plug:<user>") for `plugged`."""
 
-    def __init__(self, scores: dict[str | None, list[float]], adapters: set[str]):
-        self.scores, self.adapters, self.asked = scores, adapters, []
+    def __init__(self, scores: dict[str | None, list[float]], adapters: set[str], plugged: set[str] = frozenset()):
+        self.scores, self.adapters, self.plugged, self.asked = scores, adapters, plugged, []
 
-    async def score(self, user, text, labels):
+    async def score(self, user, text, labels, adapter=True):
         from peftu.serving.adapters import Lease
 
         self.asked.append(user)
-        own = user in self.adapters
+        own = adapter and user in self.adapters
+        if not own and user in self.plugged:
+            return self.scores[f"plug:{user}"][:len(labels)], Lease(0, None, pplug=True)
         return self.scores[user if own else None][:len(labels)], Lease(1 if own else 0, "v1" if own else None)
 
 
@@ -303,6 +330,31 @@ def test_a_neighbors_winner_is_scored_by_its_votes_and_the_model_answers_without
     assert lost.label == "a" and lost.headers == {"x-peftu-method": "base", "x-peftu-selected": "neighbors"}
     lost_prior = score({"method": "neighbors+prior", "prior_weight": 2.0, "log_prior": prior}, user="no-index")
     assert "score" not in lost_prior.scores[0]  # the weight was chosen for the votes, not for the model
+
+
+def test_a_pplug_winner_gets_the_plug_without_their_adapter_and_the_base_where_the_replica_has_none():
+    import asyncio
+
+    labels = ["a", "b", "c"]
+    prior = {"a": math.log(0.1), "b": math.log(0.1), "c": math.log(0.8)}
+    scores = {None: [-1.0, -2.0, -3.0], "u": [-3.0, -1.0, -2.0], "plug:u": [-2.0, -3.0, -1.5]}
+    plugged, plain = FakeEngine(scores, {"u"}, plugged={"u"}), FakeEngine(scores, {"u"})
+
+    def score(engine, choice):
+        route = _route(choice)
+        assert (route.user, route.adapter) == ("u", False)  # PPlug reads their history; their adapter stays out
+        return asyncio.run(route.score(engine, "text", labels))
+
+    served = score(plugged, {"method": "pplug"})
+    assert (served.label, served.headers) == ("c", {"x-peftu-method": "pplug"})
+    assert [e["logprob"] for e in served.scores] == scores["plug:u"]
+    with_prior = score(plugged, {"method": "pplug+prior", "prior_weight": 1.0, "log_prior": prior})
+    assert with_prior.headers == {"x-peftu-method": "pplug+prior"}
+    assert [e["score"] for e in with_prior.scores] == pytest.approx([s + prior[lab] for lab, s in zip(labels,
+                                                                                                   scores["plug:u"])])
+    no_plug = score(plain, {"method": "pplug"})  # a replica without PPlug on: the base, not their adapter
+    assert (no_plug.label, no_plug.headers) == ("a", {"x-peftu-method": "base", "x-peftu-selected": "pplug"})
+    assert _route({"method": "adapter"}).adapter and _route(None).adapter and not _route({"method": "base"}).adapter
 
 
 def test_a_replica_reads_the_record_again_after_an_invalidate_and_not_one_for_another_base(tmp_path):

@@ -31,7 +31,10 @@ One more label-task candidate reads the text, as the tiny base cannot:
 `neighbors`, the user's own labels on their training texts nearest the input
 under the real sentence encoder (`peftu.neighbors`; its index goes to the
 store for serving). Its vote shares are label scores like a model's, so it
-has a `+prior` twin too.
+has a `+prior` twin too. Where the store holds the task's PPlug plug fitted for the
+users' base (`peftu pplug fit`), `pplug` is one more candidate on every task:
+the base reading the user's soft tokens from their history (with its
+`+prior` twin on label tasks).
 
 What a user's choice is, as the fit and the benchmark record it and serving
 reads it (`Choice.record`; the record's schema is `peftu.store.selection`):
@@ -49,6 +52,7 @@ did not refit are chosen again from it without a model.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections import Counter
 from collections.abc import Callable
@@ -58,13 +62,15 @@ from peftu.data.schema import TaskSpec, UserRecord
 from peftu.errors import NotFoundError
 from peftu.evaluation.metrics import LOWER_IS_BETTER, better, task_metrics
 from peftu.quality.personalize import bm25_top_k
-from peftu.store.kinds import SELECTION
+from peftu.store.kinds import PLUG, SELECTION
 from peftu.store.selection import MAJORITY, PRIOR, calibrated
+
+log = logging.getLogger("peftu.fit")
 
 SIMPLEST_FIRST = ("majority", "base", "global", "base+prior", "global+prior", "neighbors", "neighbors+prior",
                   "adapter", "adapter+prior",
                   "oppu", "oppu+prior",
-                  "oppu+retrieval", "oppu+profile", "ia3", "prompt-tuning", "prefix-tuning", "pplug", "pplug+oppu")
+                  "oppu+retrieval", "oppu+profile", "ia3", "prompt-tuning", "prefix-tuning", "pplug", "pplug+prior", "pplug+oppu")
 """Candidates from the simplest (no model) to the most personal: ties go to the first."""
 
 PRIOR_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
@@ -291,14 +297,15 @@ Personal = Callable[[UserRecord], tuple[list, list] | None]
 test inputs, None if they have none."""
 
 
-def own_neighbors(spec: TaskSpec, store, task: str) -> Personal:
+Encoder = Callable[[], object]
+"""The sentence encoder (`peftu.pplug.encoder.HistoryEncoder`), loaded at its first call."""
+
+
+def own_neighbors(spec: TaskSpec, store, task: str, encoder: Encoder) -> Personal:
     """A user's labels on their training texts nearest each input (`peftu.neighbors`) as a candidate; their
     index is published to the store under `task` for serving. A user judged on their training split
     (no validation split) is scored without each text's own label."""
     from peftu.neighbors.index import user_index
-    from peftu.pplug.encoder import HistoryEncoder
-
-    encoder = functools.cache(HistoryEncoder)  # loaded for the first user
 
     def mine(user: UserRecord) -> tuple[list, list] | None:
         index = user_index(store, encoder(), task, user)
@@ -310,9 +317,47 @@ def own_neighbors(spec: TaskSpec, store, task: str) -> Personal:
     return mine
 
 
-def candidates(spec: TaskSpec, store, task: str, own: Personal, own_name: str) -> dict[str, Personal]:
-    """The personal candidates of a task: the user's own adapter, and on label tasks their neighbours."""
-    return {own_name: own} | ({"neighbors": own_neighbors(spec, store, task)} if uses_prior(spec) else {})
+def own_plug(spec: TaskSpec, base, tokenizer, base_fp: str, store, task: str, encoder: Encoder) -> Personal | None:
+    """PPlug over `base` as a candidate: the soft tokens the task's plug gives each user from their history
+    (whose embeddings are cached in the store, where serving reads them). None when the store has no plug
+    of `task`, or one fitted for another base (a replica of `base` could not serve it)."""
+    from peftu.errors import ForeignAdapterError
+    from peftu.pplug.evaluate import user_soft_tokens
+    from peftu.pplug.model import load_plug
+
+    if store.latest_artifact(PLUG.of(task)) is None:
+        return None
+    try:
+        plug, manifest = load_plug(store, task, base_fp=base_fp, encoder_fp=encoder().fingerprint)
+    except ForeignAdapterError as e:
+        log.info("PPlug is no candidate for %s: %s", task, e)
+        return None
+    log.info("PPlug %s of %s is a candidate", manifest.version, task)
+    answers = model_answers(spec, base, tokenizer)
+
+    def plugged(user: UserRecord) -> tuple[list, list] | None:
+        if not user.history:
+            return None
+        soft = user_soft_tokens(plug, encoder(), store, spec, task, user,
+                                [e.input for e in user.val] + [e.input for e in user.test])
+        return _answers(answers, spec, user, soft=soft)
+    return plugged
+
+
+def candidates(spec: TaskSpec, store, task: str, own: Personal, own_name: str,
+               plug_on: tuple | None = None) -> dict[str, Personal]:
+    """The personal candidates of a task: the user's own adapter, on label tasks their neighbours, and
+    PPlug where the store has the task's plug for `plug_on` (base, tokenizer, its fingerprint)."""
+    from peftu.pplug.encoder import HistoryEncoder
+
+    encoder = functools.cache(HistoryEncoder)  # loaded for the first user who needs it
+    out = {own_name: own}
+    if uses_prior(spec):
+        out["neighbors"] = own_neighbors(spec, store, task, encoder)
+    plugged = own_plug(spec, *plug_on, store, task, encoder) if plug_on is not None else None
+    if plugged is not None:
+        out["pplug"] = plugged
+    return out
 
 
 def score_users(spec: TaskSpec, users: list[UserRecord], models: dict[str, Answers], personal: dict[str, Personal],
@@ -356,8 +401,9 @@ def choose_users(spec: TaskSpec, users: list[UserRecord], models: dict[str, Answ
 def select_fitted(base_path: str, store, spec: TaskSpec, users: list[UserRecord], *,
                   refit: set[str] | None = None) -> dict[str, dict]:
     """After a fit: each user's choice among `majority`, the plain base, the base their adapters were
-    fitted on (`global`: OPPU's merged task adapter, where they were) and their own adapter (`oppu`, or
-    `adapter` without OPPU), each `+prior` on label tasks; published as the task's selection record
+    fitted on (`global`: OPPU's merged task adapter, where they were), their own adapter (`oppu`, or
+    `adapter` without OPPU), their `neighbors` on label tasks and `pplug` where the task has a plug for
+    their base, each model `+prior` on label tasks; published as the task's selection record
     (`kinds.SELECTION`, schema in `peftu.store.selection`), which serving reads. Returns every entry.
 
     `refit`: the users whose adapters this run changed. Every other user keeps their scores of the
@@ -381,16 +427,20 @@ def select_fitted(base_path: str, store, spec: TaskSpec, users: list[UserRecord]
     own = own_adapter(spec, users_base, tokenizer, store, spec.name, users_fp)
     rescored = {u.user_id for u in todo}
     kept = {uid: Choice.of_record(entry) for uid, entry in last.items() if uid not in rescored}
-    new = score_users(spec, todo, models, candidates(spec, store, spec.name, own, "oppu" if oppu else "adapter"))
+    personal = candidates(spec, store, spec.name, own, "oppu" if oppu else "adapter",
+                          plug_on=(users_base, tokenizer, users_fp))
+    new = score_users(spec, todo, models, personal)
     again = choose_all(spec.metric, kept | {uid: c for uid, (c, _) in new.items()})  # over every user's scores
     chosen = {uid: c.record() for uid, c in again.items()}
-    store.put_record(SELECTION.of(spec.name), {"task": spec.name, "users_base": users_fp, "users": chosen})
+    store.put_record(SELECTION.of(spec.name), {"task": spec.name, "users_base": users_fp,
+                                               "plug": store.latest_artifact(PLUG.of(spec.name)), "users": chosen})
     return chosen
 
 
 def _last_selection(store, task: str, base_path: str) -> dict[str, dict]:
     """The users of the task's latest selection record if it was chosen for the base the task's users'
-    adapters belong to now (found from the store without loading a model); else {}."""
+    adapters belong to now (found from the store without loading a model) and with the task's plug of
+    now (a new plug is a new candidate for everyone); else {}."""
     from peftu.model.base import base_fingerprint
     from peftu.model.bases import merged_fingerprint, users_task_adapter
 
@@ -401,7 +451,8 @@ def _last_selection(store, task: str, base_path: str) -> dict[str, dict]:
     base_fp = base_fingerprint(base_path)
     task_adapter = users_task_adapter(store, task, base_fp)
     users_fp = base_fp if task_adapter is None else merged_fingerprint(base_fp, task_adapter)
-    return record.get("users", {}) if record.get("users_base") == users_fp else {}
+    current = record.get("users_base") == users_fp and record.get("plug") == store.latest_artifact(PLUG.of(task))
+    return record.get("users", {}) if current else {}
 
 
 def selected_counts(choices: dict[str, dict]) -> dict[str, int]:

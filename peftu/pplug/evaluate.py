@@ -8,6 +8,8 @@ so an evaluated answer is the answer the server would give.
 
 from __future__ import annotations
 
+import torch
+
 from peftu.data.schema import TaskSpec, UserRecord
 from peftu.evaluation.evaluate import predict_user
 from peftu.evaluation.metrics import task_metrics
@@ -15,6 +17,14 @@ from peftu.inference.predict import predict
 from peftu.pplug.encoder import HistoryEncoder, user_embeddings
 from peftu.pplug.model import PersonaPlug, soft_tokens
 from peftu.store import AdapterStore
+
+
+def user_soft_tokens(plug: PersonaPlug, encoder: HistoryEncoder, store: AdapterStore, spec: TaskSpec, task: str,
+                     user: UserRecord, inputs: list[str]) -> list[torch.Tensor]:
+    """The user's soft tokens for each input's prompt, from their history embeddings under `task` (the
+    store's cache, where serving reads them; embedded and cached on a miss)."""
+    history, _ = user_embeddings(store, encoder, task, user)
+    return soft_tokens(plug, encoder, [spec.render(text) for text in inputs], history)
 
 
 def evaluate_pplug(base, tokenizer, spec: TaskSpec, users: list[UserRecord], plug: PersonaPlug,
@@ -36,9 +46,8 @@ def evaluate_pplug(base, tokenizer, spec: TaskSpec, users: list[UserRecord], plu
         examples = getattr(user, split)
         if not examples:
             continue
-        history, _ = user_embeddings(store, encoder, spec.name, user)
-        soft = soft_tokens(plug, encoder, [spec.render(e.input) for e in examples], history)
         inputs = [e.input for e in examples]
+        soft = user_soft_tokens(plug, encoder, store, spec, spec.name, user, inputs)
         if adapters_task:
             preds, _ = predict_user(base, tokenizer, spec, store, adapters_task, user.user_id, inputs,
                                     base_fp=base_fp, soft=soft)

@@ -40,7 +40,8 @@ What each row is:
 
 - `selected`: each user answered by the candidate that won on their own
   validation split (`peftu.fitting.selection`): `majority`, `base`, `global`,
-  `oppu`, and on label tasks `neighbors` and each of these with the user's label prior added.
+  `oppu`, on label tasks `neighbors`, `pplug` where the run's `pplug` row fitted the
+  plug, and on label tasks each model with the user's label prior added.
 
 What a run fits goes to the store under task names of its own
 (`kinds.quality_task`: `quality.<task>...`), so a benchmark never replaces a
@@ -246,11 +247,13 @@ def _pplug_oppu(ctx: QualityContext) -> PerUser:
 @method("selected")
 def _selected(ctx: QualityContext) -> PerUser:
     """Each user answered by the candidate that won on their validation split (`peftu.fitting.selection`):
-    `majority`, the base, the pooled fit (`global`), their OPPU adapter and (label tasks) their
-    `neighbors`, each also `+prior` on label tasks. Who won goes into the results (`choices`). The
-    retrieval and profile variants, IA3, prompt and prefix tuning and PPlug are not candidates: each
-    would add its own fit to every run."""
+    `majority`, the base, the pooled fit (`global`), their OPPU adapter, (label tasks) their
+    `neighbors` and, where the bench's store holds the task's plug (the `pplug` row fits it: name it
+    before `selected`), `pplug` on the base; each model also `+prior` on label tasks. Who won goes into
+    the results (`choices`). The retrieval and profile variants, IA3, prompt and prefix tuning are not
+    candidates: each would add its own fit to every run."""
     from peftu.fitting.selection import candidates, choose_users, model_answers, own_adapter
+    from peftu.model.base import base_fingerprint
     from peftu.model.bases import load_merged_base
 
     spec = ctx.spec
@@ -260,7 +263,8 @@ def _selected(ctx: QualityContext) -> PerUser:
     merged, merged_tok, merged_fp = load_merged_base(ctx.base_path, ctx.store, stored.name)
     models = {"base": model_answers(spec, base, tokenizer), "global": model_answers(spec, merged, merged_tok)}
     own = own_adapter(spec, merged, merged_tok, ctx.store, ctx.store_spec(spec, "oppu").name, merged_fp)
-    personal = candidates(spec, ctx.store, ctx.store_spec(spec).name, own, "oppu")
+    personal = candidates(spec, ctx.store, ctx.store_spec(spec).name, own, "oppu",
+                          plug_on=(base, tokenizer, base_fingerprint(ctx.base_path)))
     chosen = choose_users(spec, ctx.users, models, personal, progress=ctx.progress)
     ctx.notes["choices"] = {uid: choice.record() | {"test": {n: j.test[spec.metric] for n, j in scores.items()}}
                             for uid, (choice, scores) in chosen.items()}  # test: what each candidate would have got

@@ -96,8 +96,9 @@ class Completions:
     # --- answers ------------------------------------------------------------------------
 
     async def answer(self, request: SamplingFields, rows: Rows, user: str | None, chat: bool,
-                     headers: Callable[[Lease], dict[str, str]] | None = None) -> Response:
-        """The rows' answers as OpenAI sends them; `headers(lease)` (default: the adapter's) go with them."""
+                     headers: Callable[[Lease], dict[str, str]] | None = None, adapter: bool = True) -> Response:
+        """The rows' answers as OpenAI sends them; `headers(lease)` (default: the adapter's) go with them.
+        `adapter` False: the user's adapter is not loaded (the engine's `complete`)."""
         logprobs = rows.sampling.logprobs is not None
         headers = headers or self.headers
         if request.stream:
@@ -106,7 +107,7 @@ class Completions:
             try:
                 with self.engine.hold(rows.jobs) as seats:
                     for _, ids, s in rows.each():
-                        streams.append(await self.engine.stream(user, ids, s, seats))
+                        streams.append(await self.engine.stream(user, ids, s, seats, adapter=adapter))
             except BaseException:  # a later row refused (a full queue): the earlier ones stop too
                 for _, pieces in streams:
                     await pieces.aclose()
@@ -114,7 +115,7 @@ class Completions:
             return StreamingResponse(self._sse(shape, rows, [pieces for _, pieces in streams]),
                                      media_type="text/event-stream", headers=headers(streams[0][0]))
         with self.engine.hold(rows.jobs) as seats:  # refused whole now, or every row gets a place
-            tasks = [asyncio.create_task(self._one(user, ids, s, bool(rows.echoes[i]), seats))
+            tasks = [asyncio.create_task(self._one(user, ids, s, bool(rows.echoes[i]), seats, adapter))
                      for i, ids, s in rows.each()]
             try:
                 results = await asyncio.gather(*tasks)
@@ -127,18 +128,18 @@ class Completions:
         return JSONResponse(body(chat, request.model, choices, rows.prompt_tokens, self.texts, logprobs),
                             headers=headers(results[0][1]))
 
-    async def _one(self, user: str | None, ids: list[int], sampling: Sampling, echo: bool, seats: Seats
-                   ) -> tuple[GenResult, Lease, list[Picked]]:
+    async def _one(self, user: str | None, ids: list[int], sampling: Sampling, echo: bool, seats: Seats,
+                   adapter: bool) -> tuple[GenResult, Lease, list[Picked]]:
         """One row's result, its lease, and with echo and logprobs the prompt's own tokens."""
         echoed, lease = [], None
         if echo and sampling.logprobs is not None:
-            echoed, lease = await self.engine.prompt_logprobs(user, ids, sampling.logprobs, seats)
+            echoed, lease = await self.engine.prompt_logprobs(user, ids, sampling.logprobs, seats, adapter=adapter)
         if sampling.max_tokens == 0:  # echo alone: nothing to write
             if lease is None:
-                lease = await self.engine.adapters.acquire(user)
+                lease = await self.engine.adapters.acquire(user if adapter else None)
                 self.engine.adapters.release(lease)
             return GenResult("", "length", 0), lease, echoed
-        done = await self.engine.complete(user, ids, sampling, seats)
+        done = await self.engine.complete(user, ids, sampling, seats, adapter=adapter)
         return done.result, done.lease, echoed
 
     async def _sse(self, shape: StreamShape, rows: Rows, streams: list[RowStream]) -> AsyncIterator[str]:

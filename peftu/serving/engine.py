@@ -188,18 +188,20 @@ class Engine:
         return await self.scheduler.wait(self._enqueue(lease, kind, payload, seats))
 
     async def complete(self, user: str | None, prompt_ids: list[int], sampling: Sampling,
-                       seats: Seats | None = None) -> Completion:
-        """Generate one row in whatever batch it lands in (in a place of `seats`, if given)."""
-        lease = await self.adapters.acquire(user)
+                       seats: Seats | None = None, adapter: bool = True) -> Completion:
+        """Generate one row in whatever batch it lands in (in a place of `seats`, if given). `adapter`
+        False: the base answers the user without their adapter (PPlug still reads their history)."""
+        lease = await self.adapters.acquire(user if adapter else None)
         soft = await self._plugged(lease, user, self._text(prompt_ids))
         result = await self._submit(lease, "generate", GenRow(prompt_ids, lease.slot, sampling, soft=soft), seats)
         self._count_tokens(len(prompt_ids), result.tokens)
         return Completion(result, len(prompt_ids), lease)
 
     async def stream(self, user: str | None, prompt_ids: list[int], sampling: Sampling,
-                     seats: Seats | None = None) -> tuple[Lease, RowStream]:
-        """The lease (for the response headers) and an iterator of the row's pieces, the last with its finish reason."""
-        lease = await self.adapters.acquire(user)
+                     seats: Seats | None = None, adapter: bool = True) -> tuple[Lease, RowStream]:
+        """The lease (for the response headers) and an iterator of the row's pieces, the last with its finish
+        reason; `adapter` as in `complete`."""
+        lease = await self.adapters.acquire(user if adapter else None)
         soft = await self._plugged(lease, user, self._text(prompt_ids))
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Piece] = asyncio.Queue()
@@ -231,20 +233,23 @@ class Engine:
 
         return lease, RowStream(job, pieces())
 
-    async def score(self, user: str | None, text: str, labels: list[str]) -> tuple[list[float], Lease]:
-        """Log-likelihood of each label as the answer to `text` under the task's prompt."""
+    async def score(self, user: str | None, text: str, labels: list[str], adapter: bool = True
+                    ) -> tuple[list[float], Lease]:
+        """Log-likelihood of each label as the answer to `text` under the task's prompt; `adapter` as in
+        `complete`."""
         spec = self.score_spec(labels)
         encoded = [encode(self.tokenizer, spec, text, label, self.cfg.max_prompt_tokens) for label in labels]
-        lease = await self.adapters.acquire(user)
+        lease = await self.adapters.acquire(user if adapter else None)
         soft = await self._plugged(lease, user, spec.render(text))
         scores = await self._submit(lease, "score", ScoreRow(encoded, lease.slot, soft=soft))
         self._count_tokens(sum(len(ids) for ids, _ in encoded), 0)
         return scores, lease
 
     async def prompt_logprobs(self, user: str | None, prompt_ids: list[int], top: int,
-                              seats: Seats | None = None) -> tuple[list[Picked], Lease]:
-        """Each prompt token's log-probability under the user's adapter (echo with logprobs), between steps."""
-        lease = await self.adapters.acquire(user)
+                              seats: Seats | None = None, adapter: bool = True) -> tuple[list[Picked], Lease]:
+        """Each prompt token's log-probability under the user's adapter (echo with logprobs), between steps;
+        `adapter` as in `complete`."""
+        lease = await self.adapters.acquire(user if adapter else None)
         picked = await self._submit(lease, "score", PromptRow(prompt_ids, lease.slot, top), seats)
         self._count_tokens(len(prompt_ids), 0)
         return picked, lease

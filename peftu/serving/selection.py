@@ -20,6 +20,9 @@ invalidate or delete reached it. A record chosen for another users' base (its
 - `neighbors`: on `/v1/score` the user's labels on their training texts
   nearest the request's (`peftu.serving.neighbors`; the model answers if
   their index cannot be read); a generation is answered as without a record;
+- `pplug`: the base with PPlug's soft tokens from the user's history, their
+  adapter not loaded (a replica without `pplug` on, or a user without cached
+  history, gets the base alone);
 - `<model>+prior`: that model, and on `/v1/score` each label ranked by
   ``log p(label | text) + w * log prior_user(label)``; a generation has no
   labels to rank, so it is the model alone.
@@ -52,6 +55,8 @@ BASE_MODELS = ("base", "global")
 """Winners answered by the replica's base, without the user's adapter."""
 NEIGHBORS = "neighbors"
 """The winner that scores labels by the user's labels on their nearest training texts (`peftu.neighbors`)."""
+PPLUG = "pplug"
+"""The winner answered by the base with PPlug's soft tokens from the user's history, without their adapter."""
 
 
 def serves_merged(store: AdapterStore, task: str, users_fp: str) -> bool:
@@ -91,6 +96,11 @@ class Route:
         """Whom the engine answers as: None (the base's slot) for a base or global winner."""
         return None if self.choice is not None and self.choice.model in BASE_MODELS else self.asked
 
+    @property
+    def adapter(self) -> bool:
+        """Whether the user's adapter is loaded: not for a base, global or PPlug winner."""
+        return self.choice is None or self.choice.model not in (*BASE_MODELS, PPLUG)
+
     def used(self, lease: Lease, prior: bool = False) -> str:
         """What answered, in the record's names."""
         name = (("oppu" if self.merged else "adapter") if lease.version is not None else
@@ -126,7 +136,7 @@ class Route:
         if voted is not None:
             scores, lease, used = voted, Lease(BASE_SLOT, None), NEIGHBORS
         else:
-            scores, lease = await engine.score(self.user, text, labels)
+            scores, lease = await engine.score(self.user, text, labels, adapter=self.adapter)
             used = self.used(lease)
         ranked = calibrated(labels, scores, c.log_prior, c.prior_weight) if (
             c is not None and c.uses_prior and used == c.model) else None

@@ -128,7 +128,8 @@ class PeftuServer:
         rows = self.generation.rows(body, prompts)
         route = await self.selection.route(await self._user(body.model, authorization))
         return await self.generation.answer(body, rows, route.user, chat,
-                                            lambda lease: _adapter_headers(lease) | route.generation_headers(lease))
+                                            lambda lease: _adapter_headers(lease) | route.generation_headers(lease),
+                                            adapter=route.adapter)
 
     # --- the API ----------------------------------------------------------------------------
 

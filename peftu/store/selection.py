@@ -3,10 +3,11 @@
 The record (store kind `SELECTION`, one per task) is written by
 `peftu.fitting.selection.select_fitted` after a fit and read by serving,
 which must not import the fitting code: so what a user's entry means lives
-here, below both. ``{"task", "users_base": fingerprint, "users": {user_id:
-{"method", "val", "n_val", "prior_curves", "prior_weights", "prior_weight",
-"log_prior", "answer"}}}``: `users_base` is the base the users' adapters
-were fitted on (plain or OPPU's merged one), `method` the candidate chosen
+here, below both. ``{"task", "users_base": fingerprint, "plug": version,
+"users": {user_id: {"method", "val", "n_val", "prior_curves", "prior_weights",
+"prior_weight", "log_prior", "answer"}}}``: `users_base` is the base the users' adapters
+were fitted on (plain or OPPU's merged one), `plug` the task's PPlug plug
+when it was chosen (None: none; a new one has everyone scored again), `method` the candidate chosen
 on the user's validation split, `val`, `n_val`, `prior_curves` and
 `prior_weights` what it was chosen by
 (for the next fit's choice and for people; a replica ignores them),
