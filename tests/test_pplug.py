@@ -155,8 +155,14 @@ def test_served_user_with_history_but_no_adapter_gets_pplug(fitted, users, tiny_
     uri, _, _ = fitted
     _, members = users
     store = AdapterStore.open(uri)
-    with_adapter = members[0].user_id
-    versions = publish_random_adapters(store, TASK, [with_adapter], tiny_base, std=0.2, seed=1)
+    with_adapter, plug_won = members[0].user_id, members[3].user_id
+    versions = publish_random_adapters(store, TASK, [with_adapter, plug_won], tiny_base, std=0.2, seed=1)
+    # The selection chose PPlug over plug_won's own adapter: the base answers them with the plug.
+    from peftu.model.base import base_fingerprint
+    from peftu.store.kinds import SELECTION
+
+    store.put_record(SELECTION.of(TASK), {"task": TASK, "users_base": base_fingerprint(tiny_base),
+                                          "users": {plug_won: {"method": "pplug"}}})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
@@ -184,6 +190,9 @@ def test_served_user_with_history_but_no_adapter_gets_pplug(fitted, users, tiny_
         assert nobody.headers["x-peftu-adapter"] == "none" and nobody.json()["scores"] == base.json()["scores"]
         adapted = score(f"tiny-test:{with_adapter}")
         assert adapted.headers["x-peftu-adapter"] == versions[with_adapter]
+        chosen = score(f"tiny-test:{plug_won}")
+        assert (chosen.headers["x-peftu-adapter"], chosen.headers["x-peftu-method"]) == ("pplug", "pplug")
+        assert complete(f"tiny-test:{plug_won}").headers["x-peftu-adapter"] == "pplug"
         generated = complete(f"tiny-test:{members[2].user_id}")
         assert generated.headers["x-peftu-adapter"] == "pplug"
         assert complete("tiny-test:nobody").headers["x-peftu-adapter"] == "none"
