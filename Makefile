@@ -22,7 +22,7 @@ demo: install
 	$(PY) -m jobs.demo
 
 test: install
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q --durations=40
 
 test-slow: install
 	$(PY) -m pytest -q -m slow

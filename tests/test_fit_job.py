@@ -147,7 +147,7 @@ def _kill_a_worker_once_users_are_published(store: AdapterStore, killed: list[in
 
 
 def test_a_killed_worker_costs_only_the_users_in_flight(local_ray, tiny_base, tmp_path):
-    job = _job(tmp_path, tiny_base, 16, workers=2, pack_size=2, max_failures=3)
+    job = _job(tmp_path, tiny_base, 10, workers=2, pack_size=2, max_failures=3)
     store = AdapterStore.open(job.store)
     killed: list[int] = []
     stop = threading.Event()
@@ -160,7 +160,7 @@ def test_a_killed_worker_costs_only_the_users_in_flight(local_ray, tiny_base, tm
         killer.join()
     assert killed, "no worker was killed: the test did not test anything"
     users = store.list_users("synth-cls")
-    assert len(users) == 16 and result.summary.failed == {}
+    assert len(users) == 10 and result.summary.failed == {}
     assert all(len(store.list_versions("synth-cls", u)) == 1 for u in users)
     # One version each: users published before the kill were skipped after the restart, not refitted
     # (a user published just before the kill, but not yet reported, is counted as skipped).

@@ -301,11 +301,20 @@ Encoder = Callable[[], object]
 """The sentence encoder (`peftu.pplug.encoder.HistoryEncoder`), loaded at its first call."""
 
 
-def own_neighbors(spec: TaskSpec, store, task: str, encoder: Encoder) -> Personal:
+def _lazy_encoder() -> Encoder:
+    from peftu.pplug.encoder import HistoryEncoder
+
+    return functools.cache(HistoryEncoder)
+
+
+def own_neighbors(spec: TaskSpec, store, task: str, encoder: Encoder | None = None) -> Personal:
     """A user's labels on their training texts nearest each input (`peftu.neighbors`) as a candidate; their
     index is published to the store under `task` for serving. A user judged on their training split
-    (no validation split) is scored without each text's own label."""
+    (no validation split) is scored without each text's own label. `encoder`: shared with other
+    candidates (default: its own, loaded for the first user)."""
     from peftu.neighbors.index import user_index
+
+    encoder = encoder or _lazy_encoder()
 
     def mine(user: UserRecord) -> tuple[list, list] | None:
         index = user_index(store, encoder(), task, user)
@@ -348,9 +357,7 @@ def candidates(spec: TaskSpec, store, task: str, own: Personal, own_name: str,
                plug_on: tuple | None = None) -> dict[str, Personal]:
     """The personal candidates of a task: the user's own adapter, on label tasks their neighbours, and
     PPlug where the store has the task's plug for `plug_on` (base, tokenizer, its fingerprint)."""
-    from peftu.pplug.encoder import HistoryEncoder
-
-    encoder = functools.cache(HistoryEncoder)  # loaded for the first user who needs it
+    encoder = _lazy_encoder()
     out = {own_name: own}
     if uses_prior(spec):
         out["neighbors"] = own_neighbors(spec, store, task, encoder)
