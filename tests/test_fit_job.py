@@ -146,6 +146,8 @@ def _kill_a_worker_once_users_are_published(store: AdapterStore, killed: list[in
                 continue
 
 
+@pytest.mark.slow  # 59 s; `make test` keeps a killed worker mid-publish (the re-run above) and the fault
+# tests of tests/test_fit_faults.py
 def test_a_killed_worker_costs_only_the_users_in_flight(local_ray, tiny_base, tmp_path):
     job = _job(tmp_path, tiny_base, 10, workers=2, pack_size=2, max_failures=3)
     store = AdapterStore.open(job.store)

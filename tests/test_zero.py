@@ -60,7 +60,9 @@ def _rank(rank: int, world: int, port: int, base: str, out: str, offload: bool) 
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("offload", [False, True], ids=["on-device", "optimizer-offload"])
+@pytest.mark.parametrize("offload", [
+    pytest.param(False, marks=pytest.mark.slow),  # `make test-slow`: the same ranks without offload
+    True], ids=["on-device", "optimizer-offload"])
 def test_zero2_on_two_ranks_equals_one_process_in_float64(tiny_base, tmp_path, free_tcp_port, offload):
     mp.spawn(_rank, args=(2, free_tcp_port, tiny_base, str(tmp_path), offload), nprocs=2)
     model, tok = load_base(tiny_base)
