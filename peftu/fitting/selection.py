@@ -70,7 +70,8 @@ log = logging.getLogger("peftu.fit")
 SIMPLEST_FIRST = ("majority", "base", "global", "base+prior", "global+prior", "neighbors", "neighbors+prior",
                   "adapter", "adapter+prior",
                   "oppu", "oppu+prior",
-                  "oppu+retrieval", "oppu+profile", "ia3", "prompt-tuning", "prefix-tuning", "pplug", "pplug+prior", "pplug+oppu")
+                  "oppu+retrieval", "oppu+profile", "ia3", "prompt-tuning", "prefix-tuning",
+                  "pplug", "pplug+prior", "pplug+oppu")
 """Candidates from the simplest (no model) to the most personal: ties go to the first."""
 
 PRIOR_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)

@@ -98,7 +98,7 @@ class Completions:
     async def answer(self, request: SamplingFields, rows: Rows, user: str | None, chat: bool,
                      headers: Callable[[Lease], dict[str, str]] | None = None, adapter: bool = True) -> Response:
         """The rows' answers as OpenAI sends them; `headers(lease)` (default: the adapter's) go with them.
-        `adapter` False: the user's adapter is not loaded (the engine's `complete`)."""
+        `adapter` False: the user's adapter is not loaded (`Engine.lease`)."""
         logprobs = rows.sampling.logprobs is not None
         headers = headers or self.headers
         if request.stream:
@@ -136,7 +136,7 @@ class Completions:
             echoed, lease = await self.engine.prompt_logprobs(user, ids, sampling.logprobs, seats, adapter=adapter)
         if sampling.max_tokens == 0:  # echo alone: nothing to write
             if lease is None:
-                lease = await self.engine.adapters.acquire(user if adapter else None)
+                lease = await self.engine.lease(user, adapter)
                 self.engine.adapters.release(lease)
             return GenResult("", "length", 0), lease, echoed
         done = await self.engine.complete(user, ids, sampling, seats, adapter=adapter)

@@ -173,6 +173,11 @@ class Engine:
         lease.pplug = soft is not None
         return soft
 
+    async def lease(self, user: str | None, adapter: bool = True) -> Lease:
+        """A pinned lease on the user's adapter; `adapter` False: on the base's slot (a base, global or PPlug
+        winner: PPlug still reads the user's history)."""
+        return await self.adapters.acquire(user if adapter else None)
+
     def hold(self, rows: int) -> contextlib.AbstractContextManager[Seats]:
         """Queue places for a request's generation rows, held or refused now (`JobQueue.hold`)."""
         return self.scheduler.hold(rows)
@@ -189,9 +194,9 @@ class Engine:
 
     async def complete(self, user: str | None, prompt_ids: list[int], sampling: Sampling,
                        seats: Seats | None = None, adapter: bool = True) -> Completion:
-        """Generate one row in whatever batch it lands in (in a place of `seats`, if given). `adapter`
-        False: the base answers the user without their adapter (PPlug still reads their history)."""
-        lease = await self.adapters.acquire(user if adapter else None)
+        """Generate one row in whatever batch it lands in (in a place of `seats`, if given); `adapter` as in
+        `lease`."""
+        lease = await self.lease(user, adapter)
         soft = await self._plugged(lease, user, self._text(prompt_ids))
         result = await self._submit(lease, "generate", GenRow(prompt_ids, lease.slot, sampling, soft=soft), seats)
         self._count_tokens(len(prompt_ids), result.tokens)
@@ -200,8 +205,8 @@ class Engine:
     async def stream(self, user: str | None, prompt_ids: list[int], sampling: Sampling,
                      seats: Seats | None = None, adapter: bool = True) -> tuple[Lease, RowStream]:
         """The lease (for the response headers) and an iterator of the row's pieces, the last with its finish
-        reason; `adapter` as in `complete`."""
-        lease = await self.adapters.acquire(user if adapter else None)
+        reason; `adapter` as in `lease`."""
+        lease = await self.lease(user, adapter)
         soft = await self._plugged(lease, user, self._text(prompt_ids))
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Piece] = asyncio.Queue()
@@ -236,10 +241,10 @@ class Engine:
     async def score(self, user: str | None, text: str, labels: list[str], adapter: bool = True
                     ) -> tuple[list[float], Lease]:
         """Log-likelihood of each label as the answer to `text` under the task's prompt; `adapter` as in
-        `complete`."""
+        `lease`."""
         spec = self.score_spec(labels)
         encoded = [encode(self.tokenizer, spec, text, label, self.cfg.max_prompt_tokens) for label in labels]
-        lease = await self.adapters.acquire(user if adapter else None)
+        lease = await self.lease(user, adapter)
         soft = await self._plugged(lease, user, spec.render(text))
         scores = await self._submit(lease, "score", ScoreRow(encoded, lease.slot, soft=soft))
         self._count_tokens(sum(len(ids) for ids, _ in encoded), 0)
@@ -248,8 +253,8 @@ class Engine:
     async def prompt_logprobs(self, user: str | None, prompt_ids: list[int], top: int,
                               seats: Seats | None = None, adapter: bool = True) -> tuple[list[Picked], Lease]:
         """Each prompt token's log-probability under the user's adapter (echo with logprobs), between steps;
-        `adapter` as in `complete`."""
-        lease = await self.adapters.acquire(user if adapter else None)
+        `adapter` as in `lease`."""
+        lease = await self.lease(user, adapter)
         picked = await self._submit(lease, "score", PromptRow(prompt_ids, lease.slot, top), seats)
         self._count_tokens(len(prompt_ids), 0)
         return picked, lease
