@@ -111,7 +111,7 @@ def test_fit_then_eval_through_the_cli(tmp_path, tiny_base):
     assert peftu("data", "generate", "--task", "synth-rating", "--users", "3",
                  "--out", str(data)).returncode == 0
     fit = peftu("fit", "--data", str(data), "--base", tiny_base, "--store", str(store),
-                "--epochs", "1", "--r", "4", "--no-select")  # the selection after a fit: tests/test_fit_job.py
+                "--epochs", "1", "--r", "4", "--no-select", "--reference")  # Ray, selection: tests/test_fit_job.py
     assert fit.returncode == 0, fit.stderr
     assert "fitted 3, skipped 0" in fit.stdout  # a re-run skipping all: tests/test_fit_job.py
     result = peftu("eval", "--data", str(data), "--base", tiny_base, "--store", str(store))

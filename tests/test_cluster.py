@@ -191,6 +191,7 @@ def test_client_without_the_token_is_rejected(ray_cluster: ClusterInfo) -> None:
     assert isinstance(connect(url, token=ray_cluster.auth_token).list_jobs(), list)
 
 
+@pytest.mark.slow  # 16 s; jobs through our own submit client stay in `make test` (above)
 def test_ray_job_submit_cli_with_the_cluster_env(ray_cluster: ClusterInfo) -> None:
     """The real `ray job submit`: the line `ClusterInfo.job_submit_command` prints, with `ClusterInfo.env`,
     and without the token."""
@@ -225,6 +226,7 @@ def test_local_cli_status_prints_how_to_submit(ray_cluster: ClusterInfo) -> None
 # ---------------------------------------------------------------- a head of its own (auth off), and stop
 
 
+@pytest.mark.slow  # 9 s: a second cluster of its own, auth off, started and stopped
 def test_head_without_auth_then_stop_leaves_no_process(free_tcp_port: int) -> None:
     port = free_tcp_port
     info = start_cluster(workers=0, dashboard_port=port, auth=False)

@@ -32,19 +32,21 @@ def _job(tmp_path, tiny_base, n_users: int, select: bool = False, **kw) -> FitJo
 
 
 def test_every_user_is_published_once_and_a_rerun_skips_all(local_ray, tiny_base, tmp_path):
-    job = _job(tmp_path, tiny_base, 10, workers=2, pack_size=3, select=True)
+    job = _job(tmp_path, tiny_base, 6, workers=2, pack_size=2, select=True)
     first = run_fit_job(job)
     store = AdapterStore.open(job.store)
     users = store.list_users("synth-cls")
-    assert len(users) == 10 and sorted(first.summary.fitted) == users
+    assert len(users) == 6 and sorted(first.summary.fitted) == users
     assert all(len(store.list_versions("synth-cls", u)) == 1 for u in users)
     assert "test_accuracy" in store.manifest("synth-cls", users[0]).metrics
     # Then each user's method is chosen on validation and published for serving.
     selection = store.get_record(SELECTION.of("synth-cls"))
     assert selection["users_base"] == base_fingerprint(tiny_base) and sorted(selection["users"]) == users
     assert {c["method"] for c in selection["users"].values()} <= {"majority", "base", "base+prior", "adapter",
-                                                                 "adapter+prior", "neighbors", "neighbors+prior"}
-    assert first.selected == selected_counts(selection["users"]) and sum(first.selected.values()) == 10
+                                                                 "adapter+prior", "profile+adapter",
+                                                                 "profile+adapter+prior", "neighbors",
+                                                                 "neighbors+prior"}
+    assert first.selected == selected_counts(selection["users"]) and sum(first.selected.values()) == 6
     assert store.get_record(RUN_SUMMARY.of("synth-cls", first.run_id))["selected"] == first.selected
 
     # A worker killed mid-publish (before its manifest) leaves files the next run that fits the user
@@ -61,7 +63,7 @@ def test_every_user_is_published_once_and_a_rerun_skips_all(local_ray, tiny_base
     assert all(len(store.list_versions("synth-cls", u)) == 1 for u in users)
     assert store.backend.list(half) == []
     record = store.get_record(RUN_SUMMARY.of("synth-cls", again.run_id))
-    assert (record["fitted"], record["skipped"], record["failed"], record["failures"]) == (1, 9, 0, {})
+    assert (record["fitted"], record["skipped"], record["failed"], record["failures"]) == (1, 5, 0, {})
     assert record["error"] is None
     # Only the refitted user is scored again; the others are chosen again from the scores they kept.
     again_selection = store.get_record(SELECTION.of("synth-cls"))["users"]

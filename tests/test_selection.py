@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 
@@ -18,6 +19,7 @@ from peftu.fitting.selection import (
     log_prior,
     shrunk,
     task_prior_weights,
+    task_strength,
     with_prior,
 )
 
@@ -75,7 +77,7 @@ def test_a_choice_carries_what_choosing_again_needs_and_the_weight_only_when_it_
     plain = Choice("oppu", {"oppu": 1.0}, 3, prior_weights={"oppu+prior": 2.0})
     assert plain.record() == {"method": "oppu", "val": {"oppu": 1.0}, "n_val": 3}  # not a label task: no prior
     labelled = Choice("oppu+prior", {"oppu+prior": 1.0}, 3, {"oppu+prior": [0.5, 1.0]}, {"oppu+prior": 2.0},
-                      {"a": -0.1}, answer="a")
+                      {"a": -0.1}, answer="a", halves={"oppu": [1.0, 0.5]}, prior_halves={"oppu+prior": [[0.5, 0.5]]})
     rec = labelled.record()
     assert rec["prior_weight"] == 2.0 and rec["log_prior"] == {"a": -0.1} and rec["answer"] == "a"
     assert Choice.of_record(rec) == labelled
@@ -97,6 +99,43 @@ def test_few_validation_examples_lean_on_what_wins_for_the_task_many_on_the_user
     means = {"base": (9 * 1.0 + 0.5) / 10, "oppu": (9 * 0.4 + 1.0) / 10}
     assert shrunk(crowd | {"few": few})["few"] == pytest.approx(
         {n: (2 * few.val[n] + SHRINK_EXAMPLES * means[n]) / (2 + SHRINK_EXAMPLES) for n in means})
+
+
+def _halved(val: dict[str, list[float]], n_val: int) -> Choice:
+    """A user's choice from their candidates' metrics on the two halves of their validation split."""
+    return Choice("", {name: (a + b) / 2 for name, (a, b) in val.items()}, n_val, halves=val)
+
+
+def test_the_strength_follows_what_the_validation_halves_say_about_own_splits():
+    import random
+
+    rng = random.Random(0)
+    # Users who differ: oppu wins for most, the base (by less) for six, and both halves of everyone's
+    # split say so: shrunk at the default strength, the six would get oppu.
+    differ = {f"u{i}": _halved({"base": [0.6, 0.6], "oppu": [0.5, 0.5]} if i < 6 else
+                               {"base": [0.3, 0.35], "oppu": [0.9, 0.85]}, 16) for i in range(20)}
+    assert {c.method for u, c in choose_all("accuracy", differ).items()} == {"oppu"}
+    assert task_strength("accuracy", differ) == 0.0
+    assert all(c.method == ("base" if int(u[1:]) < 6 else "oppu")
+               for u, c in choose_all("accuracy", differ, 0.0).items())
+    # Users alike: oppu is better for everyone, each half's scores noise around that: the default stays.
+    alike = {f"u{i}": _halved({"base": [rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7)],
+                               "oppu": [rng.uniform(0.4, 0.8), rng.uniform(0.4, 0.8)]}, 4) for i in range(20)}
+    assert task_strength("accuracy", alike) == SHRINK_EXAMPLES
+    # Too few users with two validation examples to judge by: the default.
+    assert task_strength("accuracy", dict(list(differ.items())[:1])) == SHRINK_EXAMPLES
+    assert task_strength("accuracy", {u: replace(c, n_val=1) for u, c in differ.items()}) == SHRINK_EXAMPLES
+
+
+def test_judging_keeps_each_candidates_metric_on_the_even_and_odd_validation_examples():
+    user = UserRecord("u", train=[Example("t0", "x", "a")],
+                      val=[Example(f"v{i}", "x", lab) for i, lab in enumerate("aabb")],
+                      test=[Example("s0", "x", "a")])
+    judged = judge(CLS, "base", user, [[0.0, -1.0, -2.0]] * 4, [[0.0, -1.0, -2.0]])  # always "a"
+    assert [h["accuracy"] for h in judged["base"].halves] == [0.5, 0.5]  # even: a, b; odd: a, b
+    assert all(len(at.halves) == 2 for at in judged["base+prior"].by_weight)
+    one = replace(user, val=user.val[:1])
+    assert judge(CLS, "base", one, [[0.0, -1.0, -2.0]], [[0.0, -1.0, -2.0]])["base"].halves == []
 
 
 def test_a_candidate_only_some_users_have_is_pooled_over_those_users():
@@ -176,13 +215,17 @@ def test_a_fit_records_who_answers_each_user(tmp_path, tiny_base):
               progress=False)
     chosen = select_fitted(tiny_base, store, spec, users)
     record = store.get_record(SELECTION.of(spec.name))
-    assert record == {"task": spec.name, "users_base": base_fingerprint(tiny_base), "plug": None, "users": chosen}
+    assert record == {"task": spec.name, "users_base": base_fingerprint(tiny_base), "plug": None,
+                      "strength": task_strength("accuracy", {u: Choice.of_record(c) for u, c in chosen.items()}),
+                      "users": chosen}
     assert set(chosen) == {u.user_id for u in users}
     for user in users:
         val = chosen[user.user_id]["val"]
         assert set(val) == {"majority", "base", "base+prior", "adapter", "adapter+prior",  # no OPPU: no global
-                            "neighbors", "neighbors+prior"}
+                            "profile+adapter", "profile+adapter+prior", "neighbors", "neighbors+prior"}
         assert chosen[user.user_id]["method"] == choose("accuracy", val)
+        # only a profile winner's entry carries the profile /v1/score puts before the prompt
+        assert ("profile" in chosen[user.user_id]) == chosen[user.user_id]["method"].startswith("profile+")
         if chosen[user.user_id]["method"] == "majority":  # serving answers them with their usual label
             assert chosen[user.user_id]["answer"] == Counter(e.output for e in user.train).most_common(1)[0][0]
             assert set(chosen[user.user_id]["log_prior"]) == set(spec.labels)  # its scores on /v1/score
@@ -227,15 +270,21 @@ def test_calibrated_adds_the_weighted_prior_and_only_for_labels_it_knows():
 
 class FakeEngine:
     """`score` as the engine's: the user's adapter (version "v1") answers those in `adapters` unless it is
-    not to be loaded, else the base, with PPlug's soft tokens (scores under "plug:<user>") for `plugged`."""
+    not to be loaded, else the base, with PPlug's soft tokens (scores under "plug:<user>") for `plugged`;
+    a context in front of the prompt adds 0.5 to the first label's score."""
 
     def __init__(self, scores: dict[str | None, list[float]], adapters: set[str], plugged: set[str] = frozenset()):
-        self.scores, self.adapters, self.plugged, self.asked = scores, adapters, plugged, []
+        self.scores, self.adapters, self.plugged, self.asked, self.contexts = scores, adapters, plugged, [], []
 
-    async def score(self, user, text, labels, adapter=True):
+    async def score(self, user, text, labels, adapter=True, context=""):
+        self.asked.append(user)
+        self.contexts.append(context)
+        scored, lease = self._score(user, labels, adapter)
+        return ([scored[0] + 0.5, *scored[1:]] if context else scored), lease
+
+    def _score(self, user, labels, adapter):
         from peftu.serving.adapters import Lease
 
-        self.asked.append(user)
         own = adapter and user in self.adapters
         if not own and user in self.plugged:
             return self.scores[f"plug:{user}"][:len(labels)], Lease(0, None, pplug=True)
@@ -291,6 +340,27 @@ def test_a_route_answers_each_winner_and_says_what_answered():
 
     assert majority.user == "u" and majority.generation_headers(Lease(1, "v1")) == {
         "x-peftu-method": "adapter", "x-peftu-selected": "majority"}
+
+
+def test_a_profile_winner_is_scored_with_their_profile_and_a_user_without_one_with_none():
+    import asyncio
+
+    labels = ["a", "b"]
+    engine = FakeEngine({None: [-1.0, -2.0], "u": [-1.2, -1.0]}, {"u"})
+    prior = {"a": math.log(0.5), "b": math.log(0.5)}
+
+    def score(choice: dict, user: str = "u"):
+        return asyncio.run(_route(choice, user=user).score(engine, "text", labels))
+
+    profiled = score({"method": "profile+adapter", "profile": "User profile: labels a 90%."})
+    assert engine.contexts[-1] == "User profile: labels a 90%." and engine.asked[-1] == "u"
+    assert (profiled.label, profiled.headers) == ("a", {"x-peftu-method": "profile+adapter"})
+    with_prior = score({"method": "profile+adapter+prior", "profile": "p", "prior_weight": 1.0, "log_prior": prior})
+    assert with_prior.headers == {"x-peftu-method": "profile+adapter+prior"} and "score" in with_prior.scores[0]
+    score({"method": "adapter", "profile": "p"})  # a profile another winner left in the entry is not used
+    assert engine.contexts[-1] == ""
+    lost = score({"method": "profile+adapter", "profile": "p"}, user="gone")  # no adapter: says what answered
+    assert lost.headers == {"x-peftu-method": "profile+base", "x-peftu-selected": "profile+adapter"}
 
 
 class FakeNeighbors:

@@ -96,6 +96,12 @@ class TaskSpec(BaseModel):
         """The prompt for one input."""
         return self.prompt.replace("{input}", text)
 
+    def with_context(self, context: str) -> TaskSpec:
+        """The task with `context` (a user's profile) on its own line in front of its prompt, as
+        `peftu.quality.personalize` augments an input: a prompt cut to the model's length loses its
+        beginning, so the context goes before the question does."""
+        return self.model_copy(update={"prompt": f"{context}\n{self.prompt}"}) if context else self
+
     @property
     def metrics(self) -> tuple[str, ...]:
         return METRICS[self.kind]

@@ -13,7 +13,11 @@ scored over all the task's users (`shrunk`): a user with `n` validation
 examples weighs their own score by `n / (n + SHRINK_EXAMPLES)` and the
 candidate's task-wide mean by the rest. A user with few examples gets what
 works for users of this task; a user with many gets what works for them. A
-tie after that goes to the simpler candidate (`SIMPLEST_FIRST`).
+tie after that goes to the simpler candidate (`SIMPLEST_FIRST`). How much a
+user's own split should count is the task's (`task_strength`): choosing on
+one half of every user's validation split and judging on the other says
+whether their own splits predict better than the task-wide means; the
+strength moves from 8 only where that is clearly so.
 
 For classification and rating tasks two candidates use the user's label
 prior `prior_user(label)` (their training labels, add-one smoothed):
@@ -27,6 +31,15 @@ prior `prior_user(label)` (their training labels, add-one smoothed):
 - `majority`: the prior alone, as the baseline row answers (the most frequent
   label; for a rating, the level nearest the user's mean rating).
 
+On label tasks the user's own adapter is also scored with their profile
+(`peftu.quality.personalize.profile_text`: how often they give each label, and
+the words typical of each) on its own line in front of the prompt:
+`profile+oppu` (`profile+adapter` without OPPU), with its `+prior` twin. It is
+the adapter as fitted, on plain prompts (the benchmark's `oppu+profile` row is
+another fit, on profile prompts, that serving could not answer with), so it
+costs one more scoring pass and no fit; its winners' records carry the profile
+text, which `/v1/score` puts in front of the request's prompt.
+
 One more label-task candidate reads the text, as the tiny base cannot:
 `neighbors`, the user's own labels on their training texts nearest the input
 under the real sentence encoder (`peftu.neighbors`; its index goes to the
@@ -38,15 +51,17 @@ the base reading the user's soft tokens from their history (with its
 
 What a user's choice is, as the fit and the benchmark record it and serving
 reads it (`Choice.record`; the record's schema is `peftu.store.selection`):
-``{"method": name, "val": {candidate: metric}, "n_val": examples,
+``{"method": name, "val": {candidate: metric}, "n_val": examples, "halves": {candidate: [even, odd]},
+"prior_halves": {candidate: [[even, odd] at each w]},
 "prior_curves": {candidate: [metric at each w]}, "prior_weights": {candidate: w},
-"prior_weight": w, "log_prior": {label: log p}, "answer": label}``.
-Everything but `method`, `val` and `n_val` only on label tasks;
+"prior_weight": w, "log_prior": {label: log p}, "answer": label, "profile": text}``.
+Everything but `method`, `val`, `n_val` and `halves` only on label tasks;
 `prior_weight` only where the winner uses the prior, so a server scoring the
 user's labels adds ``w * log_prior[label]`` to each label's log-likelihood
 before taking the best (`calibrated`); `answer` is the one label `majority`
-answers with. The record holds all a choice depends on, so the users a run
-did not refit are chosen again from it without a model.
+answers with; `profile` only where the winner is a `profile+` candidate.
+The record holds all a choice depends on, so the users a run did not refit
+are chosen again from it without a model.
 """
 
 from __future__ import annotations
@@ -61,15 +76,16 @@ from dataclasses import dataclass, field, replace
 from peftu.data.schema import TaskSpec, UserRecord
 from peftu.errors import NotFoundError
 from peftu.evaluation.metrics import LOWER_IS_BETTER, better, task_metrics
-from peftu.quality.personalize import bm25_top_k
+from peftu.quality.personalize import bm25_top_k, profile_text
 from peftu.store.kinds import PLUG, SELECTION
-from peftu.store.selection import MAJORITY, PRIOR, calibrated
+from peftu.store.selection import MAJORITY, PRIOR, PROFILE, calibrated
 
 log = logging.getLogger("peftu.fit")
 
 SIMPLEST_FIRST = ("majority", "base", "global", "base+prior", "global+prior", "neighbors", "neighbors+prior",
                   "adapter", "adapter+prior",
-                  "oppu", "oppu+prior",
+                  "oppu", "oppu+prior", "profile+adapter", "profile+adapter+prior", "profile+oppu",
+                  "profile+oppu+prior",
                   "oppu+retrieval", "oppu+profile", "ia3", "prompt-tuning", "prefix-tuning",
                   "pplug", "pplug+prior", "pplug+oppu")
 """Candidates from the simplest (no model) to the most personal: ties go to the first."""
@@ -79,7 +95,11 @@ PRIOR_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 SHRINK_EXAMPLES = 8.0
 """How many validation examples a candidate's task-wide mean counts as in each user's choice (0: the
-user's own split alone). See docs/results.md for what other values gave."""
+user's own split alone), unless the task's validation halves clearly prefer another of `STRENGTHS`
+(`task_strength`). See docs/results.md for what other values gave."""
+
+STRENGTHS = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+"""The shrinkage strengths `task_strength` tries."""
 
 
 def uses_prior(spec: TaskSpec) -> bool:
@@ -121,6 +141,13 @@ class Choice:
     log_prior: dict[str, float] = field(default_factory=dict)
     answer: str | None = None
     """The one answer `majority` gives on a label task (what serving answers such a user)."""
+    profile: str | None = None
+    """The user's profile on a label task, as the `profile+` candidates put it in front of the prompt."""
+    halves: dict[str, list[float]] = field(default_factory=dict)
+    """Each candidate's metric on the two halves of the validation split (even and odd examples), for
+    choosing the task's shrinkage strength (`task_strength`); `+prior` candidates at their weight."""
+    prior_halves: dict[str, list[list[float]]] = field(default_factory=dict)
+    """Each `+prior` candidate's `halves` at each of `PRIOR_WEIGHTS`."""
 
     @property
     def prior_weight(self) -> float | None:
@@ -129,23 +156,31 @@ class Choice:
     def record(self) -> dict:
         """The JSON a fit and the benchmark write and serving reads (see the module doc)."""
         out = {"method": self.method, "val": self.val, "n_val": self.n_val}
+        if self.halves or self.prior_halves:
+            out |= {"halves": self.halves, "prior_halves": self.prior_halves}
         if self.log_prior:
             out |= {"prior_curves": self.prior_curves, "prior_weights": self.prior_weights,
                     "log_prior": self.log_prior, "answer": self.answer}
         if self.prior_weight is not None:
             out["prior_weight"] = self.prior_weight
+        if self.method.startswith(PROFILE) and self.profile is not None:
+            out["profile"] = self.profile
         return out
 
     @classmethod
     def of_record(cls, entry: dict) -> Choice:
         return cls(entry["method"], entry["val"], entry.get("n_val", 0), entry.get("prior_curves", {}),
-                   entry.get("prior_weights", {}), entry.get("log_prior", {}), entry.get("answer"))
+                   entry.get("prior_weights", {}), entry.get("log_prior", {}), entry.get("answer"),
+                   entry.get("profile"), entry.get("halves", {}), entry.get("prior_halves", {}))
 
     def at_weights(self, weights: dict[str, float]) -> Choice:
         """This user's `+prior` scores at the task's chosen weights."""
         picked = {name: weights[name] for name in self.prior_curves}
-        return replace(self, prior_weights=picked, val=self.val | {
-            name: self.prior_curves[name][PRIOR_WEIGHTS.index(w)] for name, w in picked.items()})
+        at = {name: PRIOR_WEIGHTS.index(w) for name, w in picked.items()}
+        return replace(self, prior_weights=picked,
+                       val=self.val | {name: self.prior_curves[name][i] for name, i in at.items()},
+                       halves=self.halves | {name: self.prior_halves[name][i] for name, i in at.items()
+                                             if name in self.prior_halves})
 
 
 def choose(metric: str, val: dict[str, float]) -> str:
@@ -197,6 +232,47 @@ def _one_standard_error(metric: str, curves: list[list[float]]) -> int:
     return next(i for i, m in enumerate(means) if not better(metric, worse, m))
 
 
+def task_strength(metric: str, choices: dict[str, Choice]) -> float:
+    """The shrinkage strength for a task, chosen on its users' validation halves: each user's winner
+    chosen on one half at each of `STRENGTHS` is judged on the other half (and the other way round).
+
+    How much a user's own split should count depends on the task (on generated tasks, whose users
+    are alike, the task-wide means choose better; on real crowd workers, who differ, their own
+    splits do), and the halves measure it out of sample. `SHRINK_EXAMPLES` stays unless another
+    strength's mean over users is better by more than one standard error of the paired per-user
+    differences (the halves' noise must not move it). Only users with two or more validation
+    examples are judged (a half needs one); with fewer than two such users, `SHRINK_EXAMPLES`."""
+    weights = task_prior_weights(metric, choices)
+    split = {uid: c.at_weights(weights) for uid, c in choices.items() if c.halves and c.n_val >= 2}
+    if len(split) < 2:
+        return SHRINK_EXAMPLES
+    n_half = {uid: ((c.n_val + 1) // 2, c.n_val // 2) for uid, c in split.items()}
+
+    def held_out(strength: float) -> list[float]:
+        per_user = dict.fromkeys(split, 0.0)
+        for chosen_on, judged_on in ((0, 1), (1, 0)):
+            half = {uid: replace(c, val={n: h[chosen_on] for n, h in c.halves.items()}, n_val=n_half[uid][chosen_on])
+                    for uid, c in split.items()}
+            scores = shrunk(half, strength)
+            for uid, c in split.items():
+                per_user[uid] += c.halves[choose(metric, scores[uid])][judged_on] / 2
+        return list(per_user.values())
+
+    results = {strength: held_out(strength) for strength in STRENGTHS}
+    default = results[SHRINK_EXAMPLES]
+    best = SHRINK_EXAMPLES
+    for strength, per_user in results.items():
+        if better(metric, _mean(per_user), _mean(results[best])):
+            best = strength
+    diffs = [a - b for a, b in zip(results[best], default)]
+    spread = math.sqrt(sum((d - _mean(diffs)) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
+    return best if abs(_mean(diffs)) > spread else SHRINK_EXAMPLES
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
 def choose_all(metric: str, choices: dict[str, Choice], strength: float = SHRINK_EXAMPLES) -> dict[str, Choice]:
     """Every user's winner: the `+prior` candidates at the task's weights, then by their `shrunk`
     validation scores (ties to the simpler)."""
@@ -232,6 +308,8 @@ class Judged:
 
     val: dict[str, float]
     test: dict[str, float]
+    halves: list[dict[str, float]] = field(default_factory=list)
+    """Its metrics on the validation split's even and odd examples (none with fewer than two)."""
     by_weight: list[Judged] | None = None
     """A `+prior` candidate's metrics at each of `PRIOR_WEIGHTS` (its `val` and `test` are at 0 until one
     is chosen: `at`)."""
@@ -252,14 +330,21 @@ def _answers(fn: Answers, spec: TaskSpec, user: UserRecord, **slot) -> tuple[lis
     return out[:len(user.val)], out[len(user.val):]
 
 
+def _judged(spec: TaskSpec, user: UserRecord, val_out: list, test_out: list) -> Judged:
+    """Answers' metrics on the user's judged split, its halves, and test."""
+    val_golds = [e.golds for e in user.val]
+    halves = [task_metrics(spec, val_out[i::2], val_golds[i::2]) for i in (0, 1)] if len(val_out) >= 2 else []
+    return Judged(task_metrics(spec, val_out, val_golds), task_metrics(spec, test_out, [e.golds for e in user.test]),
+                  halves)
+
+
 def judge(spec: TaskSpec, name: str, user: UserRecord, val_out: list, test_out: list) -> dict[str, Judged]:
     """A model candidate's metrics for a user, and on label tasks its `+prior` twin's at every weight."""
-    val_golds, test_golds = [e.golds for e in user.val], [e.golds for e in user.test]
     if not uses_prior(spec):
-        return {name: Judged(task_metrics(spec, val_out, val_golds), task_metrics(spec, test_out, test_golds))}
+        return {name: _judged(spec, user, val_out, test_out)}
     prior = log_prior(spec, user)
-    by_weight = [Judged(task_metrics(spec, with_prior(spec, val_out, prior, w), val_golds),
-                        task_metrics(spec, with_prior(spec, test_out, prior, w), test_golds)) for w in PRIOR_WEIGHTS]
+    by_weight = [_judged(spec, user, with_prior(spec, val_out, prior, w), with_prior(spec, test_out, prior, w))
+                 for w in PRIOR_WEIGHTS]
     alone = by_weight[PRIOR_WEIGHTS.index(0.0)]
     return {name: alone, name + PRIOR: replace(alone, by_weight=by_weight)}
 
@@ -268,8 +353,7 @@ def _majority(spec: TaskSpec, user: UserRecord) -> Judged:
     def answers(split: str) -> list[str]:
         return [majority_answer(spec, user, e.input) for e in getattr(user, split)]
 
-    return Judged(task_metrics(spec, answers("val"), [e.golds for e in user.val]),
-                  task_metrics(spec, answers("test"), [e.golds for e in user.test]))
+    return _judged(spec, user, answers("val"), answers("test"))
 
 
 def model_answers(spec: TaskSpec, model, tokenizer) -> Answers:
@@ -280,13 +364,14 @@ def model_answers(spec: TaskSpec, model, tokenizer) -> Answers:
     return lambda inputs, **slot: answer(model, tokenizer, spec, inputs, **slot)
 
 
-def own_adapter(spec: TaskSpec, base, tokenizer, store, task: str, base_fp: str) -> Personal:
-    """A user's own adapter of `task` from the store (on `base`, as a replica holds it) as a candidate."""
+def own_adapter(spec: TaskSpec, base, tokenizer, store, task: str, base_fp: str,
+                context: Callable[[UserRecord], str] | None = None) -> Personal:
+    """A user's own adapter of `task` from the store (on `base`, as a replica holds it) as a candidate;
+    `context`: the user's text put in front of every prompt (`TaskSpec.with_context`)."""
     from peftu.evaluation.evaluate import with_user_adapter
 
-    answers = model_answers(spec, base, tokenizer)
-
     def own(user: UserRecord) -> tuple[list, list] | None:
+        answers = model_answers(spec if context is None else spec.with_context(context(user)), base, tokenizer)
         outs, had = with_user_adapter(base, store, task, user.user_id,
                                       lambda **slot: _answers(answers, spec, user, **slot), base_fp=base_fp)
         return outs if had else None
@@ -354,13 +439,16 @@ def own_plug(spec: TaskSpec, base, tokenizer, base_fp: str, store, task: str, en
     return plugged
 
 
-def candidates(spec: TaskSpec, store, task: str, own: Personal, own_name: str,
+def candidates(spec: TaskSpec, store, task: str, own: Callable[..., Personal], own_name: str,
                plug_on: tuple | None = None) -> dict[str, Personal]:
-    """The personal candidates of a task: the user's own adapter, on label tasks their neighbours, and
-    PPlug where the store has the task's plug for `plug_on` (base, tokenizer, its fingerprint)."""
+    """The personal candidates of a task: the user's own adapter (`own(context=None)`: `own_adapter` with
+    all but its context given), on label tasks that adapter reading the user's profile and their
+    neighbours, and PPlug where the store has the task's plug for `plug_on` (base, tokenizer, its
+    fingerprint)."""
     encoder = _lazy_encoder()
-    out = {own_name: own}
+    out = {own_name: own()}
     if uses_prior(spec):
+        out[PROFILE + own_name] = own(context=functools.partial(profile_text, spec))
         out["neighbors"] = own_neighbors(spec, store, task, encoder)
     plugged = own_plug(spec, *plug_on, store, task, encoder) if plug_on is not None else None
     if plugged is not None:
@@ -388,20 +476,26 @@ def score_users(spec: TaskSpec, users: list[UserRecord], models: dict[str, Answe
         val = {name: j.val[spec.metric] for name, j in scores.items() if j.val and j.by_weight is None}
         curves = {name: [at.val[spec.metric] for at in j.by_weight] for name, j in scores.items()
                   if j.val and j.by_weight}
+        halves = {name: [h[spec.metric] for h in j.halves] for name, j in scores.items()
+                  if j.halves and j.by_weight is None}
+        prior_halves = {name: [[h[spec.metric] for h in at.halves] for at in j.by_weight]
+                        for name, j in scores.items() if j.halves and j.by_weight}
         label = uses_prior(spec)
-        choice = Choice(MAJORITY, val, len(user.val), curves, {},
-                        log_prior(spec, user) if label else {}, majority_answer(spec, user, "") if label else None)
+        choice = Choice(MAJORITY, val, len(user.val), curves, {}, log_prior(spec, user) if label else {},
+                        majority_answer(spec, user, "") if label else None, profile_text(spec, user) if label else None,
+                        halves, prior_halves)
         scored[user.user_id] = (choice, scores)
     return scored
 
 
 def choose_users(spec: TaskSpec, users: list[UserRecord], models: dict[str, Answers], personal: dict[str, Personal],
-                 strength: float = SHRINK_EXAMPLES, progress: bool = False
+                 strength: float | None = None, progress: bool = False
                  ) -> dict[str, tuple[Choice, dict[str, Judged]]]:
-    """`score_users`, then every user's choice among these users (`choose_all`), with each candidate's
-    metrics at the weights chosen."""
+    """`score_users`, then every user's choice among these users (`choose_all`, at `strength`; None: the
+    task's, `task_strength`), with each candidate's metrics at the weights chosen."""
     scored = score_users(spec, users, models, personal, progress)
-    chosen = choose_all(spec.metric, {uid: c for uid, (c, _) in scored.items()}, strength)
+    choices = {uid: c for uid, (c, _) in scored.items()}
+    chosen = choose_all(spec.metric, choices, task_strength(spec.metric, choices) if strength is None else strength)
     return {uid: (chosen[uid], {name: j.at(chosen[uid].prior_weights.get(name)) for name, j in scores.items()})
             for uid, (_, scores) in scored.items()}
 
@@ -432,15 +526,18 @@ def select_fitted(base_path: str, store, spec: TaskSpec, users: list[UserRecord]
     models = {"base": model_answers(spec, *plain)}
     if oppu:
         models["global"] = model_answers(spec, users_base, tokenizer)
-    own = own_adapter(spec, users_base, tokenizer, store, spec.name, users_fp)
+    own = functools.partial(own_adapter, spec, users_base, tokenizer, store, spec.name, users_fp)
     rescored = {u.user_id for u in todo}
     kept = {uid: Choice.of_record(entry) for uid, entry in last.items() if uid not in rescored}
     personal = candidates(spec, store, spec.name, own, "oppu" if oppu else "adapter",
                           plug_on=(users_base, tokenizer, users_fp))
     new = score_users(spec, todo, models, personal)
-    again = choose_all(spec.metric, kept | {uid: c for uid, (c, _) in new.items()})  # over every user's scores
-    chosen = {uid: c.record() for uid, c in again.items()}
-    store.put_record(SELECTION.of(spec.name), {"task": spec.name, "users_base": users_fp,
+    everyone = kept | {uid: c for uid, (c, _) in new.items()}
+    strength = task_strength(spec.metric, everyone)
+    again = choose_all(spec.metric, everyone, strength)  # over every user's scores
+    profiles = {u.user_id: profile_text(spec, u) for u in users} if uses_prior(spec) else {}
+    chosen = {uid: replace(c, profile=profiles.get(uid, c.profile)).record() for uid, c in again.items()}
+    store.put_record(SELECTION.of(spec.name), {"task": spec.name, "users_base": users_fp, "strength": strength,
                                                "plug": store.latest_artifact(PLUG.of(spec.name)), "users": chosen})
     return chosen
 

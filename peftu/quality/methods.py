@@ -50,6 +50,7 @@ task's real adapters; a re-run with the same data and settings reuses them.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Callable
 
@@ -248,11 +249,12 @@ def _pplug_oppu(ctx: QualityContext) -> PerUser:
 def _selected(ctx: QualityContext) -> PerUser:
     """Each user answered by the candidate that won on their validation split (`peftu.fitting.selection`):
     `majority`, the base, the pooled fit (`global`), their OPPU adapter, (label tasks) their
-    `neighbors` and, where the bench's store holds the task's plug (the `pplug` row fits it: name it
-    before `selected`), `pplug` on the base; each model also `+prior` on label tasks. Who won goes into
-    the results (`choices`). The retrieval and profile variants, IA3, prompt and prefix tuning are not
-    candidates: each would add its own fit to every run."""
-    from peftu.fitting.selection import candidates, choose_users, model_answers, own_adapter
+    `neighbors` and that adapter reading their profile (`profile+oppu`) and, where the bench's store
+    holds the task's plug (the `pplug` row fits it: name it before `selected`), `pplug` on the base;
+    each model also `+prior` on label tasks. Who won goes into the results (`choices`). The rows
+    fitted on augmented prompts (`oppu+retrieval`, `oppu+profile`), IA3, prompt and prefix tuning are
+    not candidates: each would add its own fit to every run."""
+    from peftu.fitting.selection import candidates, choose_users, model_answers, own_adapter, task_strength
     from peftu.model.base import base_fingerprint
     from peftu.model.bases import load_merged_base
 
@@ -262,13 +264,16 @@ def _selected(ctx: QualityContext) -> PerUser:
     oppu_scores(ctx, None)  # the users' OPPU adapters, fitted where not current
     merged, merged_tok, merged_fp = load_merged_base(ctx.base_path, ctx.store, stored.name)
     models = {"base": model_answers(spec, base, tokenizer), "global": model_answers(spec, merged, merged_tok)}
-    own = own_adapter(spec, merged, merged_tok, ctx.store, ctx.store_spec(spec, "oppu").name, merged_fp)
+    own = functools.partial(own_adapter, spec, merged, merged_tok, ctx.store, ctx.store_spec(spec, "oppu").name,
+                            merged_fp)
     personal = candidates(spec, ctx.store, ctx.store_spec(spec).name, own, "oppu",
                           plug_on=(base, tokenizer, base_fingerprint(ctx.base_path)))
     chosen = choose_users(spec, ctx.users, models, personal, progress=ctx.progress)
+    ctx.notes["strength"] = task_strength(spec.metric, {uid: c for uid, (c, _) in chosen.items()})
     ctx.notes["choices"] = {uid: choice.record() | {"test": {n: j.test[spec.metric] for n, j in scores.items()}}
                             for uid, (choice, scores) in chosen.items()}  # test: what each candidate would have got
-    ctx.log(f"[{spec.name}] selected: {dict(Counter(c.method for c, _ in chosen.values()).most_common())}")
+    ctx.log(f"[{spec.name}] selected (strength {ctx.notes['strength']:g}): "
+            f"{dict(Counter(c.method for c, _ in chosen.values()).most_common())}")
     return {uid: scores[choice.method].test for uid, (choice, scores) in chosen.items()}
 
 

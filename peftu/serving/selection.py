@@ -23,6 +23,9 @@ invalidate or delete reached it. A record chosen for another users' base (its
 - `pplug`: the base with PPlug's soft tokens from the user's history, their
   adapter not loaded (a replica without `pplug` on, or a user without cached
   history, gets the base alone);
+- `profile+oppu` / `profile+adapter`: the user's adapter, and on `/v1/score`
+  their profile (from the record) on its own line in front of the prompt; a
+  generation is the adapter alone (the client wrote its prompt);
 - `<model>+prior`: that model, and on `/v1/score` each label ranked by
   ``log p(label | text) + w * log prior_user(label)``; a generation has no
   labels to rank, so it is the model alone.
@@ -47,7 +50,7 @@ from peftu.serving.adapters import Lease
 from peftu.serving.neighbors import NeighborsServer
 from peftu.store import AdapterStore
 from peftu.store.kinds import SELECTION, TASK_ADAPTER
-from peftu.store.selection import MAJORITY, PRIOR, Selection, UserChoice, calibrated, read_selection
+from peftu.store.selection import MAJORITY, PRIOR, PROFILE, Selection, UserChoice, calibrated, read_selection
 
 log = logging.getLogger("peftu.serving")
 
@@ -101,11 +104,11 @@ class Route:
         """Whether the user's adapter is loaded: not for a base, global or PPlug winner."""
         return self.choice is None or self.choice.model not in (*BASE_MODELS, PPLUG)
 
-    def used(self, lease: Lease, prior: bool = False) -> str:
-        """What answered, in the record's names."""
+    def used(self, lease: Lease, context: str = "") -> str:
+        """What answered, in the record's names (`context`: the user's profile was in the prompt)."""
         name = (("oppu" if self.merged else "adapter") if lease.version is not None else
                 "pplug" if lease.pplug else "global" if self.merged else "base")
-        return name + PRIOR if prior else name
+        return PROFILE + name if context else name
 
     def headers(self, used: str) -> dict[str, str]:
         """`x-peftu-method`, and `x-peftu-selected` where the record chose something else."""
@@ -136,8 +139,9 @@ class Route:
         if voted is not None:
             scores, lease, used = voted, Lease(BASE_SLOT, None), NEIGHBORS
         else:
-            scores, lease = await engine.score(self.user, text, labels, adapter=self.adapter)
-            used = self.used(lease)
+            context = c.context if c is not None else ""
+            scores, lease = await engine.score(self.user, text, labels, adapter=self.adapter, context=context)
+            used = self.used(lease, context)
         ranked = calibrated(labels, scores, c.log_prior, c.prior_weight) if (
             c is not None and c.uses_prior and used == c.model) else None
         entries = [{"label": lab, "logprob": s} for lab, s in zip(labels, scores)]

@@ -3,16 +3,19 @@
 The record (store kind `SELECTION`, one per task) is written by
 `peftu.fitting.selection.select_fitted` after a fit and read by serving,
 which must not import the fitting code: so what a user's entry means lives
-here, below both. ``{"task", "users_base": fingerprint, "plug": version,
+here, below both. ``{"task", "users_base": fingerprint, "plug": version, "strength": examples,
 "users": {user_id: {"method", "val", "n_val", "prior_curves", "prior_weights",
-"prior_weight", "log_prior", "answer"}}}``: `users_base` is the base the users' adapters
+"prior_weight", "log_prior", "answer", "profile"}}}``: `users_base` is the base the users' adapters
 were fitted on (plain or OPPU's merged one), `plug` the task's PPlug plug
-when it was chosen (None: none; a new one has everyone scored again), `method` the candidate chosen
+when it was chosen (None: none; a new one has everyone scored again), `strength` the
+shrinkage the task's users were chosen at (for people), `method` the candidate chosen
 on the user's validation split, `val`, `n_val`, `prior_curves` and
 `prior_weights` what it was chosen by
 (for the next fit's choice and for people; a replica ignores them),
-`log_prior` and `answer` (the user's usual label) on label tasks, and
-`prior_weight` only where the winner is a `<model>+prior` candidate.
+`log_prior` and `answer` (the user's usual label) on label tasks,
+`prior_weight` only where the winner is a `<model>+prior` candidate, and
+`profile` (the user's profile, put in front of the prompt) only where it is a
+`profile+<model>` one.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ PRIOR = "+prior"
 """The suffix of a candidate that adds the user's label prior to a model's label scores."""
 MAJORITY = "majority"
 """The candidate with no model: the user's usual answer."""
+PROFILE = "profile+"
+"""The prefix of a candidate that puts the user's profile (the entry's `profile`) in front of the prompt."""
 
 
 class UserChoice(BaseModel):
@@ -38,11 +43,17 @@ class UserChoice(BaseModel):
     prior_weight: float | None = None
     log_prior: dict[str, float] = {}
     answer: str | None = None
+    profile: str | None = None
 
     @property
     def model(self) -> str:
         """The model part of the winner ("oppu" of "oppu+prior")."""
         return self.method.removesuffix(PRIOR)
+
+    @property
+    def context(self) -> str:
+        """What goes in front of the prompt on `/v1/score`: the profile of a `profile+` winner, else nothing."""
+        return self.profile or "" if self.method.startswith(PROFILE) else ""
 
     @property
     def uses_prior(self) -> bool:
