@@ -29,11 +29,11 @@ HP = LoraHParams(r=4, alpha=8, epochs=2, batch_size=4, lr=2e-2, weight_decay=0.0
 
 
 def _users() -> list[UserRecord]:
-    """Four users of 5 to 22 examples: slots go idle at different steps, and ranks get uneven rows."""
+    """Four users of 3 to 11 examples: slots go idle at different steps, and ranks get uneven rows."""
     _, users, _ = generate("synth-rating", 60, seed=21)
     pool = sorted(users, key=lambda u: -len(u.train))
     return [UserRecord(f"user{i}", train=pool[i].train[:n], test=pool[i].test)
-            for i, n in enumerate([5, 13, 22, 9])]
+            for i, n in enumerate([3, 7, 11, 5])]
 
 
 def _rank(rank: int, world: int, port: int, base: str, out: str, offload: bool) -> None:
