@@ -424,6 +424,9 @@ def test_a_neighbors_winner_is_scored_by_their_nearest_labelled_texts_and_delete
 
     assert _admin("DELETE", url, f"/users/{user}").status_code == 200
     assert store.latest_artifact(NEIGHBORS.of(TASK, user)) is None
+    # their entry went from the selection record, with every older version that named them
+    assert len(store.artifact_versions(SELECTION.of(TASK))) == 1 and user not in store.get_record(
+        SELECTION.of(TASK))["users"]
     after = requests.post(f"{url}/v1/score", headers=_auth(user), timeout=60,
                           json={"model": f"tiny-test:{user}", "input": "the lamp was great"})
-    assert (after.headers["x-peftu-method"], after.headers["x-peftu-selected"]) == ("base", "neighbors")
+    assert after.headers["x-peftu-method"] == "base" and "x-peftu-selected" not in after.headers

@@ -551,6 +551,29 @@ def test_delete_user(store: AdapterStore) -> None:
         assert not (store.backend.root / "adapters" / TASK / "alice").exists()
 
 
+def test_deleting_a_users_data_leaves_nothing_of_theirs_and_everything_of_others(store: AdapterStore) -> None:
+    from peftu.store.kinds import NEIGHBORS, SELECTION
+    from peftu.store.users import delete_user_data
+
+    for user in ("alice", "bob"):
+        publish(store, user)
+        store.publish_artifact(NEIGHBORS.of(TASK, user), {"neighbors.json": b'{"labels": []}',
+                                                          "neighbors.safetensors": save({"vectors": torch.ones(1)})},
+                               encoder_fingerprint="e", data_fingerprint="d")
+    entry = {"method": "profile+adapter", "val": {}, "profile": "User profile: words of theirs."}
+    store.put_record(SELECTION.of(TASK), {"task": TASK, "users": {"alice": entry}})  # an older version
+    store.put_record(SELECTION.of(TASK), {"task": TASK, "strength": 8.0, "users": {"alice": entry, "bob": entry}})
+    assert delete_user_data(store, TASK, "alice") == 1
+    assert not store.has_adapter(TASK, "alice") and store.latest_artifact(NEIGHBORS.of(TASK, "alice")) is None
+    [kept] = store.artifact_versions(SELECTION.of(TASK))  # no older version names her
+    assert store.get_record(SELECTION.of(TASK)) == {"task": TASK, "strength": 8.0, "users": {"bob": entry}}
+    assert store.has_adapter(TASK, "bob") and store.latest_artifact(NEIGHBORS.of(TASK, "bob")) is not None
+    store.delete_artifact(SELECTION.of(TASK))
+    assert delete_user_data(store, TASK, "bob") == 1  # no selection record: nothing else to forget
+    with pytest.raises(NotFoundError, match="alice"):
+        delete_user_data(store, TASK, "alice")
+
+
 def test_delete_user_unpublishes_first(store: AdapterStore, monkeypatch: pytest.MonkeyPatch) -> None:
     publish(store, "alice")
 

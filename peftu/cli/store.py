@@ -23,8 +23,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--task", required=True)
     p.add_argument("--keep", type=int, default=3, help="versions kept per artifact (default %(default)s, at least 1)")
     add_store(p)
-    p = sub.add_parser("delete", help="delete a user for good: every version of their adapter and their PPlug "
-                       "history; with --server, through the app, which answers once every replica has evicted them")
+    p = sub.add_parser("delete", help="delete a user for good: every version of their adapter, their PPlug "
+                       "history, their neighbours and their selection entry; with --server, through the app, "
+                       "which answers once every replica has evicted them")
     p.add_argument("user")
     p.add_argument("--task", help="the task whose adapter goes (without --server; the app knows its own)")
     p.add_argument("--server", metavar="URL", help="the serving app (http://host:8000): it deletes and evicts")
@@ -83,7 +84,7 @@ def delete(args: argparse.Namespace) -> None:
         return
     if not args.task:
         raise PeftuError("--task is needed without --server")
-    from peftu.serving.adapters import delete_user_data
+    from peftu.store.users import delete_user_data
 
     removed = delete_user_data(open_store(args), args.task, user)
     print(f"deleted {removed} version(s) of user {user} from the store; running replicas drop it at their next "

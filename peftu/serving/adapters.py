@@ -30,7 +30,7 @@ from peftu.inference.generate import BASE_SLOT
 from peftu.serving.cache import Entry, SlotCache
 from peftu.serving.metrics import Metrics
 from peftu.store import AdapterStore
-from peftu.store.kinds import EMBEDDINGS, NEIGHBORS
+from peftu.store.users import delete_user_data
 
 log = logging.getLogger("peftu.serving")
 
@@ -299,7 +299,7 @@ class AdapterManager:
         return removed
 
     async def delete(self, user: str) -> int:
-        """Delete the user's adapter (and PPlug history) from the store and from this replica; versions removed."""
+        """Delete the user's data from the store (`delete_user_data`) and from this replica; versions removed."""
         try:
             removed = await asyncio.to_thread(delete_user_data, self.store, self.task, user)
         finally:
@@ -308,15 +308,3 @@ class AdapterManager:
 
     def resident(self) -> list[str]:
         return self.cache.users()
-
-
-def delete_user_data(store: AdapterStore, task: str, user: str) -> int:
-    """Remove every version of the user's adapter, their cached PPlug history embeddings and their
-    labelled neighbours; adapter versions removed. NotFoundError if the user has no adapter."""
-    removed = store.delete_user(task, user)
-    for kind in (EMBEDDINGS, NEIGHBORS):
-        try:
-            store.delete_artifact(kind.of(task, user))
-        except NotFoundError:
-            pass
-    return removed
