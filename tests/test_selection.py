@@ -454,3 +454,13 @@ def test_a_replica_reads_the_record_again_after_an_invalidate_and_not_one_for_an
         return seen
 
     assert asyncio.run(run()) == [None, None, "base", None, False]
+
+
+def test_a_replica_with_pplugs_encoder_lends_it_to_neighbours_instead_of_loading_a_second(tmp_path):
+    from peftu.serving.selection import Selections
+    from peftu.store import AdapterStore
+
+    store = AdapterStore.open(str(tmp_path / "store"))
+    loaded = object()  # stands for PPlug's HistoryEncoder: never called here
+    assert Selections(store, "t", "fp", ttl_s=1.0, encoder=loaded).neighbors.encoder() is loaded
+    assert Selections(store, "t", "fp", ttl_s=1.0).neighbors._encoder is None  # loaded at the first request

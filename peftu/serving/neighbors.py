@@ -19,11 +19,13 @@ from peftu.store import AdapterStore
 
 
 class NeighborsServer:
-    """The encoder (loaded once needed) and an LRU of users' label indexes."""
+    """The encoder (loaded once needed, or PPlug's where the replica has it) and an LRU of users' label
+    indexes."""
 
-    def __init__(self, store: AdapterStore, task: str, *, ttl_s: float, device: str = "cpu"):
+    def __init__(self, store: AdapterStore, task: str, *, ttl_s: float, device: str = "cpu",
+                 encoder: HistoryEncoder | None = None):
         self.device = device
-        self._encoder: HistoryEncoder | None = None
+        self._encoder = encoder
         self._lock = threading.Lock()
         self.indexes: UserLookups[LabelIndex] = UserLookups(
             lambda user: stored_index(store, self.encoder().fingerprint, task, user), "labelled neighbours",

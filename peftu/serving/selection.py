@@ -46,6 +46,7 @@ from dataclasses import dataclass
 
 from peftu.errors import StoreError
 from peftu.inference.generate import BASE_SLOT
+from peftu.pplug.encoder import HistoryEncoder
 from peftu.serving.adapters import Lease
 from peftu.serving.neighbors import NeighborsServer
 from peftu.store import AdapterStore
@@ -155,10 +156,13 @@ class Route:
 class Selections:
     """One replica's copy of the task's selection record, kept fresh like adapter versions."""
 
-    def __init__(self, store: AdapterStore, task: str, users_fp: str, *, ttl_s: float):
+    def __init__(self, store: AdapterStore, task: str, users_fp: str, *, ttl_s: float, device: str = "cpu",
+                 encoder: HistoryEncoder | None = None):
+        """`encoder`: the replica's sentence encoder if it has one loaded (PPlug's), else loaded on `device`
+        at the first `neighbors` request."""
         self.store, self.task, self.users_fp, self.ttl_s = store, task, users_fp, ttl_s
         self.merged = serves_merged(store, task, users_fp)
-        self.neighbors = NeighborsServer(store, task, ttl_s=ttl_s)
+        self.neighbors = NeighborsServer(store, task, ttl_s=ttl_s, device=device, encoder=encoder)
         self._record = Selection()
         self._users: dict[str, UserChoice] = {}
         self._asked = 0  # invalidations so far

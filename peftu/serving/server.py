@@ -88,7 +88,8 @@ class PeftuServer:
         if not self.cfg.user_tokens:
             log.warning("user_tokens is false: any client may use any user's adapter")
         self.selection = Selections(self.engine.adapters.store, self.cfg.task, self.engine.adapters.base_fp,
-                                    ttl_s=self.cfg.version_ttl_s)
+                                    ttl_s=self.cfg.version_ttl_s, device=self.cfg.device,
+                                    encoder=self.engine.plug.encoder if self.engine.plug is not None else None)
         self.broadcast = Broadcast(self._forget)
         api.state.metrics = self.engine.metrics
         api.state.body_limits = (self.cfg.max_body_bytes, self.cfg.body_timeout_s)
