@@ -123,8 +123,8 @@ def test_a_worker_reads_only_its_own_users(tmp_path, monkeypatch):
     Dataset.from_list([u.to_row() for u in users], features=io.FEATURES).to_parquet(
         str(tmp_path / "ds" / "users.parquet"), batch_size=10)  # four row groups of ten users
     decoded = []
-    real = io._checked_row
-    monkeypatch.setattr(io, "_checked_row", lambda row, source: decoded.append(row["user_id"]) or real(row, source))
+    real = io.checked_row
+    monkeypatch.setattr(io, "checked_row", lambda row, source: decoded.append(row["user_id"]) or real(row, source))
     assert load_users(tmp_path / "ds", [users[35].user_id]) == [users[35]]
     assert decoded == [users[35].user_id]
     with pytest.raises(DataError, match=r"users\.parquet.*1 user\(s\) not in the data set, e.g. 'nobody'"):

@@ -194,7 +194,7 @@ def _read_users(folder: Path, display: str, where=None) -> list[UserRecord]:
         table = table.select_columns(list(FEATURES)).cast(FEATURES if "also" in saved else _BEFORE_ALSO)
     except Exception as e:  # noqa: BLE001 - pyarrow's cast errors: the columns hold the wrong types
         raise DataError(f"columns do not have the saved types ({e})", source=source) from None
-    users = [_checked_row(row, source) for row in table]
+    users = [checked_row(row, source) for row in table]
     _no_duplicates([u.user_id for u in users], source)
     return users
 
@@ -207,8 +207,9 @@ def _no_duplicates(ids: list[str], source: str | None) -> None:
         seen.add(user_id)
 
 
-def _checked_row(row: dict, source: str) -> UserRecord:
-    """A user row with every id and text present: Parquet strings may be null."""
+def checked_row(row: dict, source: str) -> UserRecord:
+    """A user row (a dict as pyarrow reads it, here or in a fit worker) as a UserRecord, with every id and
+    text present: Parquet strings may be null."""
     if not row["user_id"]:
         raise DataError("empty or null", source=source, record=str(row["user_id"]), field="user_id")
     for column in ("history", "train", "val", "test"):

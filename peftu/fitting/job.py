@@ -353,11 +353,11 @@ def read_users(job: FitJobConfig, ids: list[str]) -> list[UserRecord]:
 
 def shard_users(job: FitJobConfig, rows: list[dict], source: str) -> list[UserRecord]:
     """A worker's users from its shard of the Dataset: whole rows (checked) or ids to read."""
-    from peftu.data.io import _checked_row
+    from peftu.data.io import checked_row
 
     if rows and "train" not in rows[0]:
         return read_users(job, [row["user_id"] for row in rows])
-    return [_checked_row(row, source) for row in rows]
+    return [checked_row(row, source) for row in rows]
 
 
 @dataclass
