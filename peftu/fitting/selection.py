@@ -440,7 +440,7 @@ def own_plug(spec: TaskSpec, base, tokenizer, base_fp: str, store, task: str, en
 
 
 def candidates(spec: TaskSpec, store, task: str, own: Callable[..., Personal], own_name: str,
-               plug_on: tuple | None = None) -> dict[str, Personal]:
+               plug_on: tuple[object, object, str] | None = None) -> dict[str, Personal]:
     """The personal candidates of a task: the user's own adapter (`own(context=None)`: `own_adapter` with
     all but its context given), on label tasks that adapter reading the user's profile and their
     neighbours, and PPlug where the store has the task's plug for `plug_on` (base, tokenizer, its
