@@ -262,8 +262,9 @@ def _log_progress(progress, started: float, stop: threading.Event, interval: flo
         log.info("%s", _progress_line(snap, (time.monotonic() - started) / 3600))
 
 
-def _on_a_worker(job: FitJobConfig, fn: Callable[..., T], *args, gpu: bool) -> T:
-    """`fn(store, *args)` in a Ray task on one worker's resources (the driver may sit on a head with no CPUs)."""
+def _on_a_worker(job: FitJobConfig, what: str, fn: Callable[..., T], *args, gpu: bool) -> T:
+    """`fn(store, *args)` in a Ray task on one worker's resources (the driver may sit on a head with no CPUs);
+    while it runs, the driver logs `what` and the time so far every `progress_interval_s`."""
     from peftu.logs import setup_logging
     from peftu.store import AdapterStore
 
@@ -272,7 +273,10 @@ def _on_a_worker(job: FitJobConfig, fn: Callable[..., T], *args, gpu: bool) -> T
         return fn(AdapterStore.open(job.store, endpoint_url=job.endpoint_url), *given)
 
     task = ray.remote(num_cpus=job.cpus_per_worker, num_gpus=1 if gpu and job.use_gpu else 0)(stage)
-    return ray.get(task.remote(*args))
+    ref, started = task.remote(*args), time.monotonic()
+    while not ray.wait([ref], timeout=job.progress_interval_s)[0]:
+        log.info("%s: %.0f s so far", what, time.monotonic() - started)
+    return ray.get(ref)
 
 
 def _task_adapter_stage(job: FitJobConfig, spec: TaskSpec, users: RunUsers) -> None:
@@ -283,7 +287,8 @@ def _task_adapter_stage(job: FitJobConfig, spec: TaskSpec, users: RunUsers) -> N
         return ensure_task_adapter(job.base, spec, users.read(job), job.hparams, store,
                                    epochs=job.task_epochs).model_dump()
 
-    manifest = _on_a_worker(job, stage, users, gpu=True)
+    manifest = _on_a_worker(job, f"fitting the task adapter of {spec.name} (OPPU's first stage)", stage, users,
+                            gpu=True)
     log.info("task adapter of %s: version %s (final loss %.3f)", spec.name, manifest["version"],
              manifest["metrics"].get("final_loss", float("nan")))
 
@@ -300,7 +305,8 @@ def _select_stage(job: FitJobConfig, spec: TaskSpec, users: RunUsers, refit: lis
         return selected_counts({u.user_id: chosen[u.user_id] for u in users if u.user_id in chosen})
 
     started = time.monotonic()
-    counts = _on_a_worker(job, stage, users, refit, gpu=False)
+    counts = _on_a_worker(job, f"choosing each user's method on validation ({len(refit)} refitted)",
+                          stage, users, refit, gpu=False)
     log.info("selected for %s in %.1f s (%d refitted): %s", spec.name, time.monotonic() - started, len(refit),
              counts_line(counts))
     return counts
