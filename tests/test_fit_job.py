@@ -44,7 +44,8 @@ def test_every_user_is_published_once_and_a_rerun_skips_all(local_ray, tiny_base
     assert selection["users_base"] == base_fingerprint(tiny_base) and sorted(selection["users"]) == users
     assert {c["method"] for c in selection["users"].values()} <= {"majority", "base", "base+prior", "adapter",
                                                                  "adapter+prior", "profile+adapter",
-                                                                 "profile+adapter+prior", "neighbors",
+                                                                 "profile+adapter+prior", "retrieval+adapter",
+                                                                 "retrieval+adapter+prior", "neighbors",
                                                                  "neighbors+prior"}
     assert first.selected == selected_counts(selection["users"]) and sum(first.selected.values()) == 6
     assert store.get_record(RUN_SUMMARY.of("synth-cls", first.run_id))["selected"] == first.selected

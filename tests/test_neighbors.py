@@ -32,6 +32,16 @@ def test_the_nearest_texts_vote_weighted_by_similarity_and_a_text_can_leave_itse
     assert index.scores(_unit([0, 1]), ["yes", "no"], k=2)[0] == pytest.approx([-math.log(2)] * 2)  # unknown labels
 
 
+def test_retrieved_shows_the_nearest_texts_as_the_task_asks_them_least_similar_first():
+    spec = TaskSpec(name="t", kind="classification", prompt="Text: {input} Topic:", labels=SPEC.labels)
+    index = LabelIndex(_unit([1, 0], [0.9, 0.1], [0, 1]), ["pet", "pet", "money"], ["cat", "kitten", "bank"])
+    [shown] = index.retrieved(spec, _unit([1, 0.05]), k=2)
+    assert shown == "Text: kitten Topic: pet\nText: cat Topic: pet"  # the nearest last, next to the question
+    [alone] = index.retrieved(spec, _unit([0, 1]), k=2, leave_self=True)  # its own text is not shown
+    assert "bank" not in alone and alone.endswith("Text: kitten Topic: pet")
+    assert LabelIndex(index.vectors, index.labels).retrieved(spec, _unit([1, 0])) == [""]  # stored without texts
+
+
 TEXTS = {"pet": ["my cat sleeps on the sofa", "the puppy chewed my shoes", "we adopted a kitten today",
                  "my dog loves long walks", "the parrot learned a new word"],
          "money": ["the bank raised interest rates", "stocks fell sharply this morning",
@@ -67,6 +77,7 @@ def test_a_user_whose_labels_follow_the_text_is_answered_by_their_neighbours(tmp
     encoder = HistoryEncoder()
     kept = stored_index(store, encoder.fingerprint, "t", "u0")
     assert kept.labels == [e.output for e in users[0].train] and kept.vectors.shape == (6, encoder.dim)
+    assert kept.texts == [e.input for e in users[0].train]  # what `retrieval+` candidates show
     assert len(store.artifact_versions(NEIGHBORS.of("t", "u0"))) == 1
     score_users(SPEC, users[:1], {}, {"neighbors": own_neighbors(SPEC, store, "t")})  # same texts: read, not embedded
     assert len(store.artifact_versions(NEIGHBORS.of("t", "u0"))) == 1
@@ -102,3 +113,14 @@ def test_a_corrupt_index_is_a_store_error_naming_it(tmp_path):
                            encoder_fingerprint="enc", data_fingerprint="d")
     with pytest.raises(StoreError, match="labelled neighbours of user 'u' in task 't' is corrupt"):
         stored_index(store, "enc", "t", "u")
+    two = save({"vectors": torch.zeros(2, 4)})
+    store.publish_artifact(NEIGHBORS.of("t", "u"), {"neighbors.json": json.dumps({"labels": ["pet", "pet"],
+                                                                                  "texts": ["a"]}).encode(),
+                                                    "neighbors.safetensors": two},
+                           encoder_fingerprint="enc", data_fingerprint="d2")
+    with pytest.raises(StoreError, match="texts"):
+        stored_index(store, "enc", "t", "u")
+    store.publish_artifact(NEIGHBORS.of("t", "u"), {"neighbors.json": json.dumps({"labels": ["pet", "pet"]}).encode(),
+                                                    "neighbors.safetensors": two},
+                           encoder_fingerprint="enc", data_fingerprint="d3")
+    assert stored_index(store, "enc", "t", "u").texts == []  # stored before texts were kept: still votes

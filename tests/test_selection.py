@@ -222,7 +222,8 @@ def test_a_fit_records_who_answers_each_user(tmp_path, tiny_base):
     for user in users:
         val = chosen[user.user_id]["val"]
         assert set(val) == {"majority", "base", "base+prior", "adapter", "adapter+prior",  # no OPPU: no global
-                            "profile+adapter", "profile+adapter+prior", "neighbors", "neighbors+prior"}
+                            "profile+adapter", "profile+adapter+prior", "retrieval+adapter",
+                            "retrieval+adapter+prior", "neighbors", "neighbors+prior"}
         assert chosen[user.user_id]["method"] == choose("accuracy", val)
         # only a profile winner's entry carries the profile /v1/score puts before the prompt
         assert ("profile" in chosen[user.user_id]) == chosen[user.user_id]["method"].startswith("profile+")
@@ -272,6 +273,8 @@ class FakeEngine:
     """`score` as the engine's: the user's adapter (version "v1") answers those in `adapters` unless it is
     not to be loaded, else the base, with PPlug's soft tokens (scores under "plug:<user>") for `plugged`;
     a context in front of the prompt adds 0.5 to the first label's score."""
+
+    spec = TaskSpec(name="t", kind="classification", prompt="{input}", labels=["a", "b", "c"])
 
     def __init__(self, scores: dict[str | None, list[float]], adapters: set[str], plugged: set[str] = frozenset()):
         self.scores, self.adapters, self.plugged, self.asked, self.contexts = scores, adapters, plugged, [], []
@@ -363,14 +366,40 @@ def test_a_profile_winner_is_scored_with_their_profile_and_a_user_without_one_wi
     assert lost.headers == {"x-peftu-method": "profile+base", "x-peftu-selected": "profile+adapter"}
 
 
+def test_a_retrieval_winner_is_scored_with_their_nearest_texts_and_without_an_index_as_their_adapter():
+    import asyncio
+
+    from peftu.serving.selection import Route
+    from peftu.store.selection import UserChoice
+
+    labels = ["a", "b"]
+    engine = FakeEngine({None: [-1.0, -2.0], "u": [-1.2, -1.0], "v": [-1.2, -1.0]}, {"u", "v"})
+    near = FakeNeighbors({"u": [0.0, 0.0]})
+
+    def score(user: str):
+        choice = UserChoice.model_validate({"method": "retrieval+adapter"})
+        return asyncio.run(Route(user, choice, False, near).score(engine, "text", labels))
+
+    shown = score("u")
+    assert engine.contexts[-1] == "nearest of u a" and (shown.label, shown.headers) == (
+        "a", {"x-peftu-method": "retrieval+adapter"})
+    plain = score("v")  # no index in the store: their adapter alone, and the header says so
+    assert engine.contexts[-1] == "" and (plain.label, plain.headers) == (
+        "b", {"x-peftu-method": "adapter", "x-peftu-selected": "retrieval+adapter"})
+
+
 class FakeNeighbors:
-    """`scores` as `NeighborsServer`'s: fixed vote shares for the users who have an index."""
+    """`scores` and `retrieved` as `NeighborsServer`'s: fixed vote shares, and a line naming the user's
+    nearest text, for the users who have an index."""
 
     def __init__(self, votes: dict[str, list[float]]):
         self.votes = votes
 
     async def scores(self, user, text, labels):
         return self.votes[user][:len(labels)] if user in self.votes else None
+
+    async def retrieved(self, user, text, spec):
+        return f"{spec.render('nearest of ' + user)} a" if user in self.votes else None
 
 
 def test_a_neighbors_winner_is_scored_by_its_votes_and_the_model_answers_without_an_index():

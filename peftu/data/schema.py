@@ -96,11 +96,15 @@ class TaskSpec(BaseModel):
         """The prompt for one input."""
         return self.prompt.replace("{input}", text)
 
-    def with_context(self, context: str) -> TaskSpec:
-        """The task with `context` (a user's profile) on its own line in front of its prompt, as
-        `peftu.quality.personalize` augments an input: a prompt cut to the model's length loses its
-        beginning, so the context goes before the question does."""
-        return self.model_copy(update={"prompt": f"{context}\n{self.prompt}"}) if context else self
+    def render_with(self, text: str, context: str = "") -> str:
+        """The prompt for one input with `context` (a user's profile, their nearest texts) on the lines
+        before it: a prompt cut to the model's length loses its beginning, so the context goes first."""
+        query = self.render(text)
+        return f"{context}\n{query}" if context else query
+
+    def rendered(self) -> TaskSpec:
+        """The task for inputs already rendered (`render_with`): its prompt is the input itself."""
+        return self.model_copy(update={"prompt": "{input}"})
 
     @property
     def metrics(self) -> tuple[str, ...]:

@@ -33,12 +33,16 @@ prior `prior_user(label)` (their training labels, add-one smoothed):
 
 On label tasks the user's own adapter is also scored with their profile
 (`peftu.quality.personalize.profile_text`: how often they give each label, and
-the words typical of each) on its own line in front of the prompt:
-`profile+oppu` (`profile+adapter` without OPPU), with its `+prior` twin. It is
-the adapter as fitted, on plain prompts (the benchmark's `oppu+profile` row is
-another fit, on profile prompts, that serving could not answer with), so it
-costs one more scoring pass and no fit; its winners' records carry the profile
-text, which `/v1/score` puts in front of the request's prompt.
+the words typical of each) on the line before the prompt, `profile+oppu`
+(`profile+adapter` without OPPU), and with their nearest labelled training
+texts there (`retrieval+oppu`: the 4 nearest under the sentence encoder, each
+as the task asks it with the user's label, from their `neighbors` index), each
+with its `+prior` twin. It is the adapter as fitted, on plain prompts (the
+benchmark's `oppu+profile` and `oppu+retrieval` rows are other fits, on
+augmented prompts, that serving could not answer with), so each costs one more
+scoring pass and no fit. A profile winner's record carries the profile text and
+a retrieval winner's index is in the store; `/v1/score` puts either in front of
+the request's prompt.
 
 One more label-task candidate reads the text, as the tiny base cannot:
 `neighbors`, the user's own labels on their training texts nearest the input
@@ -73,19 +77,20 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from peftu.data.schema import TaskSpec, UserRecord
+from peftu.data.schema import Example, TaskSpec, UserRecord
 from peftu.errors import NotFoundError
 from peftu.evaluation.metrics import LOWER_IS_BETTER, better, task_metrics
 from peftu.quality.personalize import bm25_top_k, profile_text
 from peftu.store.kinds import PLUG, SELECTION
-from peftu.store.selection import MAJORITY, PRIOR, PROFILE, calibrated
+from peftu.store.selection import MAJORITY, PRIOR, PROFILE, RETRIEVAL, calibrated
 
 log = logging.getLogger("peftu.fit")
 
 SIMPLEST_FIRST = ("majority", "base", "global", "base+prior", "global+prior", "neighbors", "neighbors+prior",
                   "adapter", "adapter+prior",
                   "oppu", "oppu+prior", "profile+adapter", "profile+adapter+prior", "profile+oppu",
-                  "profile+oppu+prior",
+                  "profile+oppu+prior", "retrieval+adapter", "retrieval+adapter+prior", "retrieval+oppu",
+                  "retrieval+oppu+prior",
                   "oppu+retrieval", "oppu+profile", "ia3", "prompt-tuning", "prefix-tuning",
                   "pplug", "pplug+prior", "pplug+oppu")
 """Candidates from the simplest (no model) to the most personal: ties go to the first."""
@@ -364,18 +369,48 @@ def model_answers(spec: TaskSpec, model, tokenizer) -> Answers:
     return lambda inputs, **slot: answer(model, tokenizer, spec, inputs, **slot)
 
 
+Contexts = Callable[[UserRecord, list[str], bool], list[str]]
+"""contexts(user, inputs, own_texts) -> what goes on the lines before each input's prompt
+(`TaskSpec.render_with`); `own_texts`: the inputs are the user's training texts (a user judged on
+their training split), which must not find themselves."""
+
+
 def own_adapter(spec: TaskSpec, base, tokenizer, store, task: str, base_fp: str,
-                context: Callable[[UserRecord], str] | None = None) -> Personal:
+                contexts: Contexts | None = None) -> Personal:
     """A user's own adapter of `task` from the store (on `base`, as a replica holds it) as a candidate;
-    `context`: the user's text put in front of every prompt (`TaskSpec.with_context`)."""
+    `contexts`: what goes before each prompt (the user's profile, their nearest labelled texts)."""
     from peftu.evaluation.evaluate import with_user_adapter
 
+    answers = model_answers(spec if contexts is None else spec.rendered(), base, tokenizer)
+
     def own(user: UserRecord) -> tuple[list, list] | None:
-        answers = model_answers(spec if context is None else spec.with_context(context(user)), base, tokenizer)
+        asked = user if contexts is None else _with_contexts(spec, user, contexts)
         outs, had = with_user_adapter(base, store, task, user.user_id,
-                                      lambda **slot: _answers(answers, spec, user, **slot), base_fp=base_fp)
+                                      lambda **slot: _answers(answers, spec, asked, **slot), base_fp=base_fp)
         return outs if had else None
     return own
+
+
+def _with_contexts(spec: TaskSpec, user: UserRecord, contexts: Contexts) -> UserRecord:
+    """The user with their judged and test inputs rendered, each with its context before it."""
+    def rendered(split: str) -> list[Example]:
+        examples = getattr(user, split)
+        inputs = [e.input for e in examples]
+        found = contexts(user, inputs, split == "val" and user.val is user.train)
+        return [replace(e, input=spec.render_with(e.input, c)) for e, c in zip(examples, found, strict=True)]
+    return replace(user, val=rendered("val"), test=rendered("test"))
+
+
+def profiles(spec: TaskSpec) -> Contexts:
+    """The user's profile (`profile_text`) before every prompt: the `profile+` candidates."""
+    return lambda user, inputs, _: [profile_text(spec, user)] * len(inputs)
+
+
+def retrievals(spec: TaskSpec, index_of: Callable[[UserRecord], object], encoder: Encoder) -> Contexts:
+    """The user's nearest labelled training texts with their labels before each prompt
+    (`LabelIndex.retrieved`, from their `neighbors` index): the `retrieval+` candidates."""
+    return lambda user, inputs, own_texts: index_of(user).retrieved(spec, encoder().encode(inputs),
+                                                                    leave_self=own_texts)
 
 
 Personal = Callable[[UserRecord], tuple[list, list] | None]
@@ -393,17 +428,32 @@ def _lazy_encoder() -> Encoder:
     return functools.cache(HistoryEncoder)
 
 
-def own_neighbors(spec: TaskSpec, store, task: str, encoder: Encoder | None = None) -> Personal:
+def last_index(store, task: str, encoder: Encoder) -> Callable[[UserRecord], object]:
+    """index_of(user): the user's `neighbors` index (`peftu.neighbors.index.user_index`, published to the
+    store under `task` for serving), kept for the last user asked (the candidates of one user share it)."""
+    from peftu.neighbors.index import user_index
+
+    kept: dict[str, object] = {}
+
+    def index_of(user: UserRecord):
+        if user.user_id not in kept:
+            kept.clear()
+            kept[user.user_id] = user_index(store, encoder(), task, user)
+        return kept[user.user_id]
+    return index_of
+
+
+def own_neighbors(spec: TaskSpec, store, task: str, encoder: Encoder | None = None,
+                  index_of: Callable[[UserRecord], object] | None = None) -> Personal:
     """A user's labels on their training texts nearest each input (`peftu.neighbors`) as a candidate; their
     index is published to the store under `task` for serving. A user judged on their training split
     (no validation split) is scored without each text's own label. `encoder`: shared with other
-    candidates (default: its own, loaded for the first user)."""
-    from peftu.neighbors.index import user_index
-
+    candidates (default: its own, loaded for the first user); `index_of` too (`last_index`)."""
     encoder = encoder or _lazy_encoder()
+    index_of = index_of or last_index(store, task, encoder)
 
     def mine(user: UserRecord) -> tuple[list, list] | None:
-        index = user_index(store, encoder(), task, user)
+        index = index_of(user)
         if not index.labels:
             return None
         val = index.scores(encoder().encode([e.input for e in user.val]), spec.labels,
@@ -441,15 +491,17 @@ def own_plug(spec: TaskSpec, base, tokenizer, base_fp: str, store, task: str, en
 
 def candidates(spec: TaskSpec, store, task: str, own: Callable[..., Personal], own_name: str,
                plug_on: tuple[object, object, str] | None = None) -> dict[str, Personal]:
-    """The personal candidates of a task: the user's own adapter (`own(context=None)`: `own_adapter` with
-    all but its context given), on label tasks that adapter reading the user's profile and their
-    neighbours, and PPlug where the store has the task's plug for `plug_on` (base, tokenizer, its
-    fingerprint)."""
+    """The personal candidates of a task: the user's own adapter (`own(contexts=None)`: `own_adapter` with
+    all but its contexts given); on label tasks that adapter reading the user's profile and their
+    nearest labelled texts, and their neighbours' votes; PPlug where the store has the task's plug for
+    `plug_on` (base, tokenizer, its fingerprint)."""
     encoder = _lazy_encoder()
     out = {own_name: own()}
     if uses_prior(spec):
-        out[PROFILE + own_name] = own(context=functools.partial(profile_text, spec))
-        out["neighbors"] = own_neighbors(spec, store, task, encoder)
+        index_of = last_index(store, task, encoder)
+        out[PROFILE + own_name] = own(contexts=profiles(spec))
+        out[RETRIEVAL + own_name] = own(contexts=retrievals(spec, index_of, encoder))
+        out["neighbors"] = own_neighbors(spec, store, task, encoder, index_of)
     plugged = own_plug(spec, *plug_on, store, task, encoder) if plug_on is not None else None
     if plugged is not None:
         out["pplug"] = plugged

@@ -97,7 +97,7 @@ def _frequent(texts: list[str], n: int, among: list[str] | None = None) -> list[
 
 def augmented_spec(spec: TaskSpec, how: str) -> TaskSpec:
     """The task with already-rendered inputs: augmented inputs carry the task's prompt inside."""
-    return spec.model_copy(update={"name": f"{spec.name}.{how}", "prompt": "{input}"})
+    return spec.rendered().model_copy(update={"name": f"{spec.name}.{how}"})
 
 
 def augment_example(spec: TaskSpec, user: UserRecord, example: Example, how: str, k: int = 4,
@@ -109,8 +109,7 @@ def augment_example(spec: TaskSpec, user: UserRecord, example: Example, how: str
         context = profile if profile is not None else profile_text(spec, user)
     else:
         raise ValueError(f"unknown augmentation {how!r}; choose one of {list(AUGMENTATIONS)}")
-    query = spec.render(example.input)
-    return replace(example, input=f"{context}\n{query}" if context else query)
+    return replace(example, input=spec.render_with(example.input, context))
 
 
 def augment_users(spec: TaskSpec, users: list[UserRecord], how: str, k: int = 4

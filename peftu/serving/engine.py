@@ -241,8 +241,10 @@ class Engine:
     async def score(self, user: str | None, text: str, labels: list[str], adapter: bool = True, context: str = ""
                     ) -> tuple[list[float], Lease]:
         """Log-likelihood of each label as the answer to `text` under the task's prompt, `context` (a
-        user's profile) in front of it; `adapter` as in `lease`."""
-        spec = self.score_spec(labels).with_context(context)
+        user's profile or nearest texts) in front of it; `adapter` as in `lease`."""
+        spec = self.score_spec(labels)
+        if context:
+            text, spec = spec.render_with(text, context), spec.rendered()
         encoded = [encode(self.tokenizer, spec, text, label, self.cfg.max_prompt_tokens) for label in labels]
         lease = await self.lease(user, adapter)
         soft = await self._plugged(lease, user, spec.render(text))

@@ -1,4 +1,5 @@
-"""`/v1/score` for users whose winner is `neighbors`: their labels on their nearest training texts.
+"""`/v1/score` for users whose winner is `neighbors` (their labels on their nearest training texts) or
+`retrieval+` (those texts and labels before the prompt).
 
 The fit published each such user's index (`peftu.neighbors`, store kind
 `NEIGHBORS`); a replica reads it at the user's first score request (kept for
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
+from peftu.data.schema import TaskSpec
 from peftu.neighbors.index import LabelIndex, stored_index
 from peftu.pplug.encoder import HistoryEncoder
 from peftu.serving.lookups import UserLookups
@@ -42,6 +44,17 @@ class NeighborsServer:
         if index is None or not index.labels:
             return None
         return index.scores(self.encoder().encode([text]), labels)[0]
+
+    def _retrieved(self, user: str, text: str, spec: TaskSpec) -> str | None:
+        index = self.indexes.get(user)
+        if index is None or not index.texts:
+            return None
+        return index.retrieved(spec, self.encoder().encode([text]))[0]
+
+    async def retrieved(self, user: str, text: str, spec: TaskSpec) -> str | None:
+        """The user's nearest labelled texts as `spec` asks them, for before the prompt, or None (no index,
+        or one stored without its texts)."""
+        return await asyncio.to_thread(self._retrieved, user, text, spec)
 
     async def scores(self, user: str, text: str, labels: list[str]) -> list[float] | None:
         """Each label's log vote share among the user's nearest labelled texts, or None (no index)."""

@@ -26,6 +26,9 @@ invalidate or delete reached it. A record chosen for another users' base (its
 - `profile+oppu` / `profile+adapter`: the user's adapter, and on `/v1/score`
   their profile (from the record) on its own line in front of the prompt; a
   generation is the adapter alone (the client wrote its prompt);
+- `retrieval+oppu` / `retrieval+adapter`: the same with the user's nearest
+  labelled training texts, each with its label (from their `neighbors`
+  index), in front of the prompt; without an index the adapter alone;
 - `<model>+prior`: that model, and on `/v1/score` each label ranked by
   ``log p(label | text) + w * log prior_user(label)``; a generation has no
   labels to rank, so it is the model alone.
@@ -51,7 +54,7 @@ from peftu.serving.adapters import Lease
 from peftu.serving.neighbors import NeighborsServer
 from peftu.store import AdapterStore
 from peftu.store.kinds import SELECTION, TASK_ADAPTER
-from peftu.store.selection import MAJORITY, PRIOR, PROFILE, Selection, UserChoice, calibrated, read_selection
+from peftu.store.selection import MAJORITY, PRIOR, PROFILE, RETRIEVAL, Selection, UserChoice, calibrated, read_selection
 
 log = logging.getLogger("peftu.serving")
 
@@ -105,11 +108,11 @@ class Route:
         """Whether the user's adapter is loaded: not for a base, global or PPlug winner."""
         return self.choice is None or self.choice.model not in (*BASE_MODELS, PPLUG)
 
-    def used(self, lease: Lease, context: str = "") -> str:
-        """What answered, in the record's names (`context`: the user's profile was in the prompt)."""
+    def used(self, lease: Lease, via: str = "") -> str:
+        """What answered, in the record's names (`via`: the prefix of what was in front of the prompt)."""
         name = (("oppu" if self.merged else "adapter") if lease.version is not None else
                 "pplug" if lease.pplug else "global" if self.merged else "base")
-        return PROFILE + name if context else name
+        return via + name
 
     def headers(self, used: str) -> dict[str, str]:
         """`x-peftu-method`, and `x-peftu-selected` where the record chose something else."""
@@ -128,6 +131,16 @@ class Route:
             return None
         return calibrated(labels, [0.0] * len(labels), c.log_prior, 1.0)
 
+    async def _context(self, engine, text: str) -> tuple[str, str]:
+        """What goes before the prompt and its candidate prefix: the record's profile for a `profile+`
+        winner, the user's nearest labelled texts for a `retrieval+` one (none without their index)."""
+        c = self.choice
+        if c is not None and c.model.startswith(RETRIEVAL) and self.neighbors is not None:
+            shown = await self.neighbors.retrieved(self.asked, text, engine.spec)
+            return (shown, RETRIEVAL) if shown else ("", "")
+        context = c.context if c is not None else ""
+        return context, PROFILE if context else ""
+
     async def score(self, engine, text: str, labels: list[str]) -> Scored:
         """The labels ranked for this user as their choice says (see the module doc)."""
         prior = self._majority(labels)
@@ -140,9 +153,9 @@ class Route:
         if voted is not None:
             scores, lease, used = voted, Lease(BASE_SLOT, None), NEIGHBORS
         else:
-            context = c.context if c is not None else ""
+            context, via = await self._context(engine, text)
             scores, lease = await engine.score(self.user, text, labels, adapter=self.adapter, context=context)
-            used = self.used(lease, context)
+            used = self.used(lease, via)
         ranked = calibrated(labels, scores, c.log_prior, c.prior_weight) if (
             c is not None and c.uses_prior and used == c.model) else None
         entries = [{"label": lab, "logprob": s} for lab, s in zip(labels, scores)]

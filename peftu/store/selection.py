@@ -34,6 +34,9 @@ MAJORITY = "majority"
 """The candidate with no model: the user's usual answer."""
 PROFILE = "profile+"
 """The prefix of a candidate that puts the user's profile (the entry's `profile`) in front of the prompt."""
+RETRIEVAL = "retrieval+"
+"""The prefix of a candidate that puts the user's nearest labelled training texts (from their
+`neighbors` index) in front of the prompt."""
 
 
 class UserChoice(BaseModel):
