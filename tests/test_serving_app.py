@@ -354,8 +354,7 @@ def test_each_user_is_answered_by_the_method_their_selection_record_names(served
     assert written.headers["x-peftu-adapter"] == versions["sel-usual"]
 
 
-@pytest.mark.parametrize("method", ["profile+adapter", "retrieval+adapter"])
-def test_a_profile_or_retrieval_winner_is_scored_with_it_in_front_as_the_fit_scored_them(served, method):
+def test_a_profile_or_retrieval_winner_is_scored_with_it_in_front_as_the_fit_scored_them(served):
     """/v1/score for a `profile+adapter` winner puts the record's profile before the prompt, for a
     `retrieval+adapter` winner their nearest labelled texts (from the index the fit published): the
     same label scores as the fit's candidate (`own_adapter` with those contexts) gave; a generation is
@@ -368,33 +367,33 @@ def test_a_profile_or_retrieval_winner_is_scored_with_it_in_front_as_the_fit_sco
     from peftu.store.kinds import SELECTION
 
     url, store, _, base = served
-    user, said, spec = f"sel-{method[:4]}", "the lamp was great", TASKS[TASK]
-    versions = publish_random_adapters(store, TASK, [user], base, std=0.2, seed=8)
+    said, spec, encoder = "the lamp was great", TASKS[TASK], HistoryEncoder()
+    model, tokenizer = load_base(base)
     # short texts: the served prompt (max_prompt_tokens 64) is not cut, as the fit's is not
     history = [HistoryItem("h0", "the lamp", "dislike"), HistoryItem("h1", "a chair", "like")]
-    asked = UserRecord(user, history, val=[Example(id="q", input=said, output=spec.labels[0])])
-    if method.startswith("profile+"):
-        contexts, entry = profiles(spec), {"profile": profiles(spec)(asked, [said], False)[0]}
-    else:
-        encoder = HistoryEncoder()
-        contexts, entry = retrievals(spec, last_index(store, TASK, lambda: encoder), lambda: encoder), {}
-    model, tokenizer = load_base(base)
-    own = own_adapter(spec, model, tokenizer, store, TASK, base_fingerprint(base), contexts=contexts)
-    (want,), _ = own(asked)  # (retrieval: publishes the user's index, as the fit does)
-    store.put_record(SELECTION.of(TASK), {"task": TASK, "users_base": base_fingerprint(base), "users": {
-        user: {"method": method, "val": {method: 1.0}} | entry}})
-    assert _admin("POST", url, f"/users/{user}/invalidate").status_code == 200
+    for method, contexts in (("profile+adapter", profiles(spec)),
+                             ("retrieval+adapter", retrievals(spec, last_index(store, TASK, lambda: encoder),
+                                                              lambda: encoder))):
+        user = f"sel-{method[:4]}"
+        versions = publish_random_adapters(store, TASK, [user], base, std=0.2, seed=8)
+        asked = UserRecord(user, history, val=[Example(id="q", input=said, output=spec.labels[0])])
+        own = own_adapter(spec, model, tokenizer, store, TASK, base_fingerprint(base), contexts=contexts)
+        (want,), _ = own(asked)  # (retrieval: publishes the user's index, as the fit does)
+        entry = {"profile": contexts(asked, [said], False)[0]} if method.startswith("profile+") else {}
+        store.put_record(SELECTION.of(TASK), {"task": TASK, "users_base": base_fingerprint(base), "users": {
+            user: {"method": method, "val": {method: 1.0}} | entry}})
+        assert _admin("POST", url, f"/users/{user}/invalidate").status_code == 200
 
-    r = requests.post(f"{url}/v1/score", headers=_auth(user), timeout=60,
-                      json={"model": f"tiny-test:{user}", "input": said})
-    assert r.status_code == 200, r.text
-    assert r.headers["x-peftu-method"] == method and "x-peftu-selected" not in r.headers
-    assert r.headers["x-peftu-adapter"] == versions[user]
-    assert [e["logprob"] for e in r.json()["scores"]] == pytest.approx(want, abs=1e-4)
-    (plain,), _ = own_adapter(spec, model, tokenizer, store, TASK, base_fingerprint(base))(asked)
-    assert want != pytest.approx(plain, abs=1e-3)  # what was in front moved the scores
-    written = complete(url, user)
-    assert (written.headers["x-peftu-method"], written.headers["x-peftu-selected"]) == ("adapter", method)
+        r = requests.post(f"{url}/v1/score", headers=_auth(user), timeout=60,
+                          json={"model": f"tiny-test:{user}", "input": said})
+        assert r.status_code == 200, r.text
+        assert r.headers["x-peftu-method"] == method and "x-peftu-selected" not in r.headers
+        assert r.headers["x-peftu-adapter"] == versions[user]
+        assert [e["logprob"] for e in r.json()["scores"]] == pytest.approx(want, abs=1e-4)
+        (plain,), _ = own_adapter(spec, model, tokenizer, store, TASK, base_fingerprint(base))(asked)
+        assert want != pytest.approx(plain, abs=1e-3)  # what was in front moved the scores
+        written = complete(url, user)
+        assert (written.headers["x-peftu-method"], written.headers["x-peftu-selected"]) == ("adapter", method)
 
 
 def test_a_neighbors_winner_is_scored_by_their_nearest_labelled_texts_and_deleted_with_them(served):
