@@ -247,6 +247,8 @@ def test_progress_counts_work_left_per_worker(local_ray):
     from peftu.fitting.job import FitProgress, _progress_line
 
     progress = FitProgress.remote(5)
+    assert _progress_line(ray.get(progress.snapshot.remote()), 0.0) == (
+        "users done 0 / 5: the workers are starting (loading the base, planning)")  # not "0 examples left"
     ray.get(progress.plan.remote("0", {"a": 30, "b": 10}))
     ray.get(progress.plan.remote("1", {"c": 20}))
     ray.get(progress.record.remote({"d": "skipped", "e": "failed"}, {"e": "no examples"}, "1"))

@@ -241,6 +241,8 @@ def _progress_line(snap: dict, hours: float) -> str:
     and its examples per second (users stream largest first, so users left would say too little)."""
     rate = snap["fitted"] / hours if hours > 0 else 0.0
     workers = snap["workers"]
+    if not workers:
+        return f"users done {snap['done']} / {snap['total']}: the workers are starting (loading the base, planning)"
     etas = [w["eta_s"] for w in workers.values()]
     eta = None if not etas or None in etas else max(etas)
     left = sum(w["left_examples"] for w in workers.values())
