@@ -147,7 +147,8 @@ class Choice:
     answer: str | None = None
     """The one answer `majority` gives on a label task (what serving answers such a user)."""
     profile: str | None = None
-    """The user's profile on a label task, as the `profile+` candidates put it in front of the prompt."""
+    """A `profile+` winner's profile, as that candidate put it in front of the prompt (`select_fitted`
+    sets it)."""
     halves: dict[str, list[float]] = field(default_factory=dict)
     """Each candidate's metric on the two halves of the validation split (even and odd examples), for
     choosing the task's shrinkage strength (`task_strength`); `+prior` candidates at their weight."""
@@ -247,8 +248,7 @@ def task_strength(metric: str, choices: dict[str, Choice]) -> float:
     strength's mean over users is better by more than one standard error of the paired per-user
     differences (the halves' noise must not move it). Only users with two or more validation
     examples are judged (a half needs one); with fewer than two such users, `SHRINK_EXAMPLES`."""
-    weights = task_prior_weights(metric, choices)
-    split = {uid: c.at_weights(weights) for uid, c in choices.items() if c.halves and c.n_val >= 2}
+    split = {uid: c for uid, c in _at_task_weights(metric, choices).items() if c.halves and c.n_val >= 2}
     if len(split) < 2:
         return SHRINK_EXAMPLES
     n_half = {uid: ((c.n_val + 1) // 2, c.n_val // 2) for uid, c in split.items()}
@@ -274,6 +274,12 @@ def task_strength(metric: str, choices: dict[str, Choice]) -> float:
     return best if abs(_mean(diffs)) > spread else SHRINK_EXAMPLES
 
 
+def _at_task_weights(metric: str, choices: dict[str, Choice]) -> dict[str, Choice]:
+    """Every user's choice with its `+prior` scores at the weights the task's users chose."""
+    weights = task_prior_weights(metric, choices)
+    return {uid: c.at_weights(weights) for uid, c in choices.items()}
+
+
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
@@ -281,8 +287,7 @@ def _mean(values: list[float]) -> float:
 def choose_all(metric: str, choices: dict[str, Choice], strength: float = SHRINK_EXAMPLES) -> dict[str, Choice]:
     """Every user's winner: the `+prior` candidates at the task's weights, then by their `shrunk`
     validation scores (ties to the simpler)."""
-    weights = task_prior_weights(metric, choices)
-    choices = {uid: c.at_weights(weights) for uid, c in choices.items()}
+    choices = _at_task_weights(metric, choices)
     scores = shrunk(choices, strength)
     return {uid: replace(c, method=choose(metric, scores[uid])) for uid, c in choices.items()}
 
@@ -534,22 +539,21 @@ def score_users(spec: TaskSpec, users: list[UserRecord], models: dict[str, Answe
                         for name, j in scores.items() if j.halves and j.by_weight}
         label = uses_prior(spec)
         choice = Choice(MAJORITY, val, len(user.val), curves, {}, log_prior(spec, user) if label else {},
-                        majority_answer(spec, user, "") if label else None, profile_text(spec, user) if label else None,
-                        halves, prior_halves)
+                        majority_answer(spec, user, "") if label else None, halves=halves, prior_halves=prior_halves)
         scored[user.user_id] = (choice, scores)
     return scored
 
 
 def choose_users(spec: TaskSpec, users: list[UserRecord], models: dict[str, Answers], personal: dict[str, Personal],
-                 strength: float | None = None, progress: bool = False
-                 ) -> dict[str, tuple[Choice, dict[str, Judged]]]:
-    """`score_users`, then every user's choice among these users (`choose_all`, at `strength`; None: the
-    task's, `task_strength`), with each candidate's metrics at the weights chosen."""
+                 progress: bool = False) -> tuple[dict[str, tuple[Choice, dict[str, Judged]]], float]:
+    """`score_users`, then every user's choice among these users (`choose_all` at the task's
+    `task_strength`), with each candidate's metrics at the weights chosen; and that strength."""
     scored = score_users(spec, users, models, personal, progress)
     choices = {uid: c for uid, (c, _) in scored.items()}
-    chosen = choose_all(spec.metric, choices, task_strength(spec.metric, choices) if strength is None else strength)
+    strength = task_strength(spec.metric, choices)
+    chosen = choose_all(spec.metric, choices, strength)
     return {uid: (chosen[uid], {name: j.at(chosen[uid].prior_weights.get(name)) for name, j in scores.items()})
-            for uid, (_, scores) in scored.items()}
+            for uid, (_, scores) in scored.items()}, strength
 
 
 def select_fitted(base_path: str, store, spec: TaskSpec, users: list[UserRecord], *,
@@ -587,8 +591,12 @@ def select_fitted(base_path: str, store, spec: TaskSpec, users: list[UserRecord]
     everyone = kept | {uid: c for uid, (c, _) in new.items()}
     strength = task_strength(spec.metric, everyone)
     again = choose_all(spec.metric, everyone, strength)  # over every user's scores
-    profiles = {u.user_id: profile_text(spec, u) for u in users} if uses_prior(spec) else {}
-    chosen = {uid: replace(c, profile=profiles.get(uid, c.profile)).record() for uid, c in again.items()}
+    by_id = {u.user_id: u for u in users}
+
+    def profiled(uid: str, c: Choice) -> Choice:  # what serving puts before a profile winner's prompt
+        wanted = c.method.startswith(PROFILE) and c.profile is None and uid in by_id
+        return replace(c, profile=profile_text(spec, by_id[uid])) if wanted else c
+    chosen = {uid: profiled(uid, c).record() for uid, c in again.items()}
     store.put_record(SELECTION.of(spec.name), {"task": spec.name, "users_base": users_fp, "strength": strength,
                                                "plug": store.latest_artifact(PLUG.of(spec.name)), "users": chosen})
     return chosen

@@ -249,12 +249,13 @@ def _pplug_oppu(ctx: QualityContext) -> PerUser:
 def _selected(ctx: QualityContext) -> PerUser:
     """Each user answered by the candidate that won on their validation split (`peftu.fitting.selection`):
     `majority`, the base, the pooled fit (`global`), their OPPU adapter, (label tasks) their
-    `neighbors` and that adapter reading their profile (`profile+oppu`) and, where the bench's store
+    `neighbors` and that adapter reading their profile or nearest labelled texts (`profile+oppu`,
+    `retrieval+oppu`) and, where the bench's store
     holds the task's plug (the `pplug` row fits it: name it before `selected`), `pplug` on the base;
     each model also `+prior` on label tasks. Who won goes into the results (`choices`). The rows
     fitted on augmented prompts (`oppu+retrieval`, `oppu+profile`), IA3, prompt and prefix tuning are
     not candidates: each would add its own fit to every run."""
-    from peftu.fitting.selection import candidates, choose_users, model_answers, own_adapter, task_strength
+    from peftu.fitting.selection import candidates, choose_users, model_answers, own_adapter
     from peftu.model.base import base_fingerprint
     from peftu.model.bases import load_merged_base
 
@@ -268,8 +269,7 @@ def _selected(ctx: QualityContext) -> PerUser:
                             merged_fp)
     personal = candidates(spec, ctx.store, ctx.store_spec(spec).name, own, "oppu",
                           plug_on=(base, tokenizer, base_fingerprint(ctx.base_path)))
-    chosen = choose_users(spec, ctx.users, models, personal, progress=ctx.progress)
-    ctx.notes["strength"] = task_strength(spec.metric, {uid: c for uid, (c, _) in chosen.items()})
+    chosen, ctx.notes["strength"] = choose_users(spec, ctx.users, models, personal, progress=ctx.progress)
     ctx.notes["choices"] = {uid: choice.record() | {"test": {n: j.test[spec.metric] for n, j in scores.items()}}
                             for uid, (choice, scores) in chosen.items()}  # test: what each candidate would have got
     ctx.log(f"[{spec.name}] selected (strength {ctx.notes['strength']:g}): "
