@@ -76,6 +76,7 @@ import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from peftu.data.schema import Example, TaskSpec, UserRecord
 from peftu.errors import NotFoundError
@@ -83,6 +84,9 @@ from peftu.evaluation.metrics import LOWER_IS_BETTER, better, task_metrics
 from peftu.quality.personalize import bm25_top_k, profile_text
 from peftu.store.kinds import PLUG, SELECTION
 from peftu.store.selection import MAJORITY, PRIOR, PROFILE, RETRIEVAL, calibrated
+
+if TYPE_CHECKING:
+    from peftu.neighbors.index import LabelIndex
 
 log = logging.getLogger("peftu.fit")
 
@@ -411,7 +415,7 @@ def profiles(spec: TaskSpec) -> Contexts:
     return lambda user, inputs, _: [profile_text(spec, user)] * len(inputs)
 
 
-def retrievals(spec: TaskSpec, index_of: Callable[[UserRecord], object], encoder: Encoder) -> Contexts:
+def retrievals(spec: TaskSpec, index_of: IndexOf, encoder: Encoder) -> Contexts:
     """The user's nearest labelled training texts with their labels before each prompt
     (`LabelIndex.retrieved`, from their `neighbors` index): the `retrieval+` candidates."""
     return lambda user, inputs, own_texts: index_of(user).retrieved(spec, encoder().encode(inputs),
@@ -423,6 +427,9 @@ Personal = Callable[[UserRecord], tuple[list, list] | None]
 test inputs, None if they have none."""
 
 
+IndexOf = Callable[[UserRecord], "LabelIndex"]
+"""index_of(user): the user's `neighbors` index (`last_index`)."""
+
 Encoder = Callable[[], object]
 """The sentence encoder (`peftu.pplug.encoder.HistoryEncoder`), loaded at its first call."""
 
@@ -433,14 +440,14 @@ def _lazy_encoder() -> Encoder:
     return functools.cache(HistoryEncoder)
 
 
-def last_index(store, task: str, encoder: Encoder) -> Callable[[UserRecord], object]:
+def last_index(store, task: str, encoder: Encoder) -> IndexOf:
     """index_of(user): the user's `neighbors` index (`peftu.neighbors.index.user_index`, published to the
     store under `task` for serving), kept for the last user asked (the candidates of one user share it)."""
     from peftu.neighbors.index import user_index
 
-    kept: dict[str, object] = {}
+    kept: dict[str, LabelIndex] = {}
 
-    def index_of(user: UserRecord):
+    def index_of(user: UserRecord) -> LabelIndex:
         if user.user_id not in kept:
             kept.clear()
             kept[user.user_id] = user_index(store, encoder(), task, user)
@@ -449,7 +456,7 @@ def last_index(store, task: str, encoder: Encoder) -> Callable[[UserRecord], obj
 
 
 def own_neighbors(spec: TaskSpec, store, task: str, encoder: Encoder | None = None,
-                  index_of: Callable[[UserRecord], object] | None = None) -> Personal:
+                  index_of: IndexOf | None = None) -> Personal:
     """A user's labels on their training texts nearest each input (`peftu.neighbors`) as a candidate; their
     index is published to the store under `task` for serving. A user judged on their training split
     (no validation split) is scored without each text's own label. `encoder`: shared with other

@@ -138,8 +138,9 @@ class Route:
         if c is not None and c.model.startswith(RETRIEVAL) and self.neighbors is not None:
             shown = await self.neighbors.retrieved(self.asked, text, engine.spec)
             return (shown, RETRIEVAL) if shown else ("", "")
-        context = c.context if c is not None else ""
-        return context, PROFILE if context else ""
+        if c is not None and c.model.startswith(PROFILE) and c.profile:
+            return c.profile, PROFILE
+        return "", ""
 
     async def score(self, engine, text: str, labels: list[str]) -> Scored:
         """The labels ranked for this user as their choice says (see the module doc)."""

@@ -54,11 +54,6 @@ class UserChoice(BaseModel):
         return self.method.removesuffix(PRIOR)
 
     @property
-    def context(self) -> str:
-        """What goes in front of the prompt on `/v1/score`: the profile of a `profile+` winner, else nothing."""
-        return self.profile or "" if self.method.startswith(PROFILE) else ""
-
-    @property
     def uses_prior(self) -> bool:
         return self.method.endswith(PRIOR) and self.prior_weight is not None and bool(self.log_prior)
 

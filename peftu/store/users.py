@@ -29,16 +29,14 @@ def delete_user_data(store: AdapterStore, task: str, user: str) -> int:
     return removed
 
 
-def forget_selected(store: AdapterStore, task: str, user: str) -> bool:
+def forget_selected(store: AdapterStore, task: str, user: str) -> None:
     """The task's selection record without the user's entry (their scores, label prior and profile), and
-    no older version that still holds it; False if the record never named them."""
+    no older version that still holds it."""
     ref = SELECTION.of(task)
     try:
         record = store.get_record(ref)
     except NotFoundError:
-        return False
-    named = user in record.get("users", {})
-    if named:
+        return
+    if user in record.get("users", {}):
         store.put_record(ref, record | {"users": {u: c for u, c in record["users"].items() if u != user}})
     store.gc_versions(task, keep=1, kind=SELECTION)  # older versions may name them too
-    return named
