@@ -28,6 +28,10 @@ class SlotContext:
         self.gathered: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] | None = None
         """Per layer, A and scale * B gathered for `slots`, kept while the weights cannot
         change (a generation's decode steps); None: gather on every forward."""
+        self.runs: list[tuple[int, int, int]] | None = None
+        """A packed forward (`peftu.inference.kv`): the batch is one sequence whose first
+        `len(slots)` tokens are one row each, on `slots`, and each run (start, end, slot)
+        of tokens after them is one more row; None: one batch row per slot."""
 
 
 def linear_shape(base: nn.Module) -> tuple[int, int]:
@@ -65,6 +69,19 @@ class BankedLoraLinear(nn.Module):
         if isinstance(slots, int):
             delta = (x.to(self.lora_A.dtype) @ self.lora_A[slots].T) @ self.lora_B[slots].T
             return out + (self.scales[slots] * delta).to(out.dtype)
+        if self.ctx.runs is None:
+            return out + self._rows_delta(x, slots).to(out.dtype)
+        # Packed (inference only): the rows' deltas are added in place, token range by token range.
+        tokens, rows = x[0], len(slots)
+        if rows:
+            out[0, :rows] += self._rows_delta(tokens[:rows].unsqueeze(1), slots).squeeze(1).to(out.dtype)
+        for start, end, slot in self.ctx.runs:
+            delta = (tokens[start:end].to(self.lora_A.dtype) @ self.lora_A[slot].T) @ self.lora_B[slot].T
+            out[0, start:end] += (self.scales[slot] * delta).to(out.dtype)
+        return out
+
+    def _rows_delta(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """`scale * B @ A @ x` of every batch row `x[i]` `[n, d_in]` on its slot `slots[i]`."""
         gathered = self.ctx.gathered
         ab = gathered.get(self) if gathered is not None else None
         if ab is None:
@@ -76,5 +93,4 @@ class BankedLoraLinear(nn.Module):
             ab = (a, b)
             if gathered is not None:
                 gathered[self] = ab
-        delta = torch.bmm(torch.bmm(x.to(ab[0].dtype), ab[0]), ab[1])
-        return out + delta.to(out.dtype)
+        return torch.bmm(torch.bmm(x.to(ab[0].dtype), ab[0]), ab[1])

@@ -129,11 +129,13 @@ class AdapterBank:
         return [p for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B)]
 
     @contextlib.contextmanager
-    def rows(self, slots: torch.Tensor | list[int] | int, reuse: bool = False) -> Iterator[None]:
+    def rows(self, slots: torch.Tensor | list[int] | int, reuse: bool = False,
+             runs: list[tuple[int, int, int]] | None = None) -> Iterator[None]:
         """Run the model with batch row i on adapter `slots[i]` (an int: every row on one slot).
 
         `reuse`: the forwards inside do not change the weights (decode steps of one
         batch), so each layer gathers its rows' weights once, not at every forward.
+        `runs`: a packed forward, one sequence of rows (`SlotContext.runs`).
         """
         if isinstance(slots, int):
             if not 0 <= slots < self.n_slots:
@@ -143,12 +145,15 @@ class AdapterBank:
             if slots.numel() and (slots.min() < 0 or slots.max() >= self.n_slots):
                 raise IndexError(f"slot out of range 0..{self.n_slots - 1}: {slots.tolist()}")
             slots = slots.to(next(iter(self.layers.values())).lora_A.device)
-        self.ctx.slots = slots
+        bad = [slot for _, _, slot in runs or [] if not 0 <= slot < self.n_slots]
+        if bad:
+            raise IndexError(f"slot out of range 0..{self.n_slots - 1}: {bad}")
+        self.ctx.slots, self.ctx.runs = slots, runs
         self.ctx.gathered = {} if reuse else None
         try:
             yield
         finally:
-            self.ctx.slots = None
+            self.ctx.slots = self.ctx.runs = None
             self.ctx.gathered = None
 
     # --- PEFT interchange ------------------------------------------------------

@@ -1,77 +1,65 @@
-"""The KV cache of a changing set of rows: one preallocated slot per row, so joining and leaving copy one row.
+"""The KV cache of a changing set of rows, and one forward that feeds them all: their tokens packed in one sequence.
 
 A `KVSlots` holds, per layer, keys and values `[slots, heads, width, head_dim]`
 allocated once (and grown only when more rows, or a longer row, come than ever
-before). Row i of the batch lives in slot i with its tokens at columns 0, 1, ...
-in order, so a token's column is also its position. A forward writes each row's
-new keys and values at its next columns (an indexed write, no concatenation) and
-attends over the first `rows` slots up to the longest row's end, with a mask
-per row: a row sees its own columns only, so its answer is the row's alone.
+before). Row i lives in slot i with its tokens at columns 0, 1, ... in order, so
+a token's column is also its position. Rows join in the next free slots (prefix
+tuning's keys and values written at their first columns); a leaving row's slot
+takes the last row (one row's columns copied, not the batch's), and a row moves
+to another `KVSlots` by copying its own columns.
 
-Rows join in the next free slots (prefix tuning's keys and values written at
-their first columns); a leaving row's slot takes the last row (one row's
-columns copied, not the batch's), and a row moves to another `KVSlots` by
-copying its own columns. A row fed fewer tokens than the others in one forward
-(the last chunk of its prompt) is padded on the left of the input; the
-padding's keys and values go to a scratch column past every row's end, which
-no row ever sees. Before, every step concatenated each layer's whole cache
-and every join or leave copied the batch (docs/serving.md, "Scheduling").
+`packed_forward` runs one model forward for the rows of several `KVSlots` at
+once (the decoding rows' next tokens and the reading rows' prompt chunks): every
+row's new tokens go into one sequence `[1, tokens]`, one after another, so the
+linear layers see no padding and the step pays the model's fixed cost once. Each
+token's keys and values are written at its row's next column (an indexed
+write). Attention is the only part that must know the rows: `packed_attention`
+(registered with transformers' `AttentionInterface`) takes each `KVSlots`' rows
+back into a `[rows, heads, n, head_dim]` layout, padded on the left where rows
+fed different numbers of tokens, and runs the model's own attention over their
+slots with a mask per row (a row sees its own columns only), so every row's
+answer is its alone. Before, the decoding and the reading rows had a forward
+each, and the reading rows' was padded (docs/serving.md, "Scheduling").
 """
 
 from __future__ import annotations
 
+import functools
+import sys
+
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers import AttentionInterface, DynamicCache
+from transformers.cache_utils import Cache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 _WIDTH_STEP = 64
 """Slot widths grow in steps of this many columns, so a slightly longer row does not reallocate."""
 
 
-class _Plan:
-    """Where the forward about to run writes (slot and column of each input token) and what it attends to."""
+class _SlotLayer:
+    """One layer's keys and values `[slots, heads, width, head_dim]` (allocated at the first write)."""
 
-    def __init__(self, rows: int, columns: torch.Tensor, view: int):
-        self.rows, self.columns, self.view = rows, columns, view
-        self.slots = torch.arange(rows, device=columns.device).unsqueeze(-1)
+    def __init__(self) -> None:
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
 
-
-class _SlotLayer(CacheLayerMixin):
-    """One layer's keys and values `[slots, heads, width, head_dim]`."""
-
-    is_sliding = False
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.keys = key_states.new_zeros((0, key_states.shape[1], 0, key_states.shape[3]))
-        self.values = value_states.new_zeros((0, value_states.shape[1], 0, value_states.shape[3]))
-        self.is_initialized = True
+    def init(self, like: torch.Tensor, slots: int, width: int) -> None:
+        """Allocate as `like` `[any, heads, any, head_dim]` (its dtype and device), if not yet."""
+        if self.keys is None:
+            shape = (slots, like.shape[1], width, like.shape[3])
+            self.keys, self.values = like.new_zeros(shape), like.new_zeros(shape)
 
     def fit(self, slots: int, width: int) -> None:
         """At least `slots` x `width` (what is there is kept)."""
+        if self.keys is None:
+            return
         have_slots, _, have_width, _ = self.keys.shape
         if have_slots >= slots and have_width >= width:
             return
         shape = (max(slots, have_slots), max(width, have_width))
         self.keys, self.values = (_grown(t, *shape) for t in (self.keys, self.values))
-
-    def write(self, key_states: torch.Tensor, value_states: torch.Tensor, plan: _Plan
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Put the forward's keys and values `[rows, heads, n, dim]` at the plan's columns; the slots to attend."""
-        self.keys[plan.slots, :, plan.columns] = key_states.transpose(1, 2)
-        self.values[plan.slots, :, plan.columns] = value_states.transpose(1, 2)
-        return self.keys[:plan.rows, :, :plan.view], self.values[:plan.rows, :, :plan.view]
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        raise NotImplementedError("a slot layer is written through KVSlots.update")
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.keys.shape[2], 0
-
-    def get_seq_length(self) -> int:
-        return self.keys.shape[2] if self.is_initialized else 0
-
-    def get_max_length(self) -> int:
-        return self.keys.shape[2] if self.is_initialized else 0
 
 
 def _grown(t: torch.Tensor, slots: int, width: int) -> torch.Tensor:
@@ -80,18 +68,17 @@ def _grown(t: torch.Tensor, slots: int, width: int) -> torch.Tensor:
     return out
 
 
-class KVSlots(Cache):
+class KVSlots:
     """Some rows' keys and values, one slot each (see the module docs)."""
 
     def __init__(self, slots: int = 0):
-        super().__init__(layers=[])
+        self.layers: list[_SlotLayer] = []
         self.lengths: list[int] = []
         """Columns each row has written (its prefix included): the next token's column and position."""
         self.needs: list[int] = []
-        """Columns each row may come to hold: its slot is at least this wide (plus the scratch column)."""
+        """Columns each row may come to hold: its slot is at least this wide."""
         self.capacity = (slots, 0)
         """(slots, width) every layer is grown to."""
-        self._plan: _Plan | None = None
 
     @property
     def rows(self) -> int:
@@ -102,12 +89,17 @@ class KVSlots(Cache):
         """Columns written by the rows (no padding: a row holds its own tokens only)."""
         return sum(self.lengths)
 
+    def layer(self, i: int) -> _SlotLayer:
+        while len(self.layers) <= i:
+            self.layers.append(_SlotLayer())
+        return self.layers[i]
+
     def _ready(self) -> list[_SlotLayer]:
-        return [layer for layer in self.layers if layer.is_initialized]
+        return [layer for layer in self.layers if layer.keys is not None]
 
     def _fit(self) -> None:
         slots = max(self.capacity[0], self.rows)
-        widest = max(self.needs, default=0) + 1  # + the scratch column
+        widest = max(self.needs, default=0)
         width = self.capacity[1]
         if widest > width:
             width = -(-widest // _WIDTH_STEP) * _WIDTH_STEP
@@ -121,57 +113,14 @@ class KVSlots(Cache):
         first = self.rows
         self.lengths += [n_prefix] * len(needs)
         self.needs += needs
-        if prefix is not None and n_prefix:
-            while len(self.layers) < len(prefix.layers):
-                self.layers.append(_SlotLayer())
-            for layer, given in zip(self.layers, prefix.layers, strict=True):
-                if not layer.is_initialized:
-                    layer.lazy_initialization(given.keys, given.values)
         self._fit()
         if prefix is not None and n_prefix:
             end = first + len(needs)
-            for layer, given in zip(self.layers, prefix.layers, strict=True):
+            for i, given in enumerate(prefix.layers):
+                layer = self.layer(i)
+                layer.init(given.keys, *self.capacity)
                 layer.keys[first:end, :, :n_prefix] = given.keys
                 layer.values[first:end, :, :n_prefix] = given.values
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The model's attention writes its new keys and values here (as in any transformers Cache)."""
-        while len(self.layers) <= layer_idx:
-            self.layers.append(_SlotLayer())
-        layer = self.layers[layer_idx]
-        if not layer.is_initialized:
-            layer.lazy_initialization(key_states, value_states)
-            layer.fit(*self.capacity)
-        return layer.write(key_states, value_states, self._plan)
-
-    def forward(self, model, fed: list[int], *, input_ids: torch.Tensor | None = None,
-                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """Feed every row its next `fed[i]` tokens (right-aligned in the `[rows, n]` input, padded on the
-        left); the logits `[rows, vocab]` after each row's last token."""
-        given = input_ids if input_ids is not None else inputs_embeds
-        n, device = given.shape[1], given.device
-        start = torch.tensor(self.lengths, device=device).unsqueeze(-1)
-        pad = n - torch.tensor(fed, device=device).unsqueeze(-1)
-        column = torch.arange(n, device=device).unsqueeze(0)
-        real = column >= pad
-        ends = [length + k for length, k in zip(self.lengths, fed)]
-        if any(end > need for end, need in zip(ends, self.needs)):
-            raise ValueError(f"a row was fed past the columns it was given: ends {ends}, needs {self.needs}")
-        # A padding token stands at its row's first new column (so its attention has something to see)
-        # and writes to the scratch column; a real one at its own column.
-        positions = torch.maximum(start + column - pad, start)
-        scratch = self.capacity[1] - 1
-        self._plan = _Plan(self.rows, torch.where(real, positions, scratch), max(ends))
-        seen = torch.arange(self._plan.view, device=device).view(1, 1, 1, -1) <= positions.unsqueeze(1).unsqueeze(-1)
-        step = {"input_ids": input_ids} if input_ids is not None else {"inputs_embeds": inputs_embeds}
-        try:
-            out = model(**step, attention_mask=_mask(seen, model, given), position_ids=positions, cache=self,
-                        use_cache=True, logits_to_keep=1)
-        finally:
-            self._plan = None
-        self.lengths = ends
-        return out.logits[:, -1]
 
     def drop(self, gone: list[int]) -> list[int]:
         """These rows leave (their slots are free again); the rest, as the old indices in their new order
@@ -192,12 +141,10 @@ class KVSlots(Cache):
         start = to.rows
         to.lengths += [self.lengths[i] for i in rows]
         to.needs += [self.needs[i] for i in rows]
-        while len(to.layers) < len(self.layers):
-            to.layers.append(_SlotLayer())
-        for mine, theirs in zip(self._ready(), to.layers):
-            if not theirs.is_initialized:
-                theirs.lazy_initialization(mine.keys, mine.values)
         to._fit()
+        for i, mine in enumerate(self.layers):
+            if mine.keys is not None:
+                to.layer(i).init(mine.keys, *to.capacity)
         for k, i in enumerate(rows):
             self._copy(to, i, start + k)
 
@@ -209,10 +156,119 @@ class KVSlots(Cache):
             theirs.values[dst, :, :n] = mine.values[src, :, :n]
 
 
-def _mask(seen: torch.Tensor, model, like: torch.Tensor) -> torch.Tensor:
-    """The 4D mask `[rows, 1, n, columns]` as the model's attention takes it: SDPA and flash a bool
-    (True: attend), eager an additive float mask."""
-    if getattr(model.config, "_attn_implementation", "sdpa") == "eager":
-        dtype = like.dtype if like.is_floating_point() else model.dtype
-        return torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill(~seen, torch.finfo(dtype).min)
-    return seen
+class _Part:
+    """One `KVSlots`' rows in a packed forward: which of the sequence's tokens are theirs, where each is
+    written, and the `[rows, n]` layout (padded on the left) their attention runs in."""
+
+    def __init__(self, kv: KVSlots, fed: list[int], offset: int, device: torch.device):
+        ends = [length + k for length, k in zip(kv.lengths, fed)]
+        if any(end > need for end, need in zip(ends, kv.needs)):
+            raise ValueError(f"a row was fed past the columns it was given: ends {ends}, needs {kv.needs}")
+        self.kv, self.fed, self.ends = kv, fed, ends
+        self.rows, self.n, self.view = kv.rows, max(fed), max(ends)
+        self.start, self.stop = offset, offset + sum(fed)
+        fed_t = torch.tensor(fed, device=device).unsqueeze(-1)
+        start = torch.tensor(kv.lengths, device=device).unsqueeze(-1)
+        column = torch.arange(self.n, device=device).unsqueeze(0)
+        pad = self.n - fed_t
+        self.real = (column >= pad).flatten()
+        """Which places of the `[rows, n]` layout hold a token (row-major: the sequence's order)."""
+        # A padding place stands at its row's first new column, so its attention sees something.
+        positions = torch.maximum(start + column - pad, start)
+        first = offset + torch.cumsum(fed_t, 0) - fed_t
+        self.gather = (first + (column - pad).clamp(min=0)).flatten()
+        """The sequence's token at each place of the layout (a padding place: its row's first)."""
+        self.positions = positions.flatten()[self.real]
+        self.slots = torch.arange(self.rows, device=device).repeat_interleave(fed_t.squeeze(-1))
+        self.seen = (torch.arange(self.view, device=device).view(1, 1, 1, -1)
+                     <= positions.unsqueeze(1).unsqueeze(-1))
+        """`[rows, 1, n, view]`: a place sees its row's columns up to its own."""
+
+    def write(self, layer: _SlotLayer, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """The sequence's new keys and values `[1, heads, tokens, dim]`: this part's at their columns."""
+        layer.keys[self.slots, :, self.positions] = keys[0, :, self.start:self.stop].transpose(0, 1)
+        layer.values[self.slots, :, self.positions] = values[0, :, self.start:self.stop].transpose(0, 1)
+
+
+class _Written:
+    """What a packed forward's layer hands its attention instead of keys: every part's slots to attend."""
+
+    def __init__(self, parts: list[_Part], layer: int):
+        self.parts, self.layer = parts, layer
+
+
+class _Packed(Cache):
+    """The cache a packed forward runs with: it writes each token's keys and values into its row's slot."""
+
+    def __init__(self, parts: list[_Part]):
+        super().__init__(layers=[])
+        self.parts = parts
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        for part in self.parts:
+            layer = part.kv.layer(layer_idx)
+            layer.init(key_states, *part.kv.capacity)
+            part.write(layer, key_states, value_states)
+        return _Written(self.parts, layer_idx), None
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+
+def packed_attention(name: str, module, query, key, value, attention_mask, **kwargs):
+    """Attention of a packed forward (`key` is `_Written`): each part's rows over their own slots, by
+    transformers' SDPA attention with a mask per row; any other forward of the model goes to its own
+    attention (`name`) as before."""
+    if not isinstance(key, _Written):
+        inner = ALL_ATTENTION_FUNCTIONS.get(name) or sys.modules[type(module).__module__].eager_attention_forward
+        return inner(module, query, key, value, attention_mask, **kwargs)
+    outs = []
+    heads, dim = query.shape[1], query.shape[3]
+    for part in key.parts:
+        layer = part.kv.layers[key.layer]
+        q = query[0][:, part.gather].view(heads, part.rows, part.n, dim).transpose(0, 1)
+        out, _ = sdpa_attention_forward(module, q, layer.keys[:part.rows, :, :part.view],
+                                        layer.values[:part.rows, :, :part.view], part.seen, **kwargs)
+        outs.append(out.reshape(part.rows * part.n, heads, dim)[part.real])
+    return torch.cat(outs).unsqueeze(0), None
+
+
+_PREFIX = "peftu-packed:"
+
+
+def use_packed_attention(model) -> None:
+    """Have the model's attention take packed forwards too (`packed_attention` in front of its own)."""
+    name = model.config._attn_implementation or "eager"
+    if name.startswith(_PREFIX):
+        return
+    if not model._can_set_attn_implementation():
+        raise ValueError(f"cannot generate with {type(model).__name__}: its attention does not go through "
+                         "transformers' AttentionInterface, which peftu's packed decode steps need")
+    packed = _PREFIX + name
+    AttentionInterface.register(packed, functools.partial(packed_attention, name))
+    AttentionMaskInterface.register(packed, ALL_MASK_ATTENTION_FUNCTIONS[name])
+    model.set_attn_implementation(packed)
+
+
+def packed_forward(model, parts: list[tuple[KVSlots, list[int]]], *, input_ids: torch.Tensor | None = None,
+                   inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """One forward for the rows of every `KVSlots` in `parts`, each row fed its next `fed[i]` tokens: the
+    sequence `[1, tokens]` holds them row after row, part after part. The logits `[rows, vocab]` after
+    each row's last token, in the same order."""
+    given = input_ids if input_ids is not None else inputs_embeds
+    device, offset, packed = given.device, 0, []
+    for kv, fed in parts:
+        if fed:
+            packed.append(_Part(kv, fed, offset, device))
+            offset = packed[-1].stop
+    if offset != given.shape[1]:
+        raise ValueError(f"the parts feed {offset} tokens, the input holds {given.shape[1]}")
+    last = torch.cat([p.start + torch.cumsum(torch.tensor(p.fed, device=device), 0) - 1 for p in packed])
+    positions = torch.cat([p.positions for p in packed]).unsqueeze(0)
+    step = {"input_ids": input_ids} if input_ids is not None else {"inputs_embeds": inputs_embeds}
+    placeholder = torch.ones((1, 1, offset, 1), dtype=torch.bool, device=device)  # the masks are per part
+    out = model(**step, attention_mask=placeholder, position_ids=positions, cache=_Packed(packed),
+                use_cache=True, logits_to_keep=last)
+    for part in packed:
+        part.kv.lengths = part.ends
+    return out.logits[0]

@@ -57,21 +57,23 @@ class GenResult:
     """Every token the row wrote (EOS included), with log-probabilities where the row asked for them."""
 
 
-def slots_context(bank: AdapterBank | None, slots: list[int], gathered: dict | None = None):
-    """bank.rows over these slots; the plain base when no row has an adapter.
+def slots_context(bank: AdapterBank | None, slots: list[int], gathered: dict | None = None,
+                  runs: list[tuple[int, int, int]] | None = None):
+    """bank.rows over these slots (and, in a packed forward, these runs of tokens: `SlotContext.runs`);
+    the plain base when no row has an adapter.
 
     `gathered`: a dict kept by the caller while these rows stay the same (decode steps),
     in which each banked layer keeps its rows' A and scale * B instead of gathering them
     at every forward; None: gather at this forward.
     """
-    if all(s == BASE_SLOT for s in slots):
+    if all(s == BASE_SLOT for s in slots) and all(slot == BASE_SLOT for _, _, slot in runs or []):
         return contextlib.nullcontext()
-    return _rows(bank, slots, gathered)
+    return _rows(bank, slots, gathered, runs)
 
 
 @contextlib.contextmanager
-def _rows(bank: AdapterBank, slots: list[int], gathered: dict | None):
-    with bank.rows(torch.tensor(slots, dtype=torch.long), reuse=gathered is not None):
+def _rows(bank: AdapterBank, slots: list[int], gathered: dict | None, runs: list[tuple[int, int, int]] | None):
+    with bank.rows(torch.tensor(slots, dtype=torch.long), reuse=gathered is not None, runs=runs):
         if gathered is not None:
             bank.ctx.gathered = gathered
         yield

@@ -1,15 +1,16 @@
 """A running batch: generation rows join and leave between decode steps, each on its own bank slot.
 
-Every `step()` runs at most two forwards: one decode step for every row that is
-generating (its next token), then one chunk of prefill for the rows that joined
-(`add`) and are still reading their prompts, at most `chunk` tokens each, so a
-long prompt does not hold up everyone's next token. A row whose prompt is read
-picks its first token from that chunk's logits and moves into the decoding rows'
-cache; a row that is done (token budget, EOS, stop string) or whose caller went
-away (`GenRow.cancelled`) leaves at once and frees its KV slot
-(`peftu.inference.kv`: one preallocated slot per row, so a join or a leave
-copies one row, never the batch). All rows joining at step 0 with no chunk limit is the
-static batch `generate_batch` runs: one prefill, then decode to the last row.
+Every `step()` is one forward (`peftu.inference.kv.packed_forward`: every row's
+new tokens packed in one sequence) that holds the next token of every row that
+is generating and one chunk of prefill for the rows that joined (`add`) and are
+still reading their prompts, at most `chunk` tokens each, so a long prompt does
+not hold up everyone's next token. A row whose prompt is read picks its first
+token from that chunk's logits and moves into the decoding rows' cache; a row
+that is done (token budget, EOS, stop string) or whose caller went away
+(`GenRow.cancelled`) leaves at once and frees its KV slot (one preallocated
+slot per row, so a join or a leave copies one row, never the batch). All rows
+joining at step 0 with no chunk limit is the static batch `generate_batch`
+runs: one prefill, then decode to the last row.
 
 A PEFT prompt-learning model puts its virtual tokens before every prompt as in
 its training: prompt tuning's embeddings are read with the prompt, prefix
@@ -22,7 +23,7 @@ import torch
 from transformers import DynamicCache
 
 from peftu.bank import AdapterBank
-from peftu.inference.kv import KVSlots
+from peftu.inference.kv import KVSlots, packed_forward, use_packed_attention
 from peftu.inference.rows import GenRow, RowState, slots_context
 from peftu.inference.sampling import pick_batch
 from peftu.inference.soft import soft_len
@@ -76,6 +77,7 @@ class RunningBatch:
             raise ValueError(f"prefill chunk must be at least 1 token, got {chunk}")
         self.learning = PromptLearning(model)
         self.model, self.bank, self.tokenizer, self.chunk = self.learning.model, bank, tokenizer, chunk
+        use_packed_attention(self.model)
         self.device = self.model.device
         self.decoding: list[RowState] = []
         self.next_tokens: list[int] = []
@@ -129,13 +131,18 @@ class RunningBatch:
 
     @torch.no_grad()
     def step(self) -> list[RowState]:
-        """One decode step for the generating rows and one prefill chunk for the reading ones; the rows that
-        finished (each has its `result`)."""
+        """One forward: the next token of the generating rows and a prefill chunk of the reading ones; the
+        rows that finished (each has its `result`)."""
         finished = self._drop_cancelled()
-        if self.decoding:
-            finished += self._decode_step()
+        if not self.rows:
+            return finished
+        lengths = [r.next_len(self.chunk) for r in self.reading]
+        logits = self._forward(lengths)
+        decoded = len(self.decoding)
+        if decoded:
+            finished += self._decoded(logits[:decoded])
         if self.reading:
-            finished += self._read_step()
+            finished += self._read(logits[decoded:], lengths)
         return finished
 
     def _drop_cancelled(self) -> list[RowState]:
@@ -156,13 +163,29 @@ class RunningBatch:
         self.decoding = [self.decoding[i] for i in order]
         self.next_tokens = [self.next_tokens[i] for i in order]
 
-    def _decode_step(self) -> list[RowState]:
+    def _forward(self, lengths: list[int]) -> torch.Tensor:
+        """The packed forward: each generating row's next token, then each reading row's next `lengths[i]`
+        tokens of its input; the logits after each row's last token (generating rows first)."""
         slots = [st.row.slot for st in self.decoding]
         if slots != self._gathered_slots:  # other rows: each layer gathers their weights again
             self._gathered, self._gathered_slots = {}, slots
-        ids = torch.tensor(self.next_tokens, device=self.device).unsqueeze(-1)
-        with slots_context(self.bank, slots, self._gathered):
-            logits = self.kv.forward(self.model, [1] * len(slots), input_ids=ids)
+        ids, runs = list(self.next_tokens), []
+        for r, k in zip(self.reading, lengths):
+            runs.append((len(ids), len(ids) + k, r.state.row.slot))
+            ids += r.ids[r.done:r.done + k]
+        ids = torch.tensor([ids], device=self.device)
+        step = {"input_ids": ids}
+        if any(r.embeds is not None for r in self.reading):
+            embeds = self.model.get_input_embeddings()(ids)
+            for r, (start, end, _) in zip(self.reading, runs):
+                if r.embeds is not None:
+                    embeds[0, start:end] = r.embeds[r.done:r.done + end - start]
+            step = {"inputs_embeds": embeds}
+        with slots_context(self.bank, slots, self._gathered, runs):
+            return packed_forward(self.model, [(self.kv, [1] * len(slots)), (self.read_kv, lengths)], **step)
+
+    def _decoded(self, logits: torch.Tensor) -> list[RowState]:
+        """The generating rows pick their next tokens; those that are done leave."""
         picked = pick_batch(logits, [st.picker for st in self.decoding])
         for st, p in zip(self.decoding, picked):
             st.push(p)
@@ -172,23 +195,9 @@ class RunningBatch:
             self._leave_decoding()
         return done
 
-    def _read_step(self) -> list[RowState]:
-        lengths = [r.next_len(self.chunk) for r in self.reading]
-        n = max(lengths)
-        pad_id = self.tokenizer.pad_token_id
-        ids = torch.full((len(self.reading), n), pad_id, dtype=torch.long)
-        for i, (r, k) in enumerate(zip(self.reading, lengths)):
-            ids[i, n - k:] = torch.tensor(r.ids[r.done:r.done + k])
-        ids = ids.to(self.device)
-        step = {"input_ids": ids}
-        if any(r.embeds is not None for r in self.reading):
-            embeds = self.model.get_input_embeddings()(ids)
-            for i, (r, k) in enumerate(zip(self.reading, lengths)):
-                if r.embeds is not None:
-                    embeds[i, n - k:] = r.embeds[r.done:r.done + k]
-            step = {"inputs_embeds": embeds}
-        with slots_context(self.bank, [r.state.row.slot for r in self.reading]):
-            logits = self.read_kv.forward(self.model, lengths, **step)
+    def _read(self, logits: torch.Tensor, lengths: list[int]) -> list[RowState]:
+        """The reading rows are `lengths` further; those whose input is read pick their first token and
+        move to the generating rows (or leave, if done already)."""
         for r, k in zip(self.reading, lengths):
             r.done += k
         ready = [i for i, r in enumerate(self.reading) if r.done == len(r.ids)]
