@@ -171,6 +171,8 @@ class _Part:
         start = torch.tensor(kv.lengths, device=device).unsqueeze(-1)
         column = torch.arange(self.n, device=device).unsqueeze(0)
         pad = self.n - fed_t
+        self.padded = min(fed) < self.n
+        """Some rows feed fewer tokens than others: the layout has padding places."""
         self.real = (column >= pad).flatten()
         """Which places of the `[rows, n]` layout hold a token (row-major: the sequence's order)."""
         # A padding place stands at its row's first new column, so its attention sees something.
@@ -226,11 +228,13 @@ def packed_attention(name: str, module, query, key, value, attention_mask, **kwa
     heads, dim = query.shape[1], query.shape[3]
     for part in key.parts:
         layer = part.kv.layers[key.layer]
-        q = query[0][:, part.gather].view(heads, part.rows, part.n, dim).transpose(0, 1)
+        q = query[0][:, part.gather] if part.padded else query[0, :, part.start:part.stop]
+        q = q.reshape(heads, part.rows, part.n, dim).transpose(0, 1)
         out, _ = sdpa_attention_forward(module, q, layer.keys[:part.rows, :, :part.view],
                                         layer.values[:part.rows, :, :part.view], part.seen, **kwargs)
-        outs.append(out.reshape(part.rows * part.n, heads, dim)[part.real])
-    return torch.cat(outs).unsqueeze(0), None
+        out = out.reshape(part.rows * part.n, heads, dim)
+        outs.append(out[part.real] if part.padded else out)
+    return (torch.cat(outs) if len(outs) > 1 else outs[0]).unsqueeze(0), None
 
 
 _PREFIX = "peftu-packed:"
