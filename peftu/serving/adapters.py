@@ -217,16 +217,16 @@ class AdapterManager:
     async def _load_one(self, user: str, version: str | None, *, count_errors: bool = True) -> Lease:
         """One version into a slot; the base's lease, saying why, if it is unusable."""
         start, began = time.monotonic(), self._invalidations
-        try:
-            if version is None:  # named first, so that a failure below knows which version failed
-                version = await asyncio.to_thread(self.store.latest_version, self.task, user)
-                if version is None:
-                    raise NotFoundError(f"no adapter for user {user!r}")
-                failed = self._absent.get(user)
-                if failed is not None and failed.version == version:  # still the bad one: not fetched again
-                    self._remember_absent(user, failed.fallback, version, failed.older_tried)
-                    return Lease(BASE_SLOT, None, fallback=failed.fallback)
-            state, scale = await asyncio.to_thread(self._read, user, version)
+        failed = self._absent.get(user)
+        try:  # the pointer, the fetch and the parse in one thread: each hop waits for the event loop
+            version, read = await asyncio.to_thread(self._fetch, user, version,
+                                                    failed.version if failed is not None else None)
+            if read is None:  # still the bad one: not fetched again
+                self._remember_absent(user, failed.fallback, version, failed.older_tried)
+                return Lease(BASE_SLOT, None, fallback=failed.fallback)
+            if isinstance(read, Exception):
+                raise read
+            state, scale = read
             slot = await self._reserve()
         except NotFoundError:
             self.cache.remove(user)
@@ -251,6 +251,21 @@ class AdapterManager:
             self.cache.remove(user)
         self.metrics.resident.set(len(self.cache))
         return lease
+
+    def _fetch(self, user: str, version: str | None, bad: str | None
+               ) -> tuple[str | None, tuple[dict, float] | Exception | None]:
+        """(In a thread.) The version to load (None: the latest) and its weights and scale; None instead
+        of them if the latest is `bad`, the version known unusable; the error if it is unusable now."""
+        if version is None:  # named first, so that a failure below knows which version failed
+            version = self.store.latest_version(self.task, user)
+            if version is None:
+                raise NotFoundError(f"no adapter for user {user!r}")
+            if version == bad:
+                return version, None
+        try:
+            return version, self._read(user, version)
+        except Exception as e:  # noqa: BLE001 - the caller decides what an unusable version means
+            return version, e
 
     def _read(self, user: str, version: str) -> tuple[dict, float]:
         files, _ = self.store.fetch_bytes(self.task, user, version, expect_base=self.base_fp)
