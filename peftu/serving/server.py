@@ -10,6 +10,7 @@ of different users overlap and never hold up other users' requests.
 
 # No `from __future__ import annotations` here: FastAPI reads the routes' type hints
 # at run time, and Serve's ingress wrapper loses the module globals they would name.
+import gc
 import logging
 import time
 
@@ -98,6 +99,10 @@ class PeftuServer:
             return model_id  # routing bookkeeping only; AdapterManager does the loading
 
         self._register = serve.multiplexed(max_num_models_per_replica=self.cfg.max_adapters)(register)
+        # What is loaded now (the model, the bank, Ray's and the web stack's objects) lives as long as
+        # the replica: out of the collector's sight, a full collection stops every stream for 5 to 14 ms
+        # instead of 60 to 90 (measured under `peftu bench serve`; the first one took 200 ms).
+        gc.freeze()
 
     def check_health(self) -> None:
         """Unhealthy only if the batch loop died (a bad adapter never makes a replica unhealthy)."""
