@@ -16,6 +16,7 @@ import torch
 from peftu.data.synthetic import TASKS
 from peftu.errors import PeftuError
 from peftu.inference.generate import BASE_SLOT, GenRow, ScoreRow, generate_batch, score_batch
+from peftu.inference.kv import KVSlots, packed_forward, use_packed_attention
 from peftu.inference.running import RunningBatch
 from peftu.inference.sampling import Sampling
 from peftu.model.encode import encode
@@ -40,6 +41,44 @@ def _drive(batch: RunningBatch, arrivals: dict[int, list[GenRow]]) -> list:
             batch.step()
         step += 1
     return states
+
+
+def test_a_packed_forward_gives_every_row_the_logits_of_its_own_forward(bank_with_users):
+    """Rows of three users in one sequence: two reading prompts of different lengths, then those two
+    decoding a token each beside a third reading its prompt. Each row's logits are what its own
+    tokens alone, on its own adapter, give in a plain forward without a cache."""
+    model, tok, bank, _ = bank_with_users
+    use_packed_attention(model)
+    (a, b, c), slots = [tok(p)["input_ids"] for p in PROMPTS[:3]], [1, 2, BASE_SLOT]
+
+    def alone(ids: list[int], slot: int) -> torch.Tensor:
+        with torch.no_grad(), bank.rows(slot):
+            return model(torch.tensor([ids])).logits[0, -1]
+
+    def packed(parts: list[tuple[KVSlots, list[list[int]]]], row_slots: list[int]) -> torch.Tensor:
+        ids, runs, fed = [], [], []
+        for _, rows in parts:
+            fed.append([len(r) for r in rows])
+            for r, slot in zip(rows, row_slots[len(runs):]):
+                runs.append((len(ids), len(ids) + len(r), slot))
+                ids += r
+        with torch.no_grad(), bank.rows(torch.tensor([], dtype=torch.long), runs=runs):
+            return packed_forward(model, [(kv, f) for (kv, _), f in zip(parts, fed)], input_ids=torch.tensor([ids]))
+
+    reading = KVSlots()
+    reading.add([len(a) + 1, len(b) + 1])
+    first = packed([(reading, [a, b])], slots[:2])
+    assert len(a) != len(b)  # the two rows' attention is padded, their sequence is not
+    for logits, ids, slot in zip(first, (a, b), slots):
+        torch.testing.assert_close(logits, alone(ids, slot), atol=1e-4, rtol=0)
+    decoding, late = KVSlots(), KVSlots()
+    reading.copy_to([0, 1], decoding)
+    late.add([len(c)])
+    next_a, next_b = (int(x) for x in first.argmax(-1))
+    second = packed([(decoding, [[next_a], [next_b]]), (late, [c])], slots)
+    for logits, ids, slot in zip(second, (a + [next_a], b + [next_b], c), slots):
+        torch.testing.assert_close(logits, alone(ids, slot), atol=1e-4, rtol=0)
+    assert decoding.lengths == [len(a) + 1, len(b) + 1] and late.lengths == [len(c)]
 
 
 def test_staggered_rows_of_different_users_each_equal_that_users_peft_generate(bank_with_users, reference):
