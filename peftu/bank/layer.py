@@ -26,8 +26,8 @@ class SlotContext:
     def __init__(self) -> None:
         self.slots: torch.Tensor | int | None = None
         self.gathered: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] | None = None
-        """Per layer, A and scale * B gathered for `slots`, kept while the weights cannot
-        change (a generation's decode steps); None: gather on every forward."""
+        """Per layer, A and scale * B of the rows on `slots`, kept row by row while they run
+        (`peftu.bank.rows.RowWeights`); None: gathered at the forward."""
         self.runs: list[tuple[int, int, int]] | None = None
         """A packed forward (`peftu.inference.kv`): the batch is one sequence whose first
         `len(slots)` tokens are one row each, on `slots`, and each run (start, end, slot)
@@ -83,14 +83,12 @@ class BankedLoraLinear(nn.Module):
     def _rows_delta(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """`scale * B @ A @ x` of every batch row `x[i]` `[n, d_in]` on its slot `slots[i]`."""
         gathered = self.ctx.gathered
-        ab = gathered.get(self) if gathered is not None else None
-        if ab is None:
+        if gathered is not None:
+            a, b = gathered[self]
+        else:
             # index_select rather than A[slots]: its backward is a plain index_add, much
             # faster than advanced indexing's when many rows share a slot.
             a = torch.index_select(self.lora_A, 0, slots).transpose(1, 2)  # [rows, d_in, r]
             scale = torch.index_select(self.scales, 0, slots).view(-1, 1, 1)
             b = (torch.index_select(self.lora_B, 0, slots) * scale).transpose(1, 2)  # [rows, r, d_out]
-            ab = (a, b)
-            if gathered is not None:
-                gathered[self] = ab
-        return torch.bmm(torch.bmm(x.to(ab[0].dtype), ab[0]), ab[1])
+        return torch.bmm(torch.bmm(x.to(a.dtype), a), b)

@@ -129,12 +129,12 @@ class AdapterBank:
         return [p for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B)]
 
     @contextlib.contextmanager
-    def rows(self, slots: torch.Tensor | list[int] | int, reuse: bool = False,
+    def rows(self, slots: torch.Tensor | list[int] | int, gathered: dict | None = None,
              runs: list[tuple[int, int, int]] | None = None) -> Iterator[None]:
         """Run the model with batch row i on adapter `slots[i]` (an int: every row on one slot).
 
-        `reuse`: the forwards inside do not change the weights (decode steps of one
-        batch), so each layer gathers its rows' weights once, not at every forward.
+        `gathered`: each layer's A and scale * B of these rows, kept while they run
+        (`peftu.bank.rows.RowWeights`), instead of gathered at every forward.
         `runs`: a packed forward, one sequence of rows (`SlotContext.runs`).
         """
         if isinstance(slots, int):
@@ -148,8 +148,7 @@ class AdapterBank:
         bad = [slot for _, _, slot in runs or [] if not 0 <= slot < self.n_slots]
         if bad:
             raise IndexError(f"slot out of range 0..{self.n_slots - 1}: {bad}")
-        self.ctx.slots, self.ctx.runs = slots, runs
-        self.ctx.gathered = {} if reuse else None
+        self.ctx.slots, self.ctx.runs, self.ctx.gathered = slots, runs, gathered
         try:
             yield
         finally:

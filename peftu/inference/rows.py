@@ -60,23 +60,11 @@ class GenResult:
 def slots_context(bank: AdapterBank | None, slots: list[int], gathered: dict | None = None,
                   runs: list[tuple[int, int, int]] | None = None):
     """bank.rows over these slots (and, in a packed forward, these runs of tokens: `SlotContext.runs`);
-    the plain base when no row has an adapter.
-
-    `gathered`: a dict kept by the caller while these rows stay the same (decode steps),
-    in which each banked layer keeps its rows' A and scale * B instead of gathering them
-    at every forward; None: gather at this forward.
-    """
+    the plain base when no row has an adapter. `gathered`: the rows' weights kept while they run
+    (`peftu.bank.rows.RowWeights`); None: each layer gathers them at the forward."""
     if all(s == BASE_SLOT for s in slots) and all(slot == BASE_SLOT for _, _, slot in runs or []):
         return contextlib.nullcontext()
-    return _rows(bank, slots, gathered, runs)
-
-
-@contextlib.contextmanager
-def _rows(bank: AdapterBank, slots: list[int], gathered: dict | None, runs: list[tuple[int, int, int]] | None):
-    with bank.rows(torch.tensor(slots, dtype=torch.long), reuse=gathered is not None, runs=runs):
-        if gathered is not None:
-            bank.ctx.gathered = gathered
-        yield
+    return bank.rows(torch.tensor(slots, dtype=torch.long), gathered=gathered, runs=runs)
 
 
 class RowState:

@@ -23,6 +23,7 @@ import torch
 from transformers import DynamicCache
 
 from peftu.bank import AdapterBank
+from peftu.bank.rows import RowWeights
 from peftu.inference.kv import KVSlots, packed_forward, use_packed_attention
 from peftu.inference.rows import GenRow, RowState, slots_context
 from peftu.inference.sampling import pick_batch
@@ -85,8 +86,8 @@ class RunningBatch:
         """The generating rows' slots (`slots`: how many to allocate at the first forward)."""
         self.reading: list[_Reading] = []
         self.read_kv = KVSlots()
-        self._gathered: dict = {}
-        self._gathered_slots: list[int] | None = None
+        self.weights = RowWeights(list(bank.layers.values())) if bank is not None else None
+        """The generating rows' adapter weights, kept per row."""
 
     def _decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
@@ -167,8 +168,7 @@ class RunningBatch:
         """The packed forward: each generating row's next token, then each reading row's next `lengths[i]`
         tokens of its input; the logits after each row's last token (generating rows first)."""
         slots = [st.row.slot for st in self.decoding]
-        if slots != self._gathered_slots:  # other rows: each layer gathers their weights again
-            self._gathered, self._gathered_slots = {}, slots
+        weights = self.weights.follow(self.decoding, slots) if self.weights is not None else None
         ids, runs = list(self.next_tokens), []
         for r, k in zip(self.reading, lengths):
             runs.append((len(ids), len(ids) + k, r.state.row.slot))
@@ -181,7 +181,7 @@ class RunningBatch:
                 if r.embeds is not None:
                     embeds[0, start:end] = r.embeds[r.done:r.done + end - start]
             step = {"inputs_embeds": embeds}
-        with slots_context(self.bank, slots, self._gathered, runs):
+        with slots_context(self.bank, slots, weights, runs):
             return packed_forward(self.model, [(self.kv, [1] * len(slots)), (self.read_kv, lengths)], **step)
 
     def _decoded(self, logits: torch.Tensor) -> list[RowState]:
