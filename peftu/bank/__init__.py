@@ -1,7 +1,8 @@
 """The adapter bank: many users' LoRA adapters stacked beside one frozen base.
 
 `layer` holds the math (one banked linear layer), `model` the management
-(injecting layers, slots, PEFT import/export) and `optim` the per-slot AdamW.
+(injecting layers, slots, PEFT import/export), `rows` the generating rows'
+weights kept per row while they run, and `optim` the per-slot AdamW.
 The banked fit loop that trains a bank is `peftu.fitting.banked`.
 """
 
