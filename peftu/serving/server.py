@@ -100,8 +100,8 @@ class PeftuServer:
 
         self._register = serve.multiplexed(max_num_models_per_replica=self.cfg.max_adapters)(register)
         # What is loaded now (the model, the bank, Ray's and the web stack's objects) lives as long as
-        # the replica: out of the collector's sight, a full collection stops every stream for 5 to 14 ms
-        # instead of 60 to 90 (measured under `peftu bench serve`; the first one took 200 ms).
+        # the replica: out of the collector's sight, a full collection, which stops every stream, takes
+        # 5 to 14 ms under `peftu bench serve` (the first took 200 ms before).
         gc.freeze()
 
     def check_health(self) -> None:
