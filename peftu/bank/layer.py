@@ -67,8 +67,7 @@ class BankedLoraLinear(nn.Module):
         if slots is None:
             return out
         if isinstance(slots, int):
-            delta = (x.to(self.lora_A.dtype) @ self.lora_A[slots].T) @ self.lora_B[slots].T
-            return out + (self.scales[slots] * delta).to(out.dtype)
+            return out + self._slot_delta(x, slots).to(out.dtype)
         if self.ctx.runs is None:
             return out + self._rows_delta(x, slots).to(out.dtype)
         # Packed (inference only): the rows' deltas are added in place, token range by token range.
@@ -76,19 +75,23 @@ class BankedLoraLinear(nn.Module):
         if rows:
             out[0, :rows] += self._rows_delta(tokens[:rows].unsqueeze(1), slots).squeeze(1).to(out.dtype)
         for start, end, slot in self.ctx.runs:
-            delta = (tokens[start:end].to(self.lora_A.dtype) @ self.lora_A[slot].T) @ self.lora_B[slot].T
-            out[0, start:end] += (self.scales[slot] * delta).to(out.dtype)
+            out[0, start:end] += self._slot_delta(tokens[start:end], slot).to(out.dtype)
         return out
+
+    def _slot_delta(self, x: torch.Tensor, slot: int) -> torch.Tensor:
+        """`scale * B @ A @ x` of every row of `x` on one slot."""
+        delta = (x.to(self.lora_A.dtype) @ self.lora_A[slot].T) @ self.lora_B[slot].T
+        return self.scales[slot] * delta
 
     def _rows_delta(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """`scale * B @ A @ x` of every batch row `x[i]` `[n, d_in]` on its slot `slots[i]`."""
-        gathered = self.ctx.gathered
-        if gathered is not None:
-            a, b = gathered[self]
-        else:
-            # index_select rather than A[slots]: its backward is a plain index_add, much
-            # faster than advanced indexing's when many rows share a slot.
-            a = torch.index_select(self.lora_A, 0, slots).transpose(1, 2)  # [rows, d_in, r]
-            scale = torch.index_select(self.scales, 0, slots).view(-1, 1, 1)
-            b = (torch.index_select(self.lora_B, 0, slots) * scale).transpose(1, 2)  # [rows, r, d_out]
+        a, b = self.ctx.gathered[self] if self.ctx.gathered is not None else self.weights_of(slots)
         return torch.bmm(torch.bmm(x.to(a.dtype), a), b)
+
+    def weights_of(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A `[rows, d_in, r]` and scale * B `[rows, r, d_out]` of these slots, as a batched matmul takes them."""
+        # index_select rather than A[slots]: its backward is a plain index_add, much
+        # faster than advanced indexing's when many rows share a slot.
+        a = torch.index_select(self.lora_A, 0, slots).transpose(1, 2)
+        scale = torch.index_select(self.scales, 0, slots).view(-1, 1, 1)
+        return a, (torch.index_select(self.lora_B, 0, slots) * scale).transpose(1, 2)

@@ -39,8 +39,7 @@ class RowWeights:
         for layer in self.layers:
             a, b = self._room(layer, n)
             if new:
-                a[at] = layer.lora_A[of].transpose(1, 2)
-                b[at] = (layer.lora_B[of] * layer.scales[of].view(-1, 1, 1)).transpose(1, 2)
+                a[at], b[at] = layer.weights_of(of)
             out[layer] = (a[:n], b[:n])
         return out
 
