@@ -55,30 +55,69 @@ def test_a_packed_forward_gives_every_row_the_logits_of_its_own_forward(bank_wit
         with torch.no_grad(), bank.rows(slot):
             return model(torch.tensor([ids])).logits[0, -1]
 
-    def packed(parts: list[tuple[KVSlots, list[list[int]]]], row_slots: list[int]) -> torch.Tensor:
-        ids, runs, fed = [], [], []
+    def packed(kv: KVSlots, parts: list[tuple[int, list[list[int]]]], row_slots: list[int]) -> torch.Tensor:
+        ids, runs = [], []
         for _, rows in parts:
-            fed.append([len(r) for r in rows])
             for r, slot in zip(rows, row_slots[len(runs):]):
                 runs.append((len(ids), len(ids) + len(r), slot))
                 ids += r
         with torch.no_grad(), bank.rows(torch.tensor([], dtype=torch.long), runs=runs):
-            return packed_forward(model, [(kv, f) for (kv, _), f in zip(parts, fed)], input_ids=torch.tensor([ids]))
+            return packed_forward(model, kv, [(first, [len(r) for r in rows]) for first, rows in parts],
+                                  input_ids=torch.tensor([ids]))
 
-    reading = KVSlots()
-    reading.add([len(a) + 1, len(b) + 1])
-    first = packed([(reading, [a, b])], slots[:2])
+    kv = KVSlots()
+    kv.add([len(a) + 1, len(b) + 1])
+    first = packed(kv, [(0, [a, b])], slots[:2])
     assert len(a) != len(b)  # the two rows' attention is padded, their sequence is not
     for logits, ids, slot in zip(first, (a, b), slots):
         torch.testing.assert_close(logits, alone(ids, slot), atol=1e-4, rtol=0)
-    decoding, late = KVSlots(), KVSlots()
-    reading.copy_to([0, 1], decoding)
-    late.add([len(c)])
+    kv.add([len(c)])
     next_a, next_b = (int(x) for x in first.argmax(-1))
-    second = packed([(decoding, [[next_a], [next_b]]), (late, [c])], slots)
+    second = packed(kv, [(0, [[next_a], [next_b]]), (2, [c])], slots)
     for logits, ids, slot in zip(second, (a + [next_a], b + [next_b], c), slots):
         torch.testing.assert_close(logits, alone(ids, slot), atol=1e-4, rtol=0)
-    assert decoding.lengths == [len(a) + 1, len(b) + 1] and late.lengths == [len(c)]
+    assert kv.lengths == [len(a) + 1, len(b) + 1, len(c)]
+
+
+def test_kv_slots_keep_moves_rows_whole_even_round_a_cycle():
+    """Rows leave and regroup (slots 2 and 0 trade places: a cycle; slot 1 leaves; slot 3 fills a hole):
+    every row's written columns arrive in its new slot unchanged, and its length and need go with it."""
+    kv = KVSlots(slots=4)
+    kv.add([8, 8, 8, 8])
+    layer = kv.layer(0)
+    layer.init(torch.zeros(1, 2, 1, 3), *kv.capacity)
+    kv.lengths = [5, 3, 4, 2]
+    for slot, n in enumerate(kv.lengths):
+        layer.keys[slot, :, :n] = slot + 1.0
+        layer.values[slot, :, :n] = -(slot + 1.0)
+    order = kv.keep([[2], [0, 3]])
+    assert order[0] == 2 and sorted(order[1:]) == [0, 3]
+    assert kv.lengths == [4] + [[5, 3, 4, 2][i] for i in order[1:]]
+    for slot, src in enumerate(order):
+        n = [5, 3, 4, 2][src]
+        assert torch.equal(layer.keys[slot, :, :n], torch.full((2, n, 3), src + 1.0))
+        assert torch.equal(layer.values[slot, :, :n], torch.full((2, n, 3), -(src + 1.0)))
+
+
+def test_kv_slots_stay_within_the_budget_as_rows_of_other_widths_come_and_go():
+    """With a budget the allocation (slots x width) never passes it, a row that would push it past
+    is refused, and the rows already written keep their columns when the slots are reallocated."""
+    kv = KVSlots(slots=8, budget=256)
+    kv.add([40])
+    layer = kv.layer(0)
+    layer.init(torch.zeros(1, 1, 1, 1), *kv.capacity)
+    layer.keys[0, :, :30], kv.lengths[0] = 7.0, 30
+    assert kv.allocated <= 256
+    assert kv.fits([100]) and not kv.fits([100, 100])  # 3 rows x 100 columns > 256
+    kv.add([100])  # wider slots, fewer of them: the first row's columns move along
+    assert kv.capacity[1] >= 100 and kv.allocated <= 256
+    assert torch.equal(layer.keys[0, :, :30], torch.full((1, 30, 1), 7.0))
+    with pytest.raises(ValueError, match="budget of 256 tokens"):
+        kv.add([100])
+    kv.keep([[0]])  # the wide row leaves: narrow rows may fill the budget again
+    kv.add([40] * 5)
+    assert kv.rows == 6 and kv.allocated <= 256
+    assert torch.equal(layer.keys[0, :, :30], torch.full((1, 30, 1), 7.0))
 
 
 def test_staggered_rows_of_different_users_each_equal_that_users_peft_generate(bank_with_users, reference):
@@ -177,7 +216,7 @@ def test_scheduled_requests_arriving_while_others_run_get_their_users_answers(ba
         return [r.text for r in await asyncio.gather(*tasks)]
 
     assert asyncio.run(main()) == alone
-    assert scheduler.reserved == 0 and scheduler.batch.rows == 0
+    assert scheduler.batch.rows == 0 and scheduler.batch.kv.tokens == 0
     scheduler.close()
 
 
@@ -208,7 +247,7 @@ def test_a_score_is_answered_while_a_long_generation_runs_and_a_cancelled_row_fr
     assert result.finish_reason == "cancelled" and result.tokens < 200
     sample = scheduler.metrics.registry.get_sample_value
     assert sample("peftu_cancelled_requests_total") == 1 and sample("peftu_cancelled_tokens_total") == result.tokens
-    assert scheduler.reserved == 0 and scheduler.batch.kv_tokens == 0 and kv() == 0
+    assert scheduler.batch.kv_tokens == 0 and kv() == 0
     scheduler.close()
 
 
@@ -237,6 +276,34 @@ def test_the_kv_budget_and_the_queue_bound_are_kept(bank_with_users):
 
     a, b = asyncio.run(main())
     assert (a.tokens, b.tokens) == (60, 20) and max(rows_seen) == 1
+    scheduler.close()
+
+
+def test_the_kv_memory_allocated_stays_within_the_budget_over_a_mixed_run(bank_with_users):
+    """Rows of mixed prompt lengths and token budgets, more than the budget holds at once: at every step the
+    slots allocated (and the gauge that reports them) stay within the budget, several rows still share the
+    steps, and every answer is the one its row gives alone although the slots were reallocated between."""
+    model, tok, bank, _ = bank_with_users
+    specs = [(PROMPTS[i % 4], [1, 2, 3, BASE_SLOT][i % 4], n) for i, n in enumerate([30, 2, 12, 5, 40, 3, 20])]
+    rows = [GenRow(tok(p)["input_ids"], s, _greedy(n)) for p, s, n in specs]
+    alone = [generate_batch(model, bank, tok, [row])[0].text for row in rows]
+    budget = 160
+    scheduler = _scheduler(bank_with_users, kv_budget_tokens=budget)
+    seen: list[tuple[int, int]] = []
+    step = scheduler.batch.step
+    scheduler.batch.step = lambda: seen.append((scheduler.batch.rows, scheduler.batch.kv.allocated)) or step()
+    gauge = scheduler.metrics.kv_allocated
+    set_gauge = gauge.set
+    gauge_values: list[float] = []
+    gauge.set = lambda v: gauge_values.append(v) or set_gauge(v)
+
+    async def main() -> list[str]:
+        return [r.text for r in await asyncio.gather(*(scheduler.submit("generate", r.slot, r) for r in rows))]
+
+    assert asyncio.run(main()) == alone
+    assert max(rows for rows, _ in seen) > 1 and max(a for _, a in seen) <= budget
+    assert gauge_values and max(gauge_values) <= budget and max(gauge_values) > 0
+    assert max(rows for rows, _ in seen) < len(rows)  # the budget held some back (max_batch would not)
     scheduler.close()
 
 

@@ -5,10 +5,13 @@ new tokens packed in one sequence) that holds the next token of every row that
 is generating and one chunk of prefill for the rows that joined (`add`) and are
 still reading their prompts, at most `chunk` tokens each, so a long prompt does
 not hold up everyone's next token. A row whose prompt is read picks its first
-token from that chunk's logits and moves into the decoding rows' cache; a row
+token from that chunk's logits and starts generating; a row
 that is done (token budget, EOS, stop string) or whose caller went away
-(`GenRow.cancelled`) leaves at once and frees its KV slot (one preallocated
-slot per row, so a join or a leave copies one row, never the batch). All rows
+(`GenRow.cancelled`) leaves at once and frees its KV slot. All rows share one
+`KVSlots`, the generating rows in its first slots and the reading ones after
+them, so a row that starts generating stays where it is or swaps with a
+reading row, and a leave moves one row, never the batch. With a KV budget the
+slots stay within it; `fits` says whether rows could join. All rows
 joining at step 0 with no chunk limit is the static batch `generate_batch`
 runs: one prefill, then decode to the last row.
 
@@ -73,7 +76,8 @@ class _Reading:
 class RunningBatch:
     """Rows of any users generating together; rows join (`add`) and leave between steps (`step`)."""
 
-    def __init__(self, model, bank: AdapterBank | None, tokenizer, *, chunk: int | None = None, slots: int = 0):
+    def __init__(self, model, bank: AdapterBank | None, tokenizer, *, chunk: int | None = None, slots: int = 0,
+                 kv_budget: int | None = None):
         if chunk is not None and chunk < 1:
             raise ValueError(f"prefill chunk must be at least 1 token, got {chunk}")
         self.learning = PromptLearning(model)
@@ -81,11 +85,10 @@ class RunningBatch:
         use_packed_attention(self.model)
         self.device = self.model.device
         self.decoding: list[RowState] = []
-        self.next_tokens: list[int] = []
-        self.kv = KVSlots(slots)
-        """The generating rows' slots (`slots`: how many to allocate at the first forward)."""
         self.reading: list[_Reading] = []
-        self.read_kv = KVSlots()
+        self.kv = KVSlots(slots, kv_budget)
+        """Every row's keys and values: the generating rows in its first slots, then the reading rows
+        (`slots`: how many to allocate while the budget allows)."""
         self.weights = RowWeights(list(bank.layers.values())) if bank is not None else None
         """The generating rows' adapter weights, kept per row."""
 
@@ -99,8 +102,16 @@ class RunningBatch:
 
     @property
     def kv_tokens(self) -> int:
-        """KV cache columns the rows have written (the slots allocated for them may be wider)."""
-        return self.kv.tokens + self.read_kv.tokens
+        """KV cache columns the rows have written (the slots allocated for them are wider: `kv.allocated`)."""
+        return self.kv.tokens
+
+    def need(self, row: GenRow) -> int:
+        """KV columns a row may come to hold: virtual or prefix tokens, prompt, soft tokens and max_tokens."""
+        return self.learning.n + len(row.prompt_ids) + soft_len(row.soft) + row.sampling.max_tokens
+
+    def fits(self, rows: list[GenRow]) -> bool:
+        """Whether these rows could join now within the KV budget."""
+        return self.kv.fits([self.need(row) for row in rows])
 
     @torch.no_grad()
     def add(self, rows: list[GenRow]) -> list[RowState]:
@@ -108,7 +119,7 @@ class RunningBatch:
         if not rows:
             return []
         pad_id = self.tokenizer.pad_token_id
-        states, needs = [], []
+        states = []
         embed = self.model.get_input_embeddings()
         prefix, n_prefix = self.learning.prefix(len(rows))
         for row in rows:
@@ -126,8 +137,7 @@ class RunningBatch:
                     embeds[len(ids) - len(row.soft):] = row.soft.to(embeds)
             self.reading.append(_Reading(state, ids, embeds))
             states.append(state)
-            needs.append(n_prefix + len(ids) + row.sampling.max_tokens)
-        self.read_kv.add(needs, prefix, n_prefix)
+        self.kv.add([self.need(row) for row in rows], prefix, n_prefix)
         return states
 
     @torch.no_grad()
@@ -140,36 +150,49 @@ class RunningBatch:
         lengths = [r.next_len(self.chunk) for r in self.reading]
         logits = self._forward(lengths)
         decoded = len(self.decoding)
-        if decoded:
-            finished += self._decoded(logits[:decoded])
-        if self.reading:
-            finished += self._read(logits[decoded:], lengths)
-        return finished
+        for st, p in zip(self.decoding, self._pick(self.decoding, logits[:decoded])):
+            st.push(p)
+        for r, k in zip(self.reading, lengths):
+            r.done += k
+        ready = [i for i, r in enumerate(self.reading) if r.done == len(r.ids)]
+        read = [self.reading[i].state for i in ready]
+        for st, p in zip(read, self._pick(read, logits[decoded:][ready])):
+            st.push(p)  # its first token: on to generating, or done already
+        done = [st for st in self.decoding + read if st.result is not None]
+        if done or ready:
+            still = sorted(set(range(len(self.reading))) - set(ready))
+            self._regroup([i for i, st in enumerate(self.decoding) if st.result is None]
+                          + [decoded + i for i, st in zip(ready, read) if st.result is None],
+                          [decoded + i for i in still])
+        return finished + done
+
+    def _pick(self, states: list[RowState], logits: torch.Tensor) -> list:
+        return pick_batch(logits, [st.picker for st in states]) if states else []
 
     def _drop_cancelled(self) -> list[RowState]:
-        gone = [st for st in self.decoding if st.row.cancelled()]
-        gone_reading = [r for r in self.reading if r.state.row.cancelled()]
-        for st in gone + [r.state for r in gone_reading]:
+        gone = [st for st in self.decoding + [r.state for r in self.reading] if st.row.cancelled()]
+        for st in gone:
             st.cancel()
         if gone:
-            self._leave_decoding()
-        if gone_reading:
-            order = self.read_kv.drop([i for i, r in enumerate(self.reading) if r.state.result is not None])
-            self.reading = [self.reading[i] for i in order]
-        return gone + [r.state for r in gone_reading]
+            decoded = len(self.decoding)
+            self._regroup([i for i, st in enumerate(self.decoding) if st.result is None],
+                          [decoded + i for i, r in enumerate(self.reading) if r.state.result is None])
+        return gone
 
-    def _leave_decoding(self) -> None:
-        """The decoding rows with a result leave (their slots are free again)."""
-        order = self.kv.drop([i for i, st in enumerate(self.decoding) if st.result is not None])
-        self.decoding = [self.decoding[i] for i in order]
-        self.next_tokens = [self.next_tokens[i] for i in order]
+    def _regroup(self, decoding: list[int], reading: list[int]) -> None:
+        """From now on the rows in these slots generate and read (the others leave, freeing their slots)."""
+        states = self.decoding + [r.state for r in self.reading]
+        readers: list[_Reading | None] = [None] * len(self.decoding) + self.reading
+        order = self.kv.keep([decoding, reading])
+        self.decoding = [states[i] for i in order[:len(decoding)]]
+        self.reading = [readers[i] for i in order[len(decoding):]]
 
     def _forward(self, lengths: list[int]) -> torch.Tensor:
         """The packed forward: each generating row's next token, then each reading row's next `lengths[i]`
         tokens of its input; the logits after each row's last token (generating rows first)."""
         slots = [st.row.slot for st in self.decoding]
         weights = self.weights.follow(self.decoding, slots) if self.weights is not None else None
-        ids, runs = list(self.next_tokens), []
+        ids, runs = [st.picked[-1].token for st in self.decoding], []
         for r, k in zip(self.reading, lengths):
             runs.append((len(ids), len(ids) + k, r.state.row.slot))
             ids += r.ids[r.done:r.done + k]
@@ -182,34 +205,4 @@ class RunningBatch:
                     embeds[0, start:end] = r.embeds[r.done:r.done + end - start]
             step = {"inputs_embeds": embeds}
         with slots_context(self.bank, slots, weights, runs):
-            return packed_forward(self.model, [(self.kv, [1] * len(slots)), (self.read_kv, lengths)], **step)
-
-    def _decoded(self, logits: torch.Tensor) -> list[RowState]:
-        """The generating rows pick their next tokens; those that are done leave."""
-        picked = pick_batch(logits, [st.picker for st in self.decoding])
-        for st, p in zip(self.decoding, picked):
-            st.push(p)
-        self.next_tokens = [p.token for p in picked]
-        done = [st for st in self.decoding if st.result is not None]
-        if done:
-            self._leave_decoding()
-        return done
-
-    def _read(self, logits: torch.Tensor, lengths: list[int]) -> list[RowState]:
-        """The reading rows are `lengths` further; those whose input is read pick their first token and
-        move to the generating rows (or leave, if done already)."""
-        for r, k in zip(self.reading, lengths):
-            r.done += k
-        ready = [i for i, r in enumerate(self.reading) if r.done == len(r.ids)]
-        if not ready:
-            return []
-        states = [self.reading[i].state for i in ready]
-        picked = pick_batch(logits[ready], [st.picker for st in states])
-        for st, p in zip(states, picked):
-            st.push(p)
-        going = [i for i in ready if self.reading[i].state.result is None]  # on to decoding
-        self.read_kv.copy_to(going, self.kv)
-        self.decoding += [self.reading[i].state for i in going]
-        self.next_tokens += [p.token for i, p in zip(ready, picked) if i in going]
-        self.reading = [self.reading[i] for i in self.read_kv.drop(ready)]
-        return [st for st in states if st.result is not None]
+            return packed_forward(self.model, self.kv, [(0, [1] * len(slots)), (len(slots), lengths)], **step)

@@ -79,6 +79,7 @@ class Metrics:
         self.running = self._gauge("peftu_requests_running", "rows in the running batch")
         self.waiting = self._gauge("peftu_requests_waiting", "requests admitted but not yet running")
         self.kv_tokens = self._gauge("peftu_kv_tokens", "KV-cache tokens in use")
+        self.kv_allocated = self._gauge("peftu_kv_allocated_tokens", "KV-cache tokens allocated per layer (the slots)")
         self.cancelled = self._counter("peftu_cancelled_requests", "rows stopped because their client went away")
         self.cancelled_tokens = self._counter("peftu_cancelled_tokens", "tokens written by rows that were cancelled")
 

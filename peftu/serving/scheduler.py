@@ -8,11 +8,13 @@ run one step (a decode step for every generating row, a prefill chunk of
 results. A row of any user joins on its own bank slot; a finished or cancelled
 row leaves at once and frees its KV memory.
 
-KV memory is bounded by `kv_budget_tokens`: a row is admitted only while the
-rows running, plus this one, could all reach their token budget (prompt, soft
-or virtual tokens and max_tokens each) within the budget; rows are admitted in
-arrival order, so a long one is not passed over for ever. One that could
-never fit is refused at once with a message. At most `max_waiting` requests
+KV memory is bounded by `kv_budget_tokens`, allocated memory included: the
+batch's slots are as wide as its widest row may grow (prompt, soft or virtual
+tokens and max_tokens), so a row is admitted only while the rows running,
+plus this one, each given the widest one's columns, stay within the budget
+(`RunningBatch.fits`); rows are admitted in arrival order, so a long one is
+not passed over for ever. One that could never fit is refused at once with a
+message. At most `max_waiting` requests
 wait (generation and score together); past that `submit` raises `Overloaded`.
 """
 
@@ -24,10 +26,9 @@ import time
 from collections import deque
 
 from peftu.bank import AdapterBank
-from peftu.inference.generate import GenRow, read_batch
+from peftu.inference.generate import read_batch
 from peftu.inference.rows import RowState
 from peftu.inference.running import RunningBatch
-from peftu.inference.soft import soft_len
 from peftu.serving.batcher import Job, JobQueue, TooLarge, settle
 from peftu.serving.metrics import Metrics
 
@@ -42,15 +43,13 @@ class Scheduler(JobQueue):
         self.model, self.bank, self.tokenizer = model, bank, tokenizer
         self.max_batch, self.kv_budget, self.max_waiting = max_batch, kv_budget_tokens, max_waiting
         self.metrics = metrics or Metrics()
-        self.batch = RunningBatch(model, bank, tokenizer, chunk=prefill_chunk_tokens, slots=max_batch)
-        self._virtual = self.batch.learning.n
+        self.prefill_chunk = prefill_chunk_tokens
+        self.batch = self._new_batch()
         self._queue: deque[Job] = deque()
         self._lock = threading.Condition()
-        self._rows: dict[RowState, tuple[Job, int]] = {}
-        """Rows in the batch: their job and the KV tokens reserved for them."""
+        self._rows: dict[RowState, Job] = {}
+        """Rows in the batch and their jobs."""
         self._seen: dict[RowState, int] = {}
-        self.reserved = 0
-        """KV tokens reserved by the rows in the batch (each one's prompt and budget)."""
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._stop = False
@@ -66,17 +65,17 @@ class Scheduler(JobQueue):
         """Why the step loop stopped, if it did (a failed step does not stop it)."""
         return self._error
 
-    def need(self, row: GenRow) -> int:
-        """KV tokens a generation row may come to hold: its input and its whole token budget."""
-        return self._virtual + len(row.prompt_ids) + soft_len(row.soft) + row.sampling.max_tokens
+    def _new_batch(self) -> RunningBatch:
+        return RunningBatch(self.model, self.bank, self.tokenizer, chunk=self.prefill_chunk, slots=self.max_batch,
+                            kv_budget=self.kv_budget)
 
     def _check(self, job: Job) -> None:
         if self._error is not None:
             raise RuntimeError(f"the step loop stopped: {self._error!r}")
-        if job.kind == "generate" and self.need(job.payload) > self.kv_budget:
+        if job.kind == "generate" and self.batch.need(job.payload) > self.kv_budget:
             row = job.payload
             raise TooLarge(f"the prompt ({len(row.prompt_ids)} tokens) and max_tokens ({row.sampling.max_tokens}) "
-                             f"need {self.need(row)} KV tokens, more than this replica's kv_budget_tokens "
+                             f"need {self.batch.need(row)} KV tokens, more than this replica's kv_budget_tokens "
                              f"({self.kv_budget})")
 
     def _put(self, job: Job) -> None:
@@ -112,7 +111,7 @@ class Scheduler(JobQueue):
             log.exception("the scheduler's step loop stopped")
             self._error = e
             with self._lock:
-                jobs = list(self._queue) + [job for job, _ in self._rows.values()]
+                jobs = list(self._queue) + list(self._rows.values())
                 self._queue.clear()
             for job in jobs:
                 settle(job, error=RuntimeError(f"the step loop stopped: {e!r}"))
@@ -126,7 +125,6 @@ class Scheduler(JobQueue):
                 return None, []
             scores, admitted, left = [], [], deque()
             room = self.max_batch - self.batch.rows
-            reserved = self.reserved
             blocked = False
             for job in self._queue:
                 if job.cancelled:
@@ -134,9 +132,8 @@ class Scheduler(JobQueue):
                     settle(job)
                 elif job.kind == "score":
                     scores.append(job)
-                elif not blocked and room > 0 and reserved + self.need(job.payload) <= self.kv_budget:
+                elif not blocked and room > 0 and self.batch.fits([j.payload for j in admitted] + [job.payload]):
                     admitted.append(job)
-                    reserved += self.need(job.payload)
                     room -= 1
                 else:
                     blocked = True  # first come, first served: nobody passes a row that waits for room
@@ -165,33 +162,28 @@ class Scheduler(JobQueue):
         states = self.batch.add([job.payload for job in jobs])
         for job, state in zip(jobs, states, strict=True):
             self.metrics.queue_wait.observe(now - job.queued_at)
-            need = self.need(job.payload)
-            self._rows[state] = (job, need)
+            self._rows[state] = job
             self._seen[state] = 0
-            self.reserved += need
         self.metrics.batch_size.observe(self.batch.rows)
-        self.metrics.batch_users.observe(len({job.slot for job, _ in self._rows.values()}))
+        self.metrics.batch_users.observe(len({job.slot for job in self._rows.values()}))
 
     def _step(self) -> None:
         try:
             finished = self.batch.step()
         except Exception as e:  # noqa: BLE001 - the step failed: every row in it hears why, the loop goes on
             log.exception("a decode step failed; its %d rows are answered with the error", len(self._rows))
-            for job, _ in self._rows.values():
+            for job in self._rows.values():
                 settle(job, error=e)
             self._rows.clear()
             self._seen.clear()
-            self.reserved = 0
-            self.batch = RunningBatch(self.model, self.bank, self.tokenizer, chunk=self.batch.chunk,
-                                      slots=self.max_batch)
+            self.batch = self._new_batch()
             self._gauges()
             return
         self._observe_tokens()
         done = []
         for state in finished:
-            job, need = self._rows.pop(state)
+            job = self._rows.pop(state)
             self._seen.pop(state, None)
-            self.reserved -= need
             if state.result.finish_reason == "cancelled":
                 self._cancelled(job, state.result.tokens)
             done.append((job, state.result))
@@ -205,7 +197,7 @@ class Scheduler(JobQueue):
             times = state.token_times
             if len(times) == seen:
                 continue
-            job, _ = self._rows[state]
+            job = self._rows[state]
             previous = job.queued_at if seen == 0 else times[seen - 1]
             for k in range(seen, len(times)):
                 (self.metrics.ttft if k == 0 else self.metrics.itl).observe(times[k] - previous)
@@ -222,3 +214,4 @@ class Scheduler(JobQueue):
     def _gauges(self) -> None:
         self.metrics.running.set(self.batch.rows)
         self.metrics.kv_tokens.set(self.batch.kv_tokens)
+        self.metrics.kv_allocated.set(self.batch.kv.allocated)
