@@ -128,7 +128,7 @@ class KVSlots:
             slots = max(rows, min(self.hint, self.budget // width))
         written = max(self.lengths[:stored], default=0)
         for layer in self._ready():
-            layer.resize(min(stored, self.capacity[0]), written, slots, width)
+            layer.resize(stored, written, slots, width)
         self.capacity = (slots, width)
 
     def add(self, needs: list[int], prefix: DynamicCache | None = None, n_prefix: int = 0) -> None:

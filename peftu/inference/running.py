@@ -160,10 +160,7 @@ class RunningBatch:
             st.push(p)  # its first token: on to generating, or done already
         done = [st for st in self.decoding + read if st.result is not None]
         if done or ready:
-            still = sorted(set(range(len(self.reading))) - set(ready))
-            self._regroup([i for i, st in enumerate(self.decoding) if st.result is None]
-                          + [decoded + i for i, st in zip(ready, read) if st.result is None],
-                          [decoded + i for i in still])
+            self._regroup()
         return finished + done
 
     def _pick(self, states: list[RowState], logits: torch.Tensor) -> list:
@@ -174,15 +171,18 @@ class RunningBatch:
         for st in gone:
             st.cancel()
         if gone:
-            decoded = len(self.decoding)
-            self._regroup([i for i, st in enumerate(self.decoding) if st.result is None],
-                          [decoded + i for i, r in enumerate(self.reading) if r.state.result is None])
+            self._regroup()
         return gone
 
-    def _regroup(self, decoding: list[int], reading: list[int]) -> None:
-        """From now on the rows in these slots generate and read (the others leave, freeing their slots)."""
+    def _regroup(self) -> None:
+        """Rows with a result leave (freeing their slots); reading rows that picked their first token (their
+        input is read) join the generating rows after them; the other reading rows stay reading."""
         states = self.decoding + [r.state for r in self.reading]
         readers: list[_Reading | None] = [None] * len(self.decoding) + self.reading
+        decoded = len(self.decoding)
+        staying = [(decoded + i, bool(r.state.picked)) for i, r in enumerate(self.reading) if r.state.result is None]
+        decoding = [i for i, st in enumerate(self.decoding) if st.result is None] + [i for i, on in staying if on]
+        reading = [i for i, on in staying if not on]
         order = self.kv.keep([decoding, reading])
         self.decoding = [states[i] for i in order[:len(decoding)]]
         self.reading = [readers[i] for i in order[len(decoding):]]
