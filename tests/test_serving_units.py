@@ -132,6 +132,42 @@ def test_stop_strings_cut_and_streamed_pieces_add_up(bank_with_users):
     assert generate_batch(model, bank, tok, [tiny])[0].text == full.text  # as good as greedy, no NaN
 
 
+@pytest.mark.parametrize("tidy", [False, True], ids=["stream", "decode-all"])
+def test_streamed_text_adds_up_to_the_decoded_answer_and_never_splits_a_character(tiny_base, tidy):
+    """Each token decodes only what it adds (or, for a tokenizer that tidies spaces, everything again):
+    the pieces sent add up to the tokenizer's own decode, a character in several byte tokens never
+    streams half written, and a stop string across tokens still cuts."""
+    from transformers import AutoTokenizer
+
+    from peftu.inference.rows import RowState
+    from peftu.inference.sampling import Picked
+
+    tok = AutoTokenizer.from_pretrained(tiny_base, clean_up_tokenization_spaces=tidy)
+    text = "Review: naïve café 🙂 was great, 日本 ok. Sentiment: positive"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(text.split())  # the accents, the emoji and the kanji take byte tokens
+
+    def run(stop: list[str], max_tokens: int = 1000) -> tuple[list[str], object]:
+        pieces: list[str] = []
+        row = GenRow([1], 1, Sampling(max_tokens=max_tokens, stop=stop), emit=lambda p: pieces.append(p.text))
+        state = RowState(row, tok.eos_token_id, tok)
+        for token in ids + [tok.eos_token_id]:
+            state.push(Picked(token))
+            if state.result:
+                return pieces, state.result
+        raise AssertionError("the row never finished")
+
+    pieces, result = run([])
+    assert result.text == "".join(pieces) == tok.decode(ids, skip_special_tokens=True)
+    assert result.finish_reason == "stop"
+    assert not any("\ufffd" in piece for piece in pieces)
+    pieces, result = run(["é 🙂"])
+    assert result.text == "".join(pieces) == text[:text.index("é 🙂")]
+    half = next(n for n in range(1, len(ids)) if tok.decode(ids[:n]).endswith("\ufffd"))
+    pieces, result = run([], max_tokens=half)  # cut mid-character: the answer shows it as U+FFFD
+    assert result.text == "".join(pieces) == tok.decode(ids[:half]) and result.finish_reason == "length"
+
+
 # --- the serve config ------------------------------------------------------------------------
 
 

@@ -92,9 +92,6 @@ class RunningBatch:
         self.weights = RowWeights(list(bank.layers.values())) if bank is not None else None
         """The generating rows' adapter weights, kept per row."""
 
-    def _decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
-
     @property
     def rows(self) -> int:
         """Rows in the batch: reading their prompts or generating."""
@@ -125,7 +122,7 @@ class RunningBatch:
         for row in rows:
             if not row.prompt_ids:
                 raise ValueError("a generation row needs at least one prompt token")
-            state = RowState(row, self.tokenizer.eos_token_id, self._decode)
+            state = RowState(row, self.tokenizer.eos_token_id, self.tokenizer)
             lead = self.learning.n if self.learning.kind == "virtual" else 0
             ids = [pad_id] * lead + row.prompt_ids + [pad_id] * soft_len(row.soft)  # room for soft tokens at the end
             embeds = None
