@@ -244,6 +244,38 @@ def test_a_bad_adapter_is_fetched_once_until_its_pointer_moves(tiny_base, tmp_pa
     assert len(fetched) == 2 and errors() == 1
 
 
+def test_a_step_that_fails_mid_stream_ends_the_stream_with_its_error_after_the_pieces_sent(tiny_base, tmp_path):
+    from peftu.config import ServeConfig
+    from peftu.serving.engine import Engine
+
+    engine = Engine(ServeConfig(base=tiny_base, store=str(tmp_path / "store"), task="synth-cls", max_adapters=2))
+    batch, steps = engine.scheduler.batch, []
+
+    def step_then_fail():
+        steps.append(1)
+        if len(steps) == 3:
+            raise RuntimeError("boom in step 3")
+        return real_step()
+
+    real_step, batch.step = batch.step, step_then_fail
+    prompt = engine.encode_prompt("Review: the lamp was great. Sentiment:")
+
+    async def stream_then_again():
+        _, pieces = await engine.stream(None, prompt, Sampling(max_tokens=8, temperature=0.0))
+        got = []
+        with pytest.raises(RuntimeError, match="boom in step 3"):
+            async for piece in pieces:
+                got.append(piece)
+        again = await engine.complete(None, prompt, Sampling(max_tokens=4, temperature=0.0))
+        return got, again
+
+    got, again = asyncio.run(asyncio.wait_for(stream_then_again(), timeout=120))
+    assert len(steps) == 3 and all(p.finish is None for p in got)
+    assert sum(len(p.tokens) for p in got) == 2  # the two steps before the failure wrote one token each
+    assert again.result.tokens >= 1 and again.result.finish_reason in ("stop", "length")  # the loop went on
+    engine.scheduler.close()
+
+
 # --- an OPPU replica ------------------------------------------------------------------------
 
 

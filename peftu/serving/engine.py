@@ -209,7 +209,7 @@ class Engine:
         lease = await self.lease(user, adapter)
         soft = await self._plugged(lease, user, self._text(prompt_ids))
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Piece] = asyncio.Queue()
+        events: asyncio.Queue[Piece | BaseException] = asyncio.Queue()
         gone = False
 
         def emit(piece: Piece) -> None:
@@ -217,21 +217,23 @@ class Engine:
 
         row = GenRow(prompt_ids, lease.slot, sampling, emit=emit, cancelled=lambda: gone, soft=soft)
         job = self._enqueue(lease, "generate", row, seats)  # a full queue is refused now, before any header is sent
-        task = job.future
+
+        def failed(future: asyncio.Future) -> None:  # the batch failed: after the pieces it sent, the error
+            if not future.cancelled() and future.exception() is not None:
+                events.put_nowait(future.exception())
+
+        job.future.add_done_callback(failed)
 
         async def pieces() -> AsyncIterator[Piece]:
             nonlocal gone
             try:
                 while True:
-                    getter = loop.create_task(events.get())
-                    await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-                    if not getter.done() and task.exception() is not None:
-                        getter.cancel()  # the batch failed before finishing this row
-                        raise task.exception()
-                    piece = await getter  # a finished row always sent its last piece
+                    piece = await events.get()  # a finished row always sent its last piece
+                    if isinstance(piece, BaseException):
+                        raise piece
                     yield piece
                     if piece.finish:
-                        self._count_tokens(len(prompt_ids), (await task).tokens)
+                        self._count_tokens(len(prompt_ids), (await job.future).tokens)
                         return
             finally:
                 gone = True  # a client that left stops its row at the next step
