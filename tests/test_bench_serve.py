@@ -9,7 +9,7 @@ def test_the_serve_benchmark_runs_every_phase_and_reports_its_keys(tiny_base, lo
     from peftu.bench.serve import bench_serve, render_serve_markdown
 
     result = bench_serve(tiny_base, users=3, clients=2, requests=6, open_requests=4, rates=(1.0,), max_tokens=4,
-                         split=False, log=lambda *_: None)
+                         split=False, warmup=2, log=lambda *_: None)
     names = [f"{app} {pop} closed" for app in ("continuous", "static") for pop in ("uniform", "zipf", "base")]
     assert set(names) <= set(result.phases) and len(result.phases) == len(names) + 2  # one open-loop rate each
     for p in result.phases.values():

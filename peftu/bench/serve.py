@@ -1,18 +1,24 @@
 """Serving speed: continuous vs static scheduling, the base alone vs users' adapters, closed and open loop.
 
-One run, one machine: random adapters for `users` users go into a local store
-through the real publish path; the app runs on a local Ray and clients stream
-completions over HTTP. The workload mixes lengths: each request's max_tokens is
-drawn from 1..`max_tokens` and its prompt is one to four of the task's inputs
-(so prompts of about 10 to 60 tokens); EOS is biased away, so every request
-writes exactly its max_tokens. Per app (each freshly deployed, so its adapter
-cache starts cold):
+One run, one machine: random adapters for `users` users per round go into a
+local store through the real publish path; the apps run side by side on a local
+Ray (each at its own path, freshly deployed, so their adapter caches start cold)
+and clients stream completions over HTTP. The workload mixes lengths: each
+request's max_tokens is drawn from 1..`max_tokens` and its prompt is one to four
+of the task's inputs (so prompts of about 10 to 60 tokens); EOS is biased away,
+so every request writes exactly its max_tokens.
 
-- closed loop, `clients` concurrent clients, `requests` requests: users' adapters
-  with uniform popularity (first: it meets the cold cache), then Zipf, then the base
-  alone (no adapter);
+- warm-up: `warmup` requests to each app's base alone, not measured (an app's
+  first forwards and connections would otherwise fall into its first phase);
+- closed loop, `clients` concurrent clients, `requests` requests per phase in
+  `rounds` rounds: in each round every app in turn runs users' adapters with
+  uniform popularity (first: it meets the round's own, cold users), then Zipf,
+  then the base alone (no adapter). The apps take turns so that a ratio between
+  them compares the same minutes of a machine whose speed drifts (on the 2-core
+  machine here, by 10 to 20% from one run to the next);
 - open loop, Poisson arrivals at each rate of the sweep (`rates` times the continuous
-  app's closed-loop requests/s, so the sweep goes past saturation), users uniform.
+  app's closed-loop requests/s, so the sweep goes past saturation), users uniform,
+  the apps in turn at each rate.
 
 The apps: `scheduling: continuous` (the default), `scheduling: static` (one batch
 at a time, users mixed), and with `split` also static with `batching: split` (one
@@ -39,7 +45,7 @@ from rich.table import Table
 
 from peftu.bench.fake_adapters import publish_random_adapters
 from peftu.data.synthetic import generate
-from peftu.serving.local import local_app
+from peftu.serving.local import local_apps
 from peftu.store import AdapterStore
 
 TASK = "synth-gen"
@@ -223,70 +229,93 @@ async def _open_loop(url: str, work: Workload, n: int, rate: float, rng: random.
         return time.perf_counter() - start, list(records)
 
 
-def _phase(name: str, scheduling: str, popularity: str, load: str, rate: float | None, seconds: float,
-           records: list[dict]) -> Phase:
-    ok = [r for r in records if r["status"] == 200 and r["first"] is not None]
+def _phase(name: str, scheduling: str, popularity: str, load: str, rate: float | None,
+           segments: list[tuple[float, list[dict]]]) -> Phase:
+    """One phase from its segments (seconds, records), the rounds it ran in; a cold load is steady if it
+    started once its segment's first answer streamed."""
+    ok, steady = [], []
+    for _, records in segments:
+        answered = [r for r in records if r["status"] == 200 and r["first"] is not None]
+        running = min((r["first"] for r in answered), default=0.0)
+        ok += answered
+        steady += [r["load_ms"] for r in answered if r["cache"] == "load" and r["start"] > running]
     adapter = [r for r in ok if r["user"] is not None]
-    running = min((r["first"] for r in ok), default=0.0)
-    return Phase(name, scheduling, popularity, load, rate, len(ok), seconds, sum(r["tokens"] for r in ok),
+    sent = sum(len(records) for _, records in segments)
+    return Phase(name, scheduling, popularity, load, rate, len(ok), sum(seconds for seconds, _ in segments),
+                 sum(r["tokens"] for r in ok),
                  [(r["first"] - r["start"]) * 1000 for r in ok],
                  [(b - a) * 1000 for r in ok for a, b in zip(r["chunks"], r["chunks"][1:])],
                  [(r["end"] - r["start"]) * 1000 for r in ok],
-                 [r["load_ms"] for r in ok if r["cache"] == "load"],
-                 [r["load_ms"] for r in ok if r["cache"] == "load" and r["start"] > running],
-                 sum(r["cache"] == "hit" for r in adapter), len(adapter), len(records) - len(ok),
+                 [r["load_ms"] for r in ok if r["cache"] == "load"], steady,
+                 sum(r["cache"] == "hit" for r in adapter), len(adapter), sent - len(ok),
                  sum(r["asked"] for r in ok))
 
 
-def bench_serve(base: str, *, users: int = 1000, clients: int = 32, requests: int = 200, open_requests: int = 100,
+def bench_serve(base: str, *, users: int = 1000, clients: int = 32, requests: int = 400, open_requests: int = 100,
                 rates: tuple[float, ...] = (0.5, 1.0, 1.5), max_tokens: int = 64, cache_size: int = 0,
-                split: bool = True, zipf_s: float = 1.1, seed: int = 0, port: int = 0, log=print) -> ServeBench:
+                split: bool = True, zipf_s: float = 1.1, seed: int = 0, port: int = 0, warmup: int = 64,
+                rounds: int = 2, log=print) -> ServeBench:
     """Run every app and load shape (see the module docs) and return their phases."""
     import ray
     import requests as http
     from transformers import AutoTokenizer
 
-    rng = random.Random(seed)
-    ids = [f"user{i:05d}" for i in range(users)]
+    ids = [[f"user{k:02d}-{i:05d}" for i in range(users)] for k in range(rounds)]
     spec, gen_users, _ = generate(TASK, 50, seed=seed)
     prompts = [e.input for u in gen_users for e in u.test]
     eos_id = AutoTokenizer.from_pretrained(base).eos_token_id
     cache_size = cache_size or users
-    phases: dict[str, Phase] = {}
-    apps = [("continuous", {"scheduling": "continuous"}), ("static", {"scheduling": "static", "batching": "mixed"})]
+    apps = {"continuous": {"scheduling": "continuous"}, "static": {"scheduling": "static", "batching": "mixed"}}
     if split:
-        apps.append(("split", {"scheduling": "static", "batching": "split"}))
+        apps["split"] = {"scheduling": "static", "batching": "split"}
+    segments: dict[tuple[str, str], list[tuple[float, list[dict]]]] = {}
     with tempfile.TemporaryDirectory(prefix="peftu-bench-serve-") as store_dir:
         start = time.monotonic()
-        publish_random_adapters(AdapterStore.open(store_dir), TASK, ids, base, seed=seed, progress=True)
-        log(f"published {users} random adapters in {time.monotonic() - start:.0f} s")
+        publish_random_adapters(AdapterStore.open(store_dir), TASK, [u for r in ids for u in r], base, seed=seed,
+                                progress=True)
+        log(f"published {users * rounds} random adapters in {time.monotonic() - start:.0f} s")
         if not ray.is_initialized():
             ray.init(address="local", include_dashboard=False, log_to_driver=False)
-        capacity = None
-        for app, settings in apps:
-            config = {"base": base, "store": store_dir, "task": TASK, "max_adapters": cache_size, "max_rank": 8,
-                      "max_tokens_limit": max(16, max_tokens), "user_tokens": False, **settings}
-            with local_app(config, port) as url:
-                model_name = http.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
-                pops = ["uniform"] if app == "split" else ["uniform", "zipf", "base"]
-                for pop in pops:
-                    work = Workload(model_name, _user_sampler(ids, pop, rng, zipf_s), prompts, max_tokens, eos_id,
-                                    random.Random(seed))
-                    seconds, records = asyncio.run(_closed_loop(url, work, requests, clients))
-                    name = f"{app} {pop} closed"
-                    phases[name] = p = _phase(name, app, pop, "closed", None, seconds, records)
-                    log(f"{name}: {p.rps:.1f} requests/s, {p.tokens_per_s:.0f} tokens/s, "
-                        f"TTFT p99 {p.q('ttft_ms', 0.99):.0f} ms, errors {p.errors}")
-                if app == "continuous":
-                    capacity = phases["continuous uniform closed"].rps
-                for rate in ([] if app == "split" else [round(capacity * m, 2) for m in rates]):
-                    work = Workload(model_name, _user_sampler(ids, "uniform", rng, zipf_s), prompts, max_tokens,
-                                    eos_id, random.Random(seed))
-                    seconds, records = asyncio.run(_open_loop(url, work, open_requests, rate, random.Random(seed)))
+        common = {"base": base, "store": store_dir, "task": TASK, "max_adapters": cache_size, "max_rank": 8,
+                  "max_tokens_limit": max(16, max_tokens), "user_tokens": False}
+        with local_apps({app: common | settings for app, settings in apps.items()}, port, cpus=1 / len(apps)) as urls:
+            models = {app: http.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
+                      for app, url in urls.items()}
+
+            def work(app: str, users: list[str], pop: str, k: int) -> Workload:
+                """Round `k`'s requests: every app gets the same users, prompts and lengths in the same order."""
+                pick = _user_sampler(users, pop, random.Random(seed + k), zipf_s)
+                return Workload(models[app], pick, prompts, max_tokens, eos_id, random.Random(seed + k))
+
+            if warmup:  # each app's first forwards and connections, on the base: not in any phase
+                for app, url in urls.items():
+                    asyncio.run(_closed_loop(url, work(app, [], "base", -1), warmup, clients))
+            # The apps take turns, round by round, so that both meet the machine as it is then; each
+            # round's users are its own, so every round's first phase meets a cold cache.
+            for k in range(rounds):
+                for app, url in urls.items():
+                    for pop in ["uniform"] if app == "split" else ["uniform", "zipf", "base"]:
+                        w = work(app, ids[k], pop, k)
+                        segments.setdefault((app, pop), []).append(
+                            asyncio.run(_closed_loop(url, w, requests // rounds, clients)))
+            phases: dict[str, Phase] = {}
+            for (app, pop), done in segments.items():
+                name = f"{app} {pop} closed"
+                phases[name] = p = _phase(name, app, pop, "closed", None, done)
+                log(f"{name}: {p.rps:.1f} requests/s, {p.tokens_per_s:.0f} tokens/s, "
+                    f"TTFT p99 {p.q('ttft_ms', 0.99):.0f} ms, errors {p.errors}")
+            capacity = phases["continuous uniform closed"].rps
+            for i, rate in enumerate(round(capacity * m, 2) for m in rates):
+                for app, url in urls.items():
+                    if app == "split":
+                        continue
+                    w = work(app, ids[0], "uniform", rounds + i)  # requests of its own, users of round 0
+                    done = asyncio.run(_open_loop(url, w, open_requests, rate, random.Random(seed)))
                     name = f"{app} uniform open {rate:g}/s"
-                    phases[name] = p = _phase(name, app, "uniform", "open", rate, seconds, records)
+                    phases[name] = p = _phase(name, app, "uniform", "open", rate, [done])
                     log(f"{name}: {p.rps:.1f} requests/s, TTFT p50 {p.q('ttft_ms', 0.5):.0f} ms, "
                         f"p99 {p.q('ttft_ms', 0.99):.0f} ms, errors {p.errors}")
+    phases = {name: p for app in apps for name, p in phases.items() if p.scheduling == app}  # the table's order
     return ServeBench(users, clients, max_tokens, cache_size, phases)
 
 

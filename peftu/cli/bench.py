@@ -67,8 +67,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        "adapters, closed loop and Poisson arrivals, mixed output lengths")
     p.add_argument("--users", type=int, default=1000, help="users with a (random) adapter in the store")
     p.add_argument("--clients", type=int, default=32, help="concurrent clients of the closed loop")
-    p.add_argument("--requests", type=int, default=200, help="requests per closed-loop phase")
+    p.add_argument("--requests", type=int, default=400, help="requests per closed-loop phase (all rounds)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="rounds of closed-loop phases, the apps taking turns in each (each round its own users)")
     p.add_argument("--open-requests", type=int, default=100, help="requests per rate of the open-loop sweep")
+    p.add_argument("--warmup", type=int, default=64,
+                   help="requests to the base before each app's phases, not measured (0: none)")
     p.add_argument("--rates", type=comma_list(float), default=[0.5, 1.0, 1.5],
                    help="open-loop arrival rates as multiples of the continuous app's closed-loop requests/s "
                         "(default 0.5,1,1.5; empty: no open loop)")
@@ -171,7 +175,8 @@ def serve(args: argparse.Namespace) -> None:
 
     result = bench_serve(base_path(args), users=args.users, clients=args.clients, requests=args.requests,
                          open_requests=args.open_requests, rates=tuple(args.rates), max_tokens=args.max_tokens,
-                         cache_size=args.cache_size, split=not args.no_split, seed=args.seed, port=args.port)
+                         cache_size=args.cache_size, split=not args.no_split, seed=args.seed, port=args.port,
+                         warmup=args.warmup, rounds=args.rounds)
     Console(width=200).print(render_serve_table(result))
     if args.markdown:
         print(render_serve_markdown(result))

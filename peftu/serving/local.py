@@ -1,7 +1,8 @@
 """The app on this machine's Ray, for the demo, the benchmark and quick looks.
 
 `local_app(config)` starts Serve on a loopback port, deploys `PeftuServer` with
-`config` (ServeConfig fields), yields its URL and shuts Serve down again; a
+`config` (ServeConfig fields), yields its URL and shuts Serve down again
+(`local_apps`: several such apps side by side, each at its own path); a
 local Ray is started with `address="local"` (never attaching to another
 cluster) unless one is already initialised.
 """
@@ -28,6 +29,15 @@ def free_port() -> int:
 @contextmanager
 def local_app(config: dict, port: int = 0, env: dict[str, str] | None = None) -> Iterator[str]:
     """Serve the app at http://127.0.0.1:<port> for the duration of the block; `env`: the replica's secrets."""
+    with local_apps({"peftu": config}, port, env) as urls:
+        yield urls["peftu"]
+
+
+@contextmanager
+def local_apps(configs: dict[str, dict], port: int = 0, env: dict[str, str] | None = None,
+               cpus: float = 1.0) -> Iterator[dict[str, str]]:
+    """Several apps side by side, each at http://127.0.0.1:<port>/<name> (one alone: at the root), each replica
+    taking `cpus` of Ray's CPUs (the benchmark runs its apps together so that they meet the same machine)."""
     import ray
     from ray import serve
 
@@ -39,10 +49,14 @@ def local_app(config: dict, port: int = 0, env: dict[str, str] | None = None) ->
     port = port or free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        app = PeftuServer.options(ray_actor_options={"num_cpus": 1, "runtime_env": {"env_vars": env}}) if env \
-            else PeftuServer
-        serve.run(app.bind(config), name="peftu", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
+        app = PeftuServer.options(ray_actor_options={"num_cpus": cpus, **({"runtime_env": {"env_vars": env}}
+                                                                          if env else {})})
+        urls = {}
+        for name, config in configs.items():
+            prefix = "/" if len(configs) == 1 else f"/{name}"
+            serve.run(app.bind(config), name=name, route_prefix=prefix)
+            urls[name] = f"http://127.0.0.1:{port}{prefix.rstrip('/')}"
+        yield urls
     finally:
         serve.shutdown()
         if started_ray:
