@@ -17,7 +17,11 @@ from peftu.bank.layer import BankedLoraLinear
 
 
 class RowWeights:
-    """Per banked layer, A `[rows, d_in, r]` and scale * B `[rows, r, d_out]` of the rows in order."""
+    """Per banked layer, A `[rows, d_in, r]` and scale * B `[rows, r, d_out]` of the rows in order.
+
+    A is kept as the bank keeps it, `[rows, r, d_in]`, and handed over transposed: a decode step's batched
+    matmul `[rows, 1, d_in] @ A` runs 2.6x faster on that layout than on a contiguous `[rows, d_in, r]`
+    (6.8 vs 17.8 us for 32 rows of the tiny base, one CPU thread)."""
 
     def __init__(self, layers: list[BankedLoraLinear]):
         self.layers = layers
@@ -39,17 +43,18 @@ class RowWeights:
         for layer in self.layers:
             a, b = self._room(layer, n)
             if new:
-                a[at], b[at] = layer.weights_of(of)
-            out[layer] = (a[:n], b[:n])
+                new_a, b[at] = layer.weights_of(of)
+                a[at] = new_a.transpose(1, 2)
+            out[layer] = (a[:n].transpose(1, 2), b[:n])
         return out
 
     def _room(self, layer: BankedLoraLinear, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's buffers, grown (kept rows copied) to hold `n` rows."""
+        """The layer's buffers (A as `[rows, r, d_in]`), grown (kept rows copied) to hold `n` rows."""
         a, b = self._a.get(layer), self._b.get(layer)
         if a is None or a.shape[0] < n:
             size = max(n, 2 * a.shape[0] if a is not None else 8)
             r, d_in, d_out = layer.lora_A.shape[1], layer.d_in, layer.d_out
-            grown_a = layer.lora_A.new_zeros((size, d_in, r))
+            grown_a = layer.lora_A.new_zeros((size, r, d_in))
             grown_b = layer.lora_B.new_zeros((size, r, d_out))
             if a is not None:
                 grown_a[:a.shape[0]], grown_b[:b.shape[0]] = a, b
