@@ -46,6 +46,24 @@ def test_a_seeded_row_samples_the_same_alone_or_beside_others():
     assert run(5) == alone and len(set(alone)) > 1
 
 
+def test_rows_adjusted_together_pick_what_each_picks_alone():
+    """Bias and penalties are added for all rows at once: each row's tokens are still its own, step by step."""
+    gen = torch.Generator().manual_seed(0)
+    steps = torch.randn(12, 6, 50, generator=gen)
+    samplings = [Sampling(), Sampling(logit_bias={3: 5.0, 7: -100.0}), Sampling(frequency_penalty=0.8),
+                 Sampling(presence_penalty=0.5, logit_bias={3: 2.0}, logprobs=1),
+                 Sampling(temperature=0.8, seed=3, frequency_penalty=0.5, logit_bias={1: 1.0}),
+                 Sampling(logit_bias={5: 100.0})]
+    crowd = [Picker(s) for s in samplings]
+    together = [[p.token for p in pick_batch(logits, crowd)] for logits in steps]
+    for i, sampling in enumerate(samplings):
+        alone = Picker(sampling)
+        assert [alone.pick(logits[i]).token for logits in steps] == [row[i] for row in together]
+    assert all(row[5] == 5 for row in together) and all(row[1] != 7 for row in together)
+    frequent = [row[2] for row in together]
+    assert len(set(frequent)) > 1  # the penalty moved it off its first choice
+
+
 def test_echo_reads_each_prompt_token_from_the_logits_before_it(tiny_base):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

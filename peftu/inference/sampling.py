@@ -33,12 +33,6 @@ class Sampling:
     logprobs: int | None = None
     """None: no log-probabilities; k >= 0: the picked token's and the k likeliest tokens'."""
 
-    @property
-    def plain_greedy(self) -> bool:
-        """Argmax of the raw logits is the answer: nothing to adjust, nothing to report."""
-        return (self.temperature <= 0 and not self.logit_bias and self.logprobs is None
-                and not self.presence_penalty and not self.frequency_penalty)
-
 
 @dataclass
 class Picked:
@@ -56,21 +50,30 @@ class Picker:
         self.sampling = sampling
         self.generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
         self.counts: Counter[int] = Counter()
+        """Tokens written so far, counted for the penalties (only where the row has any)."""
+        self.penalized = bool(sampling.presence_penalty or sampling.frequency_penalty)
+        bias = sampling.logit_bias
+        # float64: one rounding to the logits' dtype, as from a Python float; cast once per dtype (`_cast`).
+        self._bias = (torch.tensor(list(bias), dtype=torch.long), torch.tensor(list(bias.values()),
+                                                                                dtype=torch.float64)) if bias else None
+        self._cast = self._bias
 
-    def adjusted(self, logits: torch.Tensor) -> torch.Tensor:
-        """The row's logits after logit_bias and the presence / frequency penalties."""
+    @property
+    def adjusts(self) -> bool:
+        """Whether the row's logits change before its choice (logit_bias, or penalties of tokens written)."""
+        return self._bias is not None or (self.penalized and bool(self.counts))
+
+    def shifts(self, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """What to add to the row's logits, as (token ids, amounts) each with no id twice: logit_bias, then
+        minus the presence / frequency penalties of the tokens written so far (None: nothing)."""
         s = self.sampling
-        if not (s.logit_bias or (self.counts and (s.presence_penalty or s.frequency_penalty))):
-            return logits
-        logits = logits.clone()
-        if s.logit_bias:
-            ids = torch.tensor(list(s.logit_bias), dtype=torch.long, device=logits.device)
-            logits[ids] += torch.tensor(list(s.logit_bias.values()), dtype=logits.dtype, device=logits.device)
-        if self.counts and (s.presence_penalty or s.frequency_penalty):
-            ids = torch.tensor(list(self.counts), dtype=torch.long, device=logits.device)
-            seen = torch.tensor(list(self.counts.values()), dtype=logits.dtype, device=logits.device)
-            logits[ids] -= seen * s.frequency_penalty + s.presence_penalty
-        return logits
+        if self._cast is not None and self._cast[1].dtype != dtype:
+            self._cast = (self._bias[0], self._bias[1].to(dtype))
+        if not (self.penalized and self.counts):
+            return [self._cast, None]
+        seen = torch.tensor(list(self.counts.values()), dtype=dtype)
+        return [self._cast, (torch.tensor(list(self.counts), dtype=torch.long),
+                             -(seen * s.frequency_penalty + s.presence_penalty))]
 
     def choose(self, logits: torch.Tensor) -> int:
         """The next token from already adjusted logits of one row."""
@@ -87,16 +90,12 @@ class Picker:
         return int(torch.multinomial(probs.cpu(), 1, generator=self.generator))
 
     def pick(self, logits: torch.Tensor) -> Picked:
-        """Choose, report and remember one row's next token."""
-        token = self.choose(self.adjusted(logits))
-        self.counts[token] += 1
-        return self.report(logits, token)
+        """Choose, report and remember one row's next token (`pick_batch` of one row)."""
+        return pick_batch(logits.unsqueeze(0), [self])[0]
 
     def report(self, logits: torch.Tensor, token: int) -> Picked:
-        """The token with its raw log-probability and the top alternatives, if this row asks for them."""
+        """The token with its raw log-probability and the top alternatives (a row that asks for them)."""
         k = self.sampling.logprobs
-        if k is None:
-            return Picked(token)
         logp = torch.log_softmax(logits.float(), dim=-1)
         top = []
         if k > 0:
@@ -105,16 +104,34 @@ class Picker:
         return Picked(token, float(logp[token]), top)
 
 
-def pick_batch(logits: torch.Tensor, pickers: list[Picker]) -> list[Picked]:
-    """The next token of every row of `logits` `[rows, vocab]`, each by its own picker.
+def adjusted_batch(logits: torch.Tensor, pickers: list[Picker]) -> torch.Tensor:
+    """Every row's logits `[rows, vocab]` after its logit_bias and penalties (`logits` itself where no row has
+    any): one indexed add for all rows' biases, then one for their penalties, each row's sums as it alone
+    would make them (no id twice in one add), so a row's choice does not depend on its neighbours."""
+    todo = [(i, picker.shifts(logits.dtype)) for i, picker in enumerate(pickers) if picker.adjusts]
+    if not todo:
+        return logits
+    adjusted = logits.clone()
+    for k in range(2):
+        part = [(i, shift[k]) for i, shift in todo if shift[k] is not None]
+        if part:
+            at = torch.repeat_interleave(torch.tensor([i for i, _ in part]), torch.tensor([len(s[0]) for _, s in part]))
+            ids, amounts = torch.cat([s[0] for _, s in part]), torch.cat([s[1] for _, s in part])
+            adjusted.index_put_((at.to(logits.device), ids.to(logits.device)), amounts.to(logits.device),
+                                accumulate=True)
+    return adjusted
 
-    Rows that only want plain greedy argmax share one batched argmax.
-    """
-    argmax = logits.argmax(-1).tolist()
+
+def pick_batch(logits: torch.Tensor, pickers: list[Picker]) -> list[Picked]:
+    """The next token of every row of `logits` `[rows, vocab]`, each by its own picker: the adjustments and
+    the greedy rows' argmax batched, sampled rows each with its own generator."""
+    adjusted = adjusted_batch(logits, pickers)
+    argmax = adjusted.argmax(-1).tolist()
     out = []
     for i, picker in enumerate(pickers):
-        if picker.sampling.plain_greedy:
-            out.append(Picked(argmax[i]))
-        else:
-            out.append(picker.pick(logits[i]))
+        s = picker.sampling
+        token = argmax[i] if s.temperature <= 0 else picker.choose(adjusted[i])
+        if picker.penalized:
+            picker.counts[token] += 1
+        out.append(Picked(token) if s.logprobs is None else picker.report(logits[i], token))
     return out
