@@ -72,11 +72,13 @@ class Scheduler(JobQueue):
     def _check(self, job: Job) -> None:
         if self._error is not None:
             raise RuntimeError(f"the step loop stopped: {self._error!r}")
-        if job.kind == "generate" and self.batch.need(job.payload) > self.kv_budget:
-            row = job.payload
+        if job.kind != "generate":
+            return
+        row = job.payload
+        need = self.batch.need(row)
+        if need > self.kv_budget:
             raise TooLarge(f"the prompt ({len(row.prompt_ids)} tokens) and max_tokens ({row.sampling.max_tokens}) "
-                             f"need {self.batch.need(row)} KV tokens, more than this replica's kv_budget_tokens "
-                             f"({self.kv_budget})")
+                           f"need {need} KV tokens, more than this replica's kv_budget_tokens ({self.kv_budget})")
 
     def _put(self, job: Job) -> None:
         with self._lock:
