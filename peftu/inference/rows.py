@@ -130,13 +130,12 @@ class RowState:
         cuts = [at for x in s.stop if x and (at := text.find(x, max(0, before - len(x) + 1))) >= 0]
         if cuts:
             text, finish = text[:min(cuts)], "stop"
-        else:
-            if finish is None and len(self.out.ids) >= s.max_tokens:
-                finish = "length"
-            elif finish is None and self.row.cancelled():
-                finish = "cancelled"
-            if finish:
-                text = self.out.whole()
+        elif finish is None and len(self.out.ids) >= s.max_tokens:
+            finish = "length"
+        elif finish is None and self.row.cancelled():
+            finish = "cancelled"
+        if finish and not cuts:  # the answer: every token, a half-written last character included
+            text = self.out.whole()
         # Hold back what could be the start of a stop string.
         safe = text if finish else text[:len(text) - self.hold]
         self._send(safe, text, finish)

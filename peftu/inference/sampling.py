@@ -58,22 +58,17 @@ class Picker:
                                                                                 dtype=torch.float64)) if bias else None
         self._cast = self._bias
 
-    @property
-    def adjusts(self) -> bool:
-        """Whether the row's logits change before its choice (logit_bias, or penalties of tokens written)."""
-        return self._bias is not None or (self.penalized and bool(self.counts))
-
-    def shifts(self, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    def shifts(self, dtype: torch.dtype) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, ...]:
         """What to add to the row's logits, as (token ids, amounts) each with no id twice: logit_bias, then
         minus the presence / frequency penalties of the tokens written so far (None: nothing)."""
         s = self.sampling
         if self._cast is not None and self._cast[1].dtype != dtype:
             self._cast = (self._bias[0], self._bias[1].to(dtype))
         if not (self.penalized and self.counts):
-            return [self._cast, None]
+            return self._cast, None
         seen = torch.tensor(list(self.counts.values()), dtype=dtype)
-        return [self._cast, (torch.tensor(list(self.counts), dtype=torch.long),
-                             -(seen * s.frequency_penalty + s.presence_penalty))]
+        return self._cast, (torch.tensor(list(self.counts), dtype=torch.long),
+                            -(seen * s.frequency_penalty + s.presence_penalty))
 
     def choose(self, logits: torch.Tensor) -> int:
         """The next token from already adjusted logits of one row."""
@@ -108,12 +103,12 @@ def adjusted_batch(logits: torch.Tensor, pickers: list[Picker]) -> torch.Tensor:
     """Every row's logits `[rows, vocab]` after its logit_bias and penalties (`logits` itself where no row has
     any): one indexed add for all rows' biases, then one for their penalties, each row's sums as it alone
     would make them (no id twice in one add), so a row's choice does not depend on its neighbours."""
-    todo = [(i, picker.shifts(logits.dtype)) for i, picker in enumerate(pickers) if picker.adjusts]
-    if not todo:
+    shifts = [picker.shifts(logits.dtype) for picker in pickers]
+    if all(bias is None and penalty is None for bias, penalty in shifts):
         return logits
     adjusted = logits.clone()
     for k in range(2):
-        part = [(i, shift[k]) for i, shift in todo if shift[k] is not None]
+        part = [(i, shift[k]) for i, shift in enumerate(shifts) if shift[k] is not None]
         if part:
             at = torch.repeat_interleave(torch.tensor([i for i, _ in part]), torch.tensor([len(s[0]) for _, s in part]))
             ids, amounts = torch.cat([s[0] for _, s in part]), torch.cat([s[1] for _, s in part])

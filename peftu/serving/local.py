@@ -49,8 +49,8 @@ def local_apps(configs: dict[str, dict], port: int = 0, env: dict[str, str] | No
     port = port or free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        app = PeftuServer.options(ray_actor_options={"num_cpus": cpus, **({"runtime_env": {"env_vars": env}}
-                                                                          if env else {})})
+        options = {"num_cpus": cpus} | ({"runtime_env": {"env_vars": env}} if env else {})
+        app = PeftuServer.options(ray_actor_options=options)
         urls = {}
         for name, config in configs.items():
             prefix = "/" if len(configs) == 1 else f"/{name}"
